@@ -1,0 +1,189 @@
+"""Read Hugging Face checkpoints on disk without loading tensors: config, index, safetensors headers.
+
+Also the byte-level tools the stages share: streaming a tensor's bytes, hashing it, and writing a
+safetensors shard from raw byte ranges (so copies are exact and memory stays bounded by a chunk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from mtpquant.errors import MtpquantError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_SHARD = "model.safetensors"
+CHUNK = 16 << 20  # bytes per read when streaming tensors: bounds memory, whatever the tensor size
+
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: Path
+    start: int  # absolute byte offset of the data in the shard file
+    nbytes: int
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MtpquantError(f"{path}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise MtpquantError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse one shard's header into TensorInfo records (absolute offsets), validating its framing."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            raw_len = fh.read(8)
+            if len(raw_len) != 8:
+                raise MtpquantError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (hlen,) = struct.unpack("<Q", raw_len)
+            header = json.loads(fh.read(hlen))
+    except FileNotFoundError:
+        raise MtpquantError(f"{path}: shard file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise MtpquantError(f"{path}: corrupt safetensors header") from None
+    size = path.stat().st_size
+    base = 8 + hlen
+    out: dict[str, TensorInfo] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = meta["data_offsets"]
+        if base + end > size:
+            raise MtpquantError(f"{path}: tensor {name} extends past the end of the file (truncated shard?)")
+        out[name] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), path, base + begin, end - begin)
+    return out
+
+
+class Checkpoint:
+    """A checkpoint directory: config.json plus safetensors shards, indexed or single-file."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise MtpquantError(f"{self.root}: checkpoint directory not found")
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        return read_json(self.root / "config.json")
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / INDEX_NAME
+
+    @cached_property
+    def index(self) -> dict[str, Any]:
+        if self.index_path.exists():
+            idx = read_json(self.index_path)
+            if not isinstance(idx.get("weight_map"), dict):
+                raise MtpquantError(f"{self.index_path}: missing 'weight_map'")
+            return idx
+        if (self.root / SINGLE_SHARD).exists():
+            names = read_safetensors_header(self.root / SINGLE_SHARD)
+            return {"metadata": {}, "weight_map": dict.fromkeys(names, SINGLE_SHARD)}
+        raise MtpquantError(f"{self.root}: neither {INDEX_NAME} nor {SINGLE_SHARD} found")
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return self.index["weight_map"]
+
+    def shard_files(self) -> list[Path]:
+        return sorted(self.root.glob("*.safetensors"))
+
+    @cached_property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor, found by reading each indexed shard's header (the index alone is not trusted)."""
+        out: dict[str, TensorInfo] = {}
+        for shard in sorted(set(self.weight_map.values())):
+            for name, info in read_safetensors_header(self.root / shard).items():
+                if name in self.weight_map and self.weight_map[name] == shard:
+                    out[name] = info
+        missing = sorted(set(self.weight_map) - set(out))
+        if missing:
+            raise MtpquantError(
+                f"{self.index_path}: {len(missing)} indexed tensor(s) not in their shard, first: {missing[0]}"
+            )
+        return out
+
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or []
+        if not archs:
+            raise MtpquantError(f"{self.root / 'config.json'}: field 'architectures' is missing")
+        return archs[0]
+
+
+def iter_tensor_bytes(info: TensorInfo, fh: BinaryIO | None = None) -> Iterator[bytes]:
+    """Yield a tensor's raw bytes in chunks of at most CHUNK bytes."""
+    own = fh is None
+    fh = fh or info.shard.open("rb")
+    try:
+        fh.seek(info.start)
+        left = info.nbytes
+        while left:
+            buf = fh.read(min(CHUNK, left))
+            if not buf:
+                raise MtpquantError(f"{info.shard}: tensor {info.name} is truncated")
+            left -= len(buf)
+            yield buf
+    finally:
+        if own:
+            fh.close()
+
+
+def tensor_sha256(info: TensorInfo) -> str:
+    h = hashlib.sha256()
+    for buf in iter_tensor_bytes(info):
+        h.update(buf)
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while buf := fh.read(CHUNK):
+            h.update(buf)
+    return h.hexdigest()
+
+
+def safetensors_header_bytes(entries: Iterable[tuple[str, str, tuple[int, ...], int]],
+                             metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length + JSON header for tensors laid out back to back in the given order."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned, as the safetensors writer does
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def write_shard_from(sources: list[TensorInfo], out: Path, metadata: dict[str, str] | None = None) -> int:
+    """Write a safetensors shard holding exact copies of `sources`, streaming; returns bytes written."""
+    header = safetensors_header_bytes(((s.name, s.dtype, s.shape, s.nbytes) for s in sources), metadata)
+    written = 0
+    with Path(out).open("wb") as dst:
+        dst.write(header)
+        for src in sources:
+            for buf in iter_tensor_bytes(src):
+                dst.write(buf)
+                written += len(buf)
+    return written

@@ -1,0 +1,151 @@
+"""Tiny random GLM checkpoints in the real on-disk layout.
+
+What makes the layout "real" (and differs from what `save_pretrained` writes for a fresh model):
+- routed experts as per-expert 2-D tensors `model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`
+  (transformers fuses them into 3-D tensors in memory and converts on load);
+- the MTP layer(s) at `model.layers.{num_hidden_layers + i}` with `eh_proj`, `enorm`, `hnorm`,
+  `shared_head.*` and a full decoder block, which `from_pretrained` drops;
+- the router's `e_score_correction_bias` in FP32 beside BF16 weights;
+- several shards plus `model.safetensors.index.json`, a tokenizer, `num_nextn_predict_layers`.
+Same spec and seed give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mtpquant.atomic import atomic_dir
+from mtpquant.checkpoint import INDEX_NAME
+from mtpquant.families import FAMILIES
+from mtpquant.recipes import FixtureSpec
+
+VOCAB = 320  # 256 byte tokens + specials, padded to a multiple of 64
+SPECIALS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def config_for(family: str, spec: FixtureSpec, num_layers: int | None = None) -> Any:
+    """A transformers config of the family with the spec's tiny dimensions."""
+    from transformers import Glm4MoeConfig, GlmMoeDsaConfig
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        moe_intermediate_size=spec.moe_intermediate_size,
+        num_hidden_layers=num_layers or spec.num_hidden_layers,
+        n_routed_experts=spec.n_routed_experts, num_experts_per_tok=spec.num_experts_per_tok,
+        n_shared_experts=1, first_k_dense_replace=spec.first_k_dense_replace,
+        max_position_embeddings=4096, bos_token_id=None, eos_token_id=0, pad_token_id=0,
+        tie_word_embeddings=False, dtype="bfloat16",
+    )
+    if family == "glm_moe_dsa":
+        return GlmMoeDsaConfig(
+            **common, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=64,
+            qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64, head_dim=32,
+            index_topk=64, index_head_dim=64, index_n_heads=2,
+        )
+    return Glm4MoeConfig(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                         attention_bias=True, partial_rotary_factor=0.5)
+
+
+def fixture_tensors(family: str, spec: FixtureSpec) -> dict[str, Any]:
+    """All tensors of the checkpoint, by on-disk name, in a deterministic order."""
+    import torch
+    import transformers
+
+    fam = FAMILIES[family]
+    n, n_mtp = spec.num_hidden_layers, spec.num_nextn_predict_layers
+    torch.manual_seed(spec.seed)
+    # One model with n + n_mtp layers: the extra decoder blocks become the MTP layers' blocks.
+    big = getattr(transformers, fam.architecture)(config_for(family, spec, n + n_mtp)).eval()
+    h = spec.hidden_size
+    out: dict[str, torch.Tensor] = {}
+    gen = torch.Generator().manual_seed(spec.seed + 1)
+    for name, t in big.state_dict().items():
+        t = t.detach()
+        if t.is_floating_point() and t.ndim >= 1 and not name.endswith("e_score_correction_bias"):
+            if "norm" not in name:  # random, not the init's zeros/ones, so every tensor's bytes are distinct
+                t = torch.randn(t.shape, generator=gen) * 0.05
+            t = t.to(torch.bfloat16)
+        if name.endswith("e_score_correction_bias"):
+            t = (torch.randn(t.shape, generator=gen) * 0.01).to(torch.float32)  # FP32 in real checkpoints
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name.removesuffix("gate_up_proj")
+            inter = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.gate_proj.weight"] = t[e, :inter].contiguous()
+                out[f"{prefix}{e}.up_proj.weight"] = t[e, inter:].contiguous()
+            continue
+        if name.endswith("mlp.experts.down_proj"):
+            prefix = name.removesuffix("down_proj")
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.down_proj.weight"] = t[e].contiguous()
+            continue
+        out[name] = t
+    for layer in range(n, n + n_mtp):
+        p = f"model.layers.{layer}."
+        out[p + "eh_proj.weight"] = (torch.randn(h, 2 * h, generator=gen) * 0.05).to(torch.bfloat16)
+        for norm in ("enorm", "hnorm", "shared_head.norm"):
+            out[p + f"{norm}.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        if "shared_head.head.weight" in fam.mtp_extra:
+            out[p + "shared_head.head.weight"] = (torch.randn(VOCAB, h, generator=gen) * 0.05).to(torch.bfloat16)
+    return out
+
+
+def _layer_key(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    if name.startswith("model.layers."):
+        return (int(parts[2]) + 1, name)
+    return (0 if "embed" in name else 10**9, name)
+
+
+def write_tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_vocab = {c: i + len(SPECIALS) for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab = {s: i for i, s in enumerate(SPECIALS)} | byte_vocab
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIALS[1:], model_max_length=4096)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+
+
+def write_fixture(family: str, spec: FixtureSpec, out: Path) -> Path:
+    """Write the checkpoint to `out` atomically and return it."""
+    from safetensors.torch import save_file
+
+    tensors = fixture_tensors(family, spec)
+    names = sorted(tensors, key=_layer_key)
+    sizes = {k: tensors[k].numel() * tensors[k].element_size() for k in names}
+    per_shard = sum(sizes.values()) / spec.num_shards
+    shards: list[list[str]] = [[]]
+    acc = 0.0
+    for k in names:
+        if acc >= per_shard * len(shards) and len(shards) < spec.num_shards:
+            shards.append([])
+        shards[-1].append(k)
+        acc += sizes[k]
+    with atomic_dir(Path(out)) as tmp:
+        weight_map = {}
+        for i, keys in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file({k: tensors[k] for k in keys}, str(tmp / fname), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(keys, fname))
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        config = config_for(family, spec).to_dict()
+        config["num_nextn_predict_layers"] = spec.num_nextn_predict_layers
+        config["architectures"] = [FAMILIES[family].architecture]
+        config.pop("transformers_version", None)  # keep the bytes independent of the installed version
+        config.pop("_name_or_path", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_tokenizer(tmp)
+    return Path(out)

@@ -1,0 +1,266 @@
+"""YAML recipes, loaded and validated into typed objects.
+
+A bad recipe gives one line naming the file and the key: an unknown key, a wrong type, a missing key,
+or a value a check refuses (for example a hub source without a pinned 40-hex revision).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mtpquant.errors import MtpquantError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RECIPES_DIR = REPO_ROOT / "recipes"
+SHA40 = re.compile(r"^[0-9a-f]{40}$")
+UNPINNED = "UNPINNED"  # a hub revision nobody has audited yet: loads, but the stages that download refuse it
+
+
+class RecipeError(MtpquantError):
+    pass
+
+
+# ---- recipe types ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FixtureSpec:
+    """A tiny random model in the real on-disk layout (see mtpquant.fixture)."""
+
+    num_hidden_layers: int = 3
+    first_k_dense_replace: int = 1
+    n_routed_experts: int = 8
+    num_experts_per_tok: int = 2
+    num_nextn_predict_layers: int = 1
+    hidden_size: int = 256
+    moe_intermediate_size: int = 128
+    intermediate_size: int = 512
+    num_shards: int = 3
+    seed: int = 0
+
+    def check(self, where: str) -> None:
+        if self.hidden_size % 128 or self.moe_intermediate_size % 128:
+            raise RecipeError(f"{where}: hidden_size and moe_intermediate_size must be multiples of 128 "
+                              "(group-128 quantization)")
+        if not 0 <= self.first_k_dense_replace < self.num_hidden_layers:
+            raise RecipeError(f"{where}: first_k_dense_replace must leave at least one MoE layer")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise RecipeError(f"{where}: num_experts_per_tok exceeds n_routed_experts")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    hub: str | None = None  # Hugging Face repo id
+    revision: str | None = None  # 40-hex commit of the hub repo
+    path: str | None = None  # a local checkpoint directory
+    fixture: FixtureSpec | None = None  # generate it (tiny models)
+
+    def check(self, where: str) -> None:
+        given = [k for k in ("hub", "path", "fixture") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise RecipeError(f"{where}: give exactly one of hub, path, fixture (got {given or 'none'})")
+        if self.hub is not None:
+            check_revision(self.revision, f"{where}.revision")
+        if self.fixture is not None:
+            self.fixture.check(f"{where}.fixture")
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    name: str
+    family: Literal["glm_moe_dsa", "glm4_moe"]
+    source: ModelSource
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    num_bits: Literal[4, 8] = 4
+    type: Literal["int"] = "int"
+    symmetric: bool = False
+    strategy: Literal["group"] = "group"
+    group_size: int = 128
+
+
+@dataclass(frozen=True)
+class GPTQSettings:
+    targets: list[str]
+    weights: WeightScheme
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])
+    block_size: int = 128
+    dampening_frac: float = 0.01
+    actorder: Literal["static", "group", "weight"] | None = "static"
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    name: str
+    gptq: GPTQSettings
+    pipeline: Literal["sequential", "basic"] = "sequential"
+    sequential_targets: list[str] | None = None
+    moe_calibrate_all_experts: bool = True
+    description: str = ""
+
+    def check(self, where: str) -> None:
+        if not self.moe_calibrate_all_experts:
+            raise RecipeError(
+                f"{where}.moe_calibrate_all_experts: must be true: calibrating only routed tokens skips "
+                "rare experts and quietly degrades the model (seed write-up)")
+        if self.gptq.weights.group_size <= 0 or self.gptq.weights.group_size % 8:
+            raise RecipeError(f"{where}.gptq.weights.group_size: must be a positive multiple of 8")
+        for t in self.gptq.targets:
+            if t != ROUTED_EXPERTS and not t.startswith("re:"):
+                raise RecipeError(f"{where}.gptq.targets: {t!r} must be '{ROUTED_EXPERTS}' or a 're:' regex")
+
+
+ROUTED_EXPERTS = "routed_experts"  # symbolic target, resolved by the model family to an anchored regex
+
+
+@dataclass(frozen=True)
+class CalibrationSource:
+    weight: float
+    local: str | None = None  # a JSONL file, relative to the repo root
+    hub: str | None = None  # a Hugging Face dataset id
+    revision: str | None = None
+    subset: str | None = None
+    split: str = "train"
+    text_field: str | None = None  # a plain-text column
+    messages_field: str | None = None  # a chat column, rendered with the model's chat template
+
+    def check(self, where: str) -> None:
+        if (self.local is None) == (self.hub is None):
+            raise RecipeError(f"{where}: give exactly one of local, hub")
+        if (self.text_field is None) == (self.messages_field is None):
+            raise RecipeError(f"{where}: give exactly one of text_field, messages_field")
+        if self.weight <= 0:
+            raise RecipeError(f"{where}.weight: must be > 0")
+        if self.hub is not None:
+            check_revision(self.revision, f"{where}.revision")
+        if self.local is not None and not (REPO_ROOT / self.local).is_file():
+            raise RecipeError(f"{where}.local: file not found: {self.local}")
+
+
+@dataclass(frozen=True)
+class CalibrationRecipe:
+    name: str
+    sources: list[CalibrationSource]
+    num_samples: int
+    max_seq_length: int
+    seed: int = 0
+    description: str = ""
+
+    def check(self, where: str) -> None:
+        if not self.sources:
+            raise RecipeError(f"{where}.sources: at least one source is needed")
+        for i, s in enumerate(self.sources):
+            s.check(f"{where}.sources[{i}]")
+        if self.num_samples <= 0 or self.max_seq_length <= 0:
+            raise RecipeError(f"{where}: num_samples and max_seq_length must be > 0")
+
+
+KINDS: dict[str, type] = {"models": ModelRecipe, "quant": QuantRecipe, "calibration": CalibrationRecipe}
+
+
+def check_revision(rev: str | None, where: str) -> None:
+    if rev != UNPINNED and (not isinstance(rev, str) or not SHA40.match(rev)):
+        raise RecipeError(f"{where}: must be a 40-hex commit SHA (or {UNPINNED!r}), got {rev!r}")
+
+
+# ---- generic loader ----------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, where)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{where}: {value!r} is not a {_type_name(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            allowed = ", ".join(repr(a) for a in typing.get_args(tp))
+            raise RecipeError(f"{where}: {value!r} is not one of {allowed}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: must be a list, got {type(value).__name__}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise RecipeError(f"{where}: must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise RecipeError(f"{where}: unknown key '{unknown[0]}' (allowed: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}"
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{key}: missing required key")
+    obj = cls(**kwargs)
+    return obj
+
+
+def resolve_path(kind: str, ref: str | Path) -> Path:
+    """A recipe reference: a path to a YAML file, or a bare name looked up in recipes/<kind>/."""
+    p = Path(ref)
+    if p.suffix in (".yaml", ".yml"):
+        return p
+    return RECIPES_DIR / kind / f"{ref}.yaml"
+
+
+def load(kind: str, ref: str | Path) -> Any:
+    if kind not in KINDS:
+        raise RecipeError(f"unknown recipe kind {kind!r}")
+    path = resolve_path(kind, ref)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}: invalid YAML{line}") from None
+    where = str(path)
+    obj = _build(KINDS[kind], data, where)
+    if hasattr(obj, "check"):
+        obj.check(where)
+    if kind == "models":
+        obj.source.check(f"{where}.source")
+    return obj
+
+
+def recipe_sha256(kind: str, ref: str | Path) -> str:
+    return hashlib.sha256(resolve_path(kind, ref).read_bytes()).hexdigest()
