@@ -1,0 +1,154 @@
+"""`python -m mtpquant <stage>`: one command per stage, the same in a container or a venv.
+
+Stages read and write a run directory (default layout below) and record what they consumed:
+    RUN/base/          prepare      the BF16 source checkpoint (fixture, local path or pinned hub commit)
+    RUN/quantized/     quantize     llm-compressor output (MTP layer absent)    + RUN/quantize.json
+    RUN/artifact/      inject-mtp   quantized + MTP layer(s) in BF16            + RUN/inject-mtp.json
+                       verify                                                   + RUN/verify.json
+    RUN/artifact/manifest.json      manifest
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from mtpquant.atomic import atomic_write_json
+from mtpquant.errors import MtpquantError
+
+console = Console(stderr=True)
+
+
+def _run(args: argparse.Namespace, sub: str) -> Path:
+    return Path(args.run) / sub
+
+
+def cmd_fixture(args: argparse.Namespace) -> int:
+    from mtpquant.fixture import write_fixture
+    from mtpquant.recipes import FixtureSpec
+
+    spec = FixtureSpec(num_hidden_layers=args.layers, first_k_dense_replace=args.dense_layers,
+                       n_routed_experts=args.experts, num_nextn_predict_layers=args.mtp_layers,
+                       num_shards=args.shards, seed=args.seed)
+    spec.check("fixture options")
+    out = write_fixture(args.family, spec, Path(args.out))
+    console.print(f"[green]wrote[/] {args.family} fixture to {out}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from mtpquant.prepare import prepare
+
+    Path(args.run).mkdir(parents=True, exist_ok=True)
+    rec = prepare(args.model, _run(args, "base"))
+    atomic_write_json(_run(args, "prepare.json"), rec)
+    console.print(f"[green]prepared[/] {rec['recipe']} -> {rec['output']}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from mtpquant.manifest import consumed
+    from mtpquant.quantize import quantize
+
+    model = Path(args.model or _run(args, "base"))
+    out = Path(args.out or _run(args, "quantized"))
+    report_path = _run(args, "quantize.json")
+    rep = quantize(model, args.recipe, args.calibration, out, report_path)
+    rep["consumed"] = consumed([Path(rep["recipe"]["path"]), Path(rep["calibration"]["path"]),
+                                model / "config.json", model / "model.safetensors.index.json"])
+    atomic_write_json(report_path, rep)
+    console.print(f"[green]quantized[/] {rep['quantized_linears']} Linears in {rep['seconds']['total']} s "
+                  f"(median GPTQ loss {rep['gptq_loss_median']:.4g}, {len(rep['few_token_experts'])} experts "
+                  f"routed few tokens) -> {out}")
+    return 0
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    from mtpquant.inject_mtp import inject_mtp
+
+    rep = inject_mtp(Path(args.base or _run(args, "base")), Path(args.quantized or _run(args, "quantized")),
+                     Path(args.out or _run(args, "artifact")), _run(args, "inject-mtp.json"),
+                     max_shard_bytes=args.max_shard_bytes)
+    console.print(f"[green]injected[/] {rep['tensors']} MTP tensors ({rep['bytes'] / 2**20:.1f} MiB, layers "
+                  f"{rep['mtp_layers']}) at {rep['throughput_mb_s']} MB/s -> {rep['output']}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from mtpquant.verify import raise_on_failure, render, verify
+
+    art = Path(args.artifact or _run(args, "artifact"))
+    checks = verify(art, Path(args.base or _run(args, "base")), _run(args, "verify.json") if args.run else None)
+    Console().print(render(checks, f"verify {art}"))
+    raise_on_failure(checks)
+    return 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from mtpquant.manifest import write_manifest
+
+    art = Path(args.artifact or _run(args, "artifact"))
+    m = write_manifest(art, Path(args.run))
+    console.print(f"[green]manifest[/] {len(m['files'])} files -> {art / 'manifest.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtpquant", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="stage", required=True)
+
+    f = sub.add_parser("fixture", help="write a tiny random GLM checkpoint in the real on-disk layout")
+    f.add_argument("--family", required=True, choices=["glm_moe_dsa", "glm4_moe"])
+    f.add_argument("--out", required=True)
+    f.add_argument("--layers", type=int, default=3, help="num_hidden_layers (MTP excluded)")
+    f.add_argument("--dense-layers", type=int, default=1, help="first_k_dense_replace")
+    f.add_argument("--experts", type=int, default=8)
+    f.add_argument("--mtp-layers", type=int, default=1)
+    f.add_argument("--shards", type=int, default=3)
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(fn=cmd_fixture)
+
+    def stage(name: str, fn, help: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help)
+        s.add_argument("--run", required=True, help="run directory")
+        s.set_defaults(fn=fn)
+        return s
+
+    s = stage("prepare", cmd_prepare, "materialize the base checkpoint of a model recipe in RUN/base")
+    s.add_argument("--model", required=True, help="model recipe name or YAML path")
+    s = stage("quantize", cmd_quantize, "GPTQ W4A16 on the routed experts (llm-compressor)")
+    s.add_argument("--model", help="BF16 checkpoint (default RUN/base)")
+    s.add_argument("--recipe", default="w4a16-asym-g128", help="quant recipe name or YAML path")
+    s.add_argument("--calibration", default="tiny-local", help="calibration recipe name or YAML path")
+    s.add_argument("--out", help="default RUN/quantized")
+    s = stage("inject-mtp", cmd_inject, "copy the MTP layer(s) from the base into the quantized checkpoint")
+    s.add_argument("--base", help="default RUN/base")
+    s.add_argument("--quantized", help="default RUN/quantized")
+    s.add_argument("--out", help="default RUN/artifact (may equal --quantized)")
+    s.add_argument("--max-shard-bytes", type=int, default=5 << 30)
+    s = stage("verify", cmd_verify, "prove the artifact is what it claims (exit 3 on failure)")
+    s.add_argument("--artifact", help="default RUN/artifact")
+    s.add_argument("--base", help="default RUN/base")
+    s = stage("manifest", cmd_manifest, "SHA256 of every artifact file plus provenance")
+    s.add_argument("--artifact", help="default RUN/artifact")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except MtpquantError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: outputs are written atomically, nothing half-written was kept")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""`quantize`: GPTQ W4A16 on the routed experts with llm-compressor, every expert calibrated.
+
+Loads the BF16 checkpoint (which drops the MTP layer: `inject-mtp` puts it back), linearizes the fused
+experts into per-expert Linears, refuses any target that would match anything but a routed expert
+(MTP layers included, checked against the on-disk names), runs `oneshot`, saves compressed, and
+restores any tensor whose dtype the save changed (FP32 router biases have been seen downcast).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mtpquant import recipes
+from mtpquant.atomic import atomic_dir, atomic_write_json
+from mtpquant.checkpoint import Checkpoint
+from mtpquant.errors import MtpquantError
+from mtpquant.families import Family, family_for, matches
+from mtpquant.measure import peak_memory
+from mtpquant.recipes import ROUTED_EXPERTS, QuantRecipe
+
+FEW_TOKENS_FRACTION = 0.1  # an expert routed < 10% of its uniform share is flagged in the report
+
+
+def resolve_targets(recipe: QuantRecipe, fam: Family, config: dict[str, Any]) -> list[str]:
+    return [fam.routed_experts_target(config) if t == ROUTED_EXPERTS else t for t in recipe.gptq.targets]
+
+
+def refuse_non_expert_targets(targets: list[str], names: list[str], fam: Family, config: dict[str, Any],
+                              where: str) -> int:
+    """Every name a target matches must be a routed expert outside the MTP layers; returns the match count."""
+    hits = 0
+    for name in names:
+        for t in targets:
+            if matches(t, name):
+                kind = fam.classify(name, config)
+                if kind != "routed_expert":
+                    raise MtpquantError(f"{where}: target {t!r} matches {name} ({kind}); only routed experts "
+                                        "may be quantized")
+                hits += 1
+                break
+    if hits == 0:
+        raise MtpquantError(f"{where}: the targets match no Linear of this model")
+    return hits
+
+
+def modifier_for(recipe: QuantRecipe, targets: list[str]) -> Any:
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    w = recipe.gptq.weights
+    return GPTQModifier(
+        config_groups={"group_0": {
+            "targets": targets,
+            "weights": {"num_bits": w.num_bits, "type": w.type, "symmetric": w.symmetric,
+                        "strategy": w.strategy, "group_size": w.group_size, "actorder": recipe.gptq.actorder},
+        }},
+        ignore=list(recipe.gptq.ignore),
+        block_size=recipe.gptq.block_size,
+        dampening_frac=recipe.gptq.dampening_frac,
+    )
+
+
+@dataclass
+class GPTQRecorder:
+    """Collects llm-compressor's per-module GPTQ loss and time through its CompressionLogger hook."""
+
+    names: dict[Any, str]
+    on_module: Any = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def logger_class(self) -> type:
+        from llmcompressor.utils.metric_logging import CompressionLogger
+
+        recorder = self
+
+        class RecordingLogger(CompressionLogger):
+            def __exit__(self, *exc: Any) -> None:
+                super().__exit__(*exc)
+                recorder.rows.append({"module": recorder.names.get(self.module, "?"), "loss": self._loss,
+                                      "seconds": round(time.time() - self.start_tick, 4)})
+                if recorder.on_module:
+                    recorder.on_module()
+
+        return RecordingLogger
+
+
+@contextlib.contextmanager
+def recording_gptq(model: Any, on_module: Any = None) -> Iterator[GPTQRecorder]:
+    import llmcompressor.modifiers.gptq.base as gptq_base
+
+    rec = GPTQRecorder({m: n for n, m in model.named_modules()}, on_module)
+    original = gptq_base.CompressionLogger
+    gptq_base.CompressionLogger = rec.logger_class()
+    try:
+        yield rec
+    finally:
+        gptq_base.CompressionLogger = original
+
+
+@contextlib.contextmanager
+def routing_counts(model: Any, fam: Family, config: dict[str, Any]) -> Iterator[dict[int, Any]]:
+    """Tokens the router sent to each expert, per MoE layer (top-k choices, over all forward passes)."""
+    import torch
+
+    counts: dict[int, Any] = {}
+    handles = []
+    for layer in fam.moe_layers(config):
+        gate = model.get_submodule(f"model.layers.{layer}.mlp.gate")
+        counts[layer] = torch.zeros(fam.num_experts(config), dtype=torch.long)
+
+        def hook(_mod: Any, _inp: Any, out: Any, layer: int = layer) -> None:
+            idx = out[-1] if isinstance(out, tuple) else out
+            counts[layer] += torch.bincount(idx.reshape(-1).cpu(), minlength=counts[layer].numel())
+
+        handles.append(gate.register_forward_hook(hook))
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def few_token_experts(counts: dict[int, Any], top_k: int) -> list[dict[str, Any]]:
+    out = []
+    for layer, c in counts.items():
+        total = int(c.sum())
+        if total == 0:
+            continue
+        uniform = total / c.numel()
+        for e, n in enumerate(c.tolist()):
+            if n < FEW_TOKENS_FRACTION * uniform:
+                out.append({"layer": layer, "expert": e, "routed": n, "uniform_share": round(uniform, 1)})
+    return out
+
+
+def restore_dtypes(out_dir: Path, source: Checkpoint) -> list[str]:
+    """Rewrite tensors whose dtype differs from the source's (unquantized ones only), bytes from the source."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    out = Checkpoint(out_dir)
+    src = source.tensors
+    by_shard: dict[str, list[str]] = {}
+    for name, info in out.tensors.items():
+        if name in src and src[name].dtype != info.dtype:
+            by_shard.setdefault(out.weight_map[name], []).append(name)
+    for shard, names in by_shard.items():
+        tensors = load_file(str(out_dir / shard))
+        for name in names:
+            with safe_open(str(src[name].shard), "pt") as fh:
+                tensors[name] = fh.get_tensor(name)
+        save_file(tensors, str(out_dir / shard), metadata={"format": "pt"})
+    return sorted(n for names in by_shard.values() for n in names)
+
+
+def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path, report_path: Path) -> dict[str, Any]:
+    import torch
+    import transformers
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    t0 = time.perf_counter()
+    source = Checkpoint(model_dir)
+    config = source.config
+    fam = family_for(config, str(source.root / "config.json"))
+    qpath, cpath = recipes.resolve_path("quant", quant_ref), recipes.resolve_path("calibration", calib_ref)
+    recipe: QuantRecipe = recipes.load("quant", qpath)
+    calib = recipes.load("calibration", cpath)
+    targets = resolve_targets(recipe, fam, config)
+    on_disk = [n.removesuffix(".weight") for n in source.tensors if n.endswith(".weight")]
+    refuse_non_expert_targets(targets, on_disk, fam, config, str(qpath))
+
+    from llmcompressor import oneshot
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
+    from mtpquant.calibration import build_dataset
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source.root)
+    model = getattr(transformers, fam.architecture).from_pretrained(source.root, dtype=torch.bfloat16)
+    linearize_moe(model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    expected = fam.routed_expert_linears(config)
+    n_hits = refuse_non_expert_targets(targets, linears, fam, config, str(qpath))
+    if n_hits != len(expected):
+        raise MtpquantError(f"{qpath}: targets match {n_hits} Linears, expected {len(expected)} routed experts")
+    dataset, data_summary = build_dataset(calib, tokenizer, str(cpath))
+    t_load = time.perf_counter()
+
+    progress = Progress(TextColumn("[bold]GPTQ[/] {task.description}"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total} Linears"), TimeElapsedColumn())
+    task = progress.add_task(fam.architecture, total=len(expected))
+    with progress, recording_gptq(model, lambda: progress.advance(task)) as rec, \
+            routing_counts(model, fam, config) as counts:
+        oneshot(
+            model=model, processor=tokenizer, dataset=dataset, recipe=modifier_for(recipe, targets),
+            pipeline=recipe.pipeline, sequential_targets=recipe.sequential_targets,
+            moe_calibrate_all_experts=recipe.moe_calibrate_all_experts,
+            num_calibration_samples=calib.num_samples, max_seq_length=calib.max_seq_length,
+            shuffle_calibration_samples=False,
+        )
+    t_calib = time.perf_counter()
+
+    with atomic_dir(Path(out_dir)) as tmp:
+        model.save_pretrained(tmp, save_compressed=True)
+        tokenizer.save_pretrained(tmp)
+        restored = restore_dtypes(tmp, source)
+    t_save = time.perf_counter()
+
+    losses = [r["loss"] for r in rec.rows if r["loss"] is not None]
+    report = {
+        "stage": "quantize",
+        "model": str(source.root), "family": fam.model_type, "output": str(out_dir),
+        "recipe": {"path": str(qpath), "sha256": recipes.recipe_sha256("quant", qpath), "targets": targets},
+        "calibration": {"path": str(cpath), "sha256": recipes.recipe_sha256("calibration", cpath), **data_summary},
+        "quantized_linears": len(rec.rows), "expected_linears": len(expected),
+        "gptq_loss_median": statistics.median(losses) if losses else None,
+        "gptq_loss_max": max(losses) if losses else None,
+        "few_token_experts": few_token_experts(counts, int(config.get("num_experts_per_tok", 1))),
+        "routing_counts": {str(k): v.tolist() for k, v in counts.items()},
+        "dtype_restored": restored,
+        "seconds": {"load": round(t_load - t0, 2), "calibrate_and_solve": round(t_calib - t_load, 2),
+                    "save": round(t_save - t_calib, 2), "total": round(t_save - t0, 2)},
+        "memory": peak_memory(),
+        "per_linear": rec.rows,
+    }
+    if len(rec.rows) != len(expected):
+        raise MtpquantError(f"GPTQ compressed {len(rec.rows)} Linears, expected {len(expected)}")
+    atomic_write_json(report_path, report)
+    return report

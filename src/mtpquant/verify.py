@@ -1,0 +1,220 @@
+"""`verify`: prove the artifact is what it claims, from the files alone.
+
+Checks: the index and shards agree; every routed-expert Linear of every MoE layer is packed INT4 (and
+nothing else is); every MTP tensor is present, unquantized and byte-identical to the base; the MTP
+layers are covered by `quantization_config.ignore`; unquantized tensors keep the base's dtype and
+shape; config and tensors agree. Exit code 3 names the failing tensors.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mtpquant.atomic import atomic_write_json
+from mtpquant.checkpoint import Checkpoint, read_safetensors_header, tensor_sha256
+from mtpquant.errors import MtpquantError, VerificationFailed
+from mtpquant.families import Family, family_for, matches
+
+QUANT_PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+
+@dataclass
+class Check:
+    name: str
+    failures: list[str] = field(default_factory=list)
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def check_index(art: Checkpoint) -> Check:
+    c = Check("index maps every tensor to exactly one existing shard")
+    seen: dict[str, str] = {}
+    for shard in sorted(set(art.weight_map.values())):
+        if not (art.root / shard).is_file():
+            c.failures.append(f"index points at missing shard {shard}")
+    for path in art.shard_files():
+        for name in read_safetensors_header(path):
+            if name in seen:
+                c.failures.append(f"{name} is in both {seen[name]} and {path.name}")
+            seen[name] = path.name
+            mapped = art.weight_map.get(name)
+            if mapped is None:
+                c.failures.append(f"{name} in {path.name} is not in the index")
+            elif mapped != path.name:
+                c.failures.append(f"{name} is in {path.name} but indexed in {mapped}")
+    for name, shard in art.weight_map.items():
+        if name not in seen and (art.root / shard).is_file():
+            c.failures.append(f"{name} is indexed in {shard} but not there")
+    c.detail = f"{len(art.weight_map)} tensors, {len(set(art.weight_map.values()))} shards"
+    return c
+
+
+def _quant_modules(names: Any) -> set[str]:
+    return {n.rsplit(".", 1)[0] for n in names if n.endswith(".weight_packed")}
+
+
+def check_experts(art: Checkpoint, base: Checkpoint, fam: Family, group: int, asym: bool) -> Check:
+    cfg = base.config
+    expected = fam.routed_expert_linears(cfg)
+    c = Check("every routed-expert Linear is INT4-packed")
+    t = art.tensors
+    for mod in expected:
+        src = base.tensors.get(f"{mod}.weight")
+        n, k = src.shape if src else (None, None)
+        need = {"weight_packed": ("I32", (n, k // 8) if k else None),
+                "weight_scale": (None, (n, k // group) if k else None),
+                "weight_shape": ("I64", (2,))}
+        if asym:
+            need["weight_zero_point"] = ("I32", (n // 8, k // group) if k else None)
+        for part, (dtype, shape) in need.items():
+            info = t.get(f"{mod}.{part}")
+            if info is None:
+                c.failures.append(f"{mod}.{part} is missing")
+            elif (dtype and info.dtype != dtype) or (shape and info.shape != shape):
+                c.failures.append(f"{mod}.{part} is {info.dtype}{list(info.shape)}, expected "
+                                  f"{dtype or 'any'}{list(shape) if shape else ''}")
+        if f"{mod}.weight" in t:
+            c.failures.append(f"{mod}.weight is present unquantized")
+    c.detail = (f"{len(fam.moe_layers(cfg))} MoE layers x {fam.num_experts(cfg)} experts x 3 = {len(expected)}, "
+                f"{len(expected) - len({f.split('.weight')[0] for f in c.failures})} ok")
+    return c
+
+
+def check_nothing_else(art: Checkpoint, base: Checkpoint, fam: Family) -> Check:
+    c = Check("nothing but routed experts is quantized")
+    expected = set(fam.routed_expert_linears(base.config))
+    for mod in sorted(_quant_modules(art.tensors) - expected):
+        c.failures.append(f"{mod} is quantized ({fam.classify(mod, base.config)})")
+    c.detail = f"{len(_quant_modules(art.tensors))} quantized modules"
+    return c
+
+
+def _mtp_names(ck: Checkpoint, fam: Family, cfg: dict[str, Any]) -> list[str]:
+    prefixes = tuple(fam.mtp_prefixes(cfg))
+    return sorted(n for n in ck.tensors if n.startswith(prefixes)) if prefixes else []
+
+
+def check_mtp(art: Checkpoint, base: Checkpoint, fam: Family, workers: int) -> Check:
+    c = Check("MTP tensors present, unquantized, byte-identical to base")
+    base_names = _mtp_names(base, fam, base.config)
+    art_names = set(_mtp_names(art, fam, base.config))
+    if not base_names:
+        c.failures.append("the base checkpoint has no MTP tensors")
+    for n in base_names:
+        if n not in art_names:
+            c.failures.append(f"{n} is missing")
+    for n in sorted(art_names - set(base_names)):
+        c.failures.append(f"{n} is not in the base (quantized or foreign MTP tensor)")
+    both = [n for n in base_names if n in art_names]
+    for n in both:
+        a, b = art.tensors[n], base.tensors[n]
+        if (a.dtype, a.shape) != (b.dtype, b.shape):
+            c.failures.append(f"{n} is {a.dtype}{list(a.shape)}, base has {b.dtype}{list(b.shape)}")
+    with ThreadPoolExecutor(workers) as pool:
+        a_hash = list(pool.map(tensor_sha256, (art.tensors[n] for n in both)))
+        b_hash = list(pool.map(tensor_sha256, (base.tensors[n] for n in both)))
+    for n, ha, hb in zip(both, a_hash, b_hash, strict=True):
+        if ha != hb:
+            c.failures.append(f"{n} differs from the base (sha256 {ha[:12]} != {hb[:12]})")
+    c.detail = f"{len(both)}/{len(base_names)} tensors, layers {fam.mtp_layers(base.config)}"
+    return c
+
+
+def check_mtp_ignored(art: Checkpoint, base: Checkpoint, fam: Family) -> Check:
+    c = Check("MTP layers are in quantization_config.ignore")
+    ignore = (art.config.get("quantization_config") or {}).get("ignore") or []
+    modules = sorted({n.removesuffix(".weight") for n in _mtp_names(base, fam, base.config) if n.endswith(".weight")})
+    for mod in modules:
+        if not any(matches(p, mod) for p in ignore):
+            c.failures.append(f"{mod} is not covered by ignore")
+    c.detail = f"{len(modules)} MTP modules checked against {len(ignore)} ignore entries"
+    return c
+
+
+def check_unquantized(art: Checkpoint, base: Checkpoint, fam: Family) -> Check:
+    c = Check("unquantized tensors keep the base's dtype and shape")
+    expected = set(fam.routed_expert_linears(base.config))
+    mtp = set(_mtp_names(base, fam, base.config))
+    n = 0
+    for name, b in base.tensors.items():
+        if name in mtp or name.removesuffix(".weight") in expected:
+            continue
+        a = art.tensors.get(name)
+        n += 1
+        if a is None:
+            if name.removesuffix(".weight") not in _quant_modules(art.tensors):
+                c.failures.append(f"{name} is missing")
+        elif (a.dtype, a.shape) != (b.dtype, b.shape):
+            c.failures.append(f"{name} is {a.dtype}{list(a.shape)}, base has {b.dtype}{list(b.shape)}")
+    c.detail = f"{n} tensors"
+    return c
+
+
+def check_config(art: Checkpoint, base: Checkpoint, fam: Family) -> tuple[Check, int, bool]:
+    c = Check("config agrees with base and tensors")
+    for key in ("model_type", "num_hidden_layers", "n_routed_experts", "hidden_size", "num_nextn_predict_layers"):
+        if art.config.get(key) != base.config.get(key):
+            c.failures.append(f"config.json {key}={art.config.get(key)!r}, base has {base.config.get(key)!r}")
+    qc = art.config.get("quantization_config")
+    group, asym = 128, True
+    if not qc:
+        c.failures.append("config.json has no quantization_config")
+        return c, group, asym
+    if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != "pack-quantized":
+        c.failures.append(f"quantization_config is {qc.get('quant_method')}/{qc.get('format')}, "
+                          "expected compressed-tensors/pack-quantized")
+    for gname, g in (qc.get("config_groups") or {}).items():
+        w = g.get("weights") or {}
+        if w.get("num_bits") != 4 or w.get("strategy") != "group":
+            c.failures.append(f"config_groups.{gname}: num_bits={w.get('num_bits')} strategy={w.get('strategy')}")
+        group, asym = int(w.get("group_size") or group), not w.get("symmetric", False)
+    c.detail = f"group_size={group}, {'asymmetric' if asym else 'symmetric'}"
+    return c, group, asym
+
+
+def verify(artifact: Path, base_dir: Path, report_path: Path | None = None, workers: int = 8) -> list[Check]:
+    art, base = Checkpoint(artifact), Checkpoint(base_dir)
+    fam = family_for(base.config, str(base.root / "config.json"))
+    if art.config.get("model_type") != fam.model_type:
+        raise MtpquantError(f"{art.root / 'config.json'}: model_type {art.config.get('model_type')!r} does not "
+                            f"match the base's {fam.model_type!r}")
+    idx = check_index(art)
+    checks = [idx]
+    if idx.ok:  # the tensor checks need a consistent index
+        cfg, group, asym = check_config(art, base, fam)
+        checks += [check_experts(art, base, fam, group, asym), check_nothing_else(art, base, fam),
+                   check_mtp(art, base, fam, workers), check_mtp_ignored(art, base, fam),
+                   check_unquantized(art, base, fam), cfg]
+    if report_path:
+        atomic_write_json(report_path, {"stage": "verify", "artifact": str(art.root), "base": str(base.root),
+                                        "ok": all(c.ok for c in checks),
+                                        "checks": [asdict(c) | {"ok": c.ok} for c in checks]})
+    return checks
+
+
+def render(checks: list[Check], title: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("detail")
+    for c in checks:
+        result = "[green]PASS[/]" if c.ok else f"[red]FAIL ({len(c.failures)})[/]"
+        detail = c.detail if c.ok else "\n".join(c.failures[:5] + ([f"... {len(c.failures) - 5} more"]
+                                                                   if len(c.failures) > 5 else []))
+        table.add_row(c.name, result, detail)
+    return table
+
+
+def raise_on_failure(checks: list[Check]) -> None:
+    failed = [f for c in checks for f in c.failures]
+    if failed:
+        raise VerificationFailed(f"verify: {len(failed)} problem(s): " + "; ".join(failed[:3])
+                                 + (" ..." if len(failed) > 3 else ""))
