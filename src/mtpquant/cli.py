@@ -96,6 +96,14 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preflight(args: argparse.Namespace) -> int:
+    from mtpquant.preflight import preflight
+
+    for line in preflight(args.model, args.calibration):
+        console.print(f"[green]ok[/] {line}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtpquant", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", help="default RUN/base")
     s = stage("manifest", cmd_manifest, "SHA256 of every artifact file plus provenance")
     s.add_argument("--artifact", help="default RUN/artifact")
+    s = sub.add_parser("preflight", help="refuse a real run this machine cannot finish (GPUs, pins)")
+    s.add_argument("--model", required=True)
+    s.add_argument("--calibration", required=True)
+    s.set_defaults(fn=cmd_preflight)
     return p
 
 

@@ -107,7 +107,7 @@ def write_tokenizer(out: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    byte_vocab = {c: i + len(SPECIALS) for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    byte_vocab = {c: i + len(SPECIALS) for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab = {s: i for i, s in enumerate(SPECIALS)} | byte_vocab
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

@@ -29,6 +29,11 @@ class RecipeError(MtpquantError):
     pass
 
 
+def key(where: str, name: str) -> str:
+    """'file.yaml' + 'a' -> 'file.yaml: a'; 'file.yaml: a' + 'b' -> 'file.yaml: a.b'."""
+    return f"{where}{'.' if ': ' in where else ': '}{name}"
+
+
 # ---- recipe types ---------------------------------------------------------------------------------------
 
 
@@ -69,9 +74,9 @@ class ModelSource:
         if len(given) != 1:
             raise RecipeError(f"{where}: give exactly one of hub, path, fixture (got {given or 'none'})")
         if self.hub is not None:
-            check_revision(self.revision, f"{where}.revision")
+            check_revision(self.revision, key(where, "revision"))
         if self.fixture is not None:
-            self.fixture.check(f"{where}.fixture")
+            self.fixture.check(key(where, "fixture"))
 
 
 @dataclass(frozen=True)
@@ -113,13 +118,13 @@ class QuantRecipe:
     def check(self, where: str) -> None:
         if not self.moe_calibrate_all_experts:
             raise RecipeError(
-                f"{where}.moe_calibrate_all_experts: must be true: calibrating only routed tokens skips "
+                f"{key(where, 'moe_calibrate_all_experts')}: must be true: calibrating only routed tokens skips "
                 "rare experts and quietly degrades the model (seed write-up)")
         if self.gptq.weights.group_size <= 0 or self.gptq.weights.group_size % 8:
-            raise RecipeError(f"{where}.gptq.weights.group_size: must be a positive multiple of 8")
+            raise RecipeError(f"{key(where, 'gptq.weights.group_size')}: must be a positive multiple of 8")
         for t in self.gptq.targets:
             if t != ROUTED_EXPERTS and not t.startswith("re:"):
-                raise RecipeError(f"{where}.gptq.targets: {t!r} must be '{ROUTED_EXPERTS}' or a 're:' regex")
+                raise RecipeError(f"{key(where, 'gptq.targets')}: {t!r} must be '{ROUTED_EXPERTS}' or a 're:' regex")
 
 
 ROUTED_EXPERTS = "routed_experts"  # symbolic target, resolved by the model family to an anchored regex
@@ -142,11 +147,11 @@ class CalibrationSource:
         if (self.text_field is None) == (self.messages_field is None):
             raise RecipeError(f"{where}: give exactly one of text_field, messages_field")
         if self.weight <= 0:
-            raise RecipeError(f"{where}.weight: must be > 0")
+            raise RecipeError(f"{key(where, 'weight')}: must be > 0")
         if self.hub is not None:
-            check_revision(self.revision, f"{where}.revision")
+            check_revision(self.revision, key(where, "revision"))
         if self.local is not None and not (REPO_ROOT / self.local).is_file():
-            raise RecipeError(f"{where}.local: file not found: {self.local}")
+            raise RecipeError(f"{key(where, 'local')}: file not found: {self.local}")
 
 
 @dataclass(frozen=True)
@@ -160,9 +165,9 @@ class CalibrationRecipe:
 
     def check(self, where: str) -> None:
         if not self.sources:
-            raise RecipeError(f"{where}.sources: at least one source is needed")
+            raise RecipeError(f"{key(where, 'sources')}: at least one source is needed")
         for i, s in enumerate(self.sources):
-            s.check(f"{where}.sources[{i}]")
+            s.check(key(where, f"sources[{i}]"))
         if self.num_samples <= 0 or self.max_seq_length <= 0:
             raise RecipeError(f"{where}: num_samples and max_seq_length must be > 0")
 
@@ -224,11 +229,11 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise RecipeError(f"{where}: unknown key '{unknown[0]}' (allowed: {', '.join(fields)})")
     kwargs = {}
     for name, f in fields.items():
-        key = f"{where}.{name}"
+        key_ = key(where, name)
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], key)
+            kwargs[name] = _convert(data[name], hints[name], key_)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise RecipeError(f"{key}: missing required key")
+            raise RecipeError(f"{key_}: missing required key")
     obj = cls(**kwargs)
     return obj
 
@@ -258,7 +263,7 @@ def load(kind: str, ref: str | Path) -> Any:
     if hasattr(obj, "check"):
         obj.check(where)
     if kind == "models":
-        obj.source.check(f"{where}.source")
+        obj.source.check(key(where, "source"))
     return obj
 
 

@@ -1,0 +1,123 @@
+"""Sessions: the artifact chain's stages, their chain, the demo, tests and lockfiles.
+
+Real logic lives in src/mtpquant; each stage session runs `python -m mtpquant <stage>` in a venv
+installed from the hashed lockfile (`pinned/`). Options go after `--` (session.posargs).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests"]
+
+ROOT = Path(__file__).parent
+PINNED = ROOT / "pinned"
+RUNS = ROOT / "runs"
+PYTHON = "3.11"
+# Lockfiles resolve against PyPI as it was on this date: same inputs, same bytes.
+EXCLUDE_NEWER = "2026-11-27T00:00:00Z"
+# Where the CPU torch wheel comes from: this machine's wheel folder, else PyTorch's CPU index.
+TORCH_WHEELS = os.environ.get("MTPQUANT_TORCH_FIND_LINKS", "/opt/wheels")
+TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def _torch_source() -> list[str]:
+    if Path(TORCH_WHEELS).is_dir():
+        return ["--find-links", TORCH_WHEELS]
+    return ["--extra-index-url", TORCH_INDEX]
+
+
+def install_locked(session: nox.Session, *locks: str) -> None:
+    """Install exactly the hashed lockfiles, then this package without touching its dependencies."""
+    args = ["--require-hashes", "--no-deps", *_torch_source()]
+    for lock in locks:
+        args += ["-r", str(PINNED / f"{lock}.txt")]
+    session.install(*args)
+    session.install("--no-deps", "--no-build-isolation", "-e", str(ROOT))
+
+
+def run_dir(session: nox.Session, default: str) -> str:
+    return os.environ.get("MTPQUANT_RUN", str(RUNS / default))
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Run the test suite (real llm-compressor on tiny fixtures)."""
+    install_locked(session, "calibrate-cpu", "dev")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """Lint with ruff."""
+    install_locked(session, "calibrate-cpu", "dev")
+    session.run("ruff", "check", "src", "tests", "noxfile.py", "benchmarks")
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """The whole chain on a tiny GLM-5-layout and a tiny GLM-4.5-layout fixture, on this CPU."""
+    install_locked(session, "calibrate-cpu")
+    for model in ("tiny-glm5", "tiny-glm4"):
+        run = str(RUNS / f"demo-{model}")
+        shutil.rmtree(run, ignore_errors=True)
+        chain(session, run, model, "tiny-local")
+
+
+def chain(session: nox.Session, run: str, model: str, calibration: str) -> None:
+    stage = ["python", "-m", "mtpquant"]
+    session.run(*stage, "prepare", "--run", run, "--model", model)
+    session.run(*stage, "quantize", "--run", run, "--calibration", calibration)
+    session.run(*stage, "inject-mtp", "--run", run)
+    session.run(*stage, "verify", "--run", run)
+    session.run(*stage, "manifest", "--run", run)
+
+
+@nox.session(name="quantize", python=PYTHON)
+def quantize(session: nox.Session) -> None:
+    """GPTQ W4A16 on the routed experts: `nox -s quantize -- --run DIR [--recipe ...]`."""
+    install_locked(session, "calibrate-cpu")
+    session.run("python", "-m", "mtpquant", "quantize", *session.posargs)
+
+
+@nox.session(name="inject-mtp", python=PYTHON)
+def inject_mtp(session: nox.Session) -> None:
+    """Copy the MTP layer(s) into the quantized checkpoint: `nox -s inject-mtp -- --run DIR`."""
+    install_locked(session, "calibrate-cpu")
+    session.run("python", "-m", "mtpquant", "inject-mtp", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def verify(session: nox.Session) -> None:
+    """Verify an artifact against its base: `nox -s verify -- --run DIR`."""
+    install_locked(session, "calibrate-cpu")
+    session.run("python", "-m", "mtpquant", "verify", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def artifact(session: nox.Session) -> None:
+    """The real GLM-5.2 artifact end to end (GPUs and hub access required)."""
+    install_locked(session, "calibrate-cpu")
+    session.run("python", "-m", "mtpquant", "preflight", "--model", "glm-5.2",
+                "--calibration", "glm5-code-instruct")
+    chain(session, run_dir(session, "glm-5.2"), "glm-5.2", "glm5-code-instruct")
+
+
+@nox.session(python=PYTHON)
+def lock(session: nox.Session) -> None:
+    """Regenerate every lockfile in pinned/ from its .in file (never edit a .txt by hand)."""
+    session.install("-r", str(PINNED / "tools.txt"), "--require-hashes")
+    env = {"UV_CUSTOM_COMPILE_COMMAND": "nox -s lock"}
+    for name in ("tools", "calibrate-cpu", "dev"):
+        session.run(
+            "uv", "pip", "compile", f"pinned/{name}.in", "-o", f"pinned/{name}.txt", "--generate-hashes",
+            "--python-version", PYTHON, "--python-platform", "x86_64-manylinux_2_28",
+            "--exclude-newer", EXCLUDE_NEWER, "--quiet", *_torch_source(),
+            env=env, external=False,
+        )

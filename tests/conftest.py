@@ -1,0 +1,74 @@
+"""Shared tiny models: each family's fixture is generated, quantized with the real llm-compressor and
+injected once per test session; tests that tamper with an artifact work on a copy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from mtpquant.fixture import write_fixture
+from mtpquant.inject_mtp import inject_mtp
+from mtpquant.quantize import quantize
+from mtpquant.recipes import FixtureSpec
+
+FAMILIES = ["glm_moe_dsa", "glm4_moe"]
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    """family -> {base, quantized, artifact, quantize_report} for the default tiny spec."""
+    out = {}
+    for fam in FAMILIES:
+        root = tmp_path_factory.mktemp(fam)
+        base = write_fixture(fam, FixtureSpec(), root / "base")
+        quantize(base, "w4a16-asym-g128", "tiny-local", root / "quantized", root / "quantize.json")
+        inject_mtp(base, root / "quantized", root / "artifact", root / "inject-mtp.json")
+        out[fam] = {"base": base, "quantized": root / "quantized", "artifact": root / "artifact",
+                    "quantize_report": root / "quantize.json", "root": root}
+    return out
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def artifact_copy(built, family, tmp_path) -> tuple[Path, Path]:
+    """(a writable copy of the family's artifact, its base)."""
+    dst = tmp_path / "artifact"
+    shutil.copytree(built[family]["artifact"], dst)
+    return dst, built[family]["base"]
+
+
+def edit_tensors(ckpt: Path, remove: list[str] = (), add: dict | None = None, shard: str | None = None) -> None:
+    """Rewrite a checkpoint's shards and index: drop `remove`, add `add` (into `shard` or the first shard)."""
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    wm = index["weight_map"]
+    touched = {wm[n] for n in remove}
+    add = add or {}
+    target = shard or sorted(set(wm.values()))[0]
+    if add:
+        touched.add(target)
+    for sh in touched:
+        tensors = load_file(str(ckpt / sh))
+        for n in remove:
+            if wm.get(n) == sh:
+                tensors.pop(n)
+        if sh == target:
+            tensors.update(add)
+        save_file(tensors, str(ckpt / sh), metadata={"format": "pt"})
+    for n in remove:
+        wm.pop(n)
+    wm.update(dict.fromkeys(add, target))
+    index_path.write_text(json.dumps(index))
+
+
+def read_tensor(ckpt: Path, name: str):
+    wm = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    return load_file(str(ckpt / wm[name]))[name]
