@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -36,24 +35,24 @@ if mode == "inject":
     inject_mtp(Path(base), Path(q), Path(out))
 else:  # baseline: same imports, same header reads, no copy
     Checkpoint(Path(base)).tensors, Checkpoint(Path(q)).tensors
-print(time.perf_counter() - t)
+hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM"))
+print(time.perf_counter() - t, hwm / 1024)
 """
 
 
 def child(*args: str) -> tuple[float, float]:
-    """(seconds, peak RSS in MiB) of one child process."""
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"child failed with status {status}")
-    return float(out.strip().splitlines()[-1]), usage.ru_maxrss / 1024
+    """(seconds, peak RSS in MiB) of one child process, from its own VmHWM (ru_maxrss would include the
+    pages of the parent it was forked from)."""
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed with status {proc.returncode}")
+    seconds, rss = proc.stdout.strip().splitlines()[-1].split()
+    return float(seconds), float(rss)
 
 
 def big_base(work: Path, gb: float) -> tuple[Path, Path, int]:
     """A tiny base whose MTP layer is replaced by `gb` GB of tensors, its quantized twin, and the MTP bytes."""
-    from safetensors.numpy import save_file
-
+    from mtpquant.checkpoint import safetensors_header_bytes
     from mtpquant.fixture import write_fixture
     from mtpquant.quantize import quantize
     from mtpquant.recipes import FixtureSpec
@@ -64,23 +63,16 @@ def big_base(work: Path, gb: float) -> tuple[Path, Path, int]:
     index = json.loads(index_path.read_text())
     mtp = sorted(n for n in index["weight_map"] if n.startswith("model.layers.3."))
     experts = [n for n in mtp if ".mlp.experts." in n]
-    per = int(gb * 2**30 / len(experts)) // 2  # bf16 elements per expert tensor
-    rows = per // 4096
+    rows = int(gb * 2**30 / len(experts)) // (2 * 4096)  # BF16 [rows, 4096] per expert tensor
+    nbytes_each = rows * 4096 * 2
     rng = np.random.default_rng(0)
-    tensors = {}
-    for n in experts:  # random bytes, stored as BF16-sized elements (uint16 in numpy)
-        tensors[n] = rng.integers(0, 2**16, size=(rows, 4096), dtype=np.uint16)
-    save_file(tensors, str(base / "mtp-big.safetensors"))
-    # patch the dtype in the header: numpy has no bf16, the bytes are what matters
-    raw = (base / "mtp-big.safetensors").read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = raw[8:8 + n].replace(b'"U16"', b'"BF16"')
-    with open(base / "mtp-big.safetensors", "r+b") as fh:
-        fh.seek(8)
-        fh.write(header)
+    with open(base / "mtp-big.safetensors", "wb") as fh:  # streamed: random bytes, never all in memory
+        fh.write(safetensors_header_bytes((n, "BF16", (rows, 4096), nbytes_each) for n in experts))
+        for _ in experts:
+            fh.write(rng.integers(0, 2**16, size=rows * 4096, dtype=np.uint16).tobytes())
     index["weight_map"].update(dict.fromkeys(experts, "mtp-big.safetensors"))
     index_path.write_text(json.dumps(index))
-    nbytes = sum(t.nbytes for t in tensors.values())
+    nbytes = nbytes_each * len(experts)
     return base, work / "quantized", nbytes
 
 

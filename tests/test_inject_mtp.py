@@ -86,3 +86,15 @@ def test_architecture_mismatch_is_an_error(built, tmp_path):
 def test_unquantized_target_is_an_error(built, tmp_path):
     with pytest.raises(MtpquantError, match="no quantization_config"):
         inject_mtp(built["glm4_moe"]["base"], built["glm4_moe"]["base"], tmp_path / "out")
+
+
+def test_buffered_fallback_writes_the_same_bytes(built, tmp_path, monkeypatch):
+    """Where copy_file_range is unavailable, the chunked copy must produce identical shards."""
+    import os
+
+    b = built["glm_moe_dsa"]
+    inject_mtp(b["base"], b["quantized"], tmp_path / "kernel")
+    monkeypatch.delattr(os, "copy_file_range")
+    monkeypatch.setattr("mtpquant.checkpoint.CHUNK", 4096)  # many chunks per tensor
+    inject_mtp(b["base"], b["quantized"], tmp_path / "buffered")
+    assert _digest(tmp_path / "kernel") == _digest(tmp_path / "buffered")

@@ -16,7 +16,8 @@ def _allocate(recipe: CalibrationRecipe) -> list[int]:
     total = sum(s.weight for s in recipe.sources)
     raw = [recipe.num_samples * s.weight / total for s in recipe.sources]
     counts = [int(r) for r in raw]
-    for i in sorted(range(len(raw)), key=lambda i: raw[i] - counts[i], reverse=True)[: recipe.num_samples - sum(counts)]:
+    by_remainder = sorted(range(len(raw)), key=lambda i: raw[i] - counts[i], reverse=True)
+    for i in by_remainder[: recipe.num_samples - sum(counts)]:
         counts[i] += 1
     return counts
 

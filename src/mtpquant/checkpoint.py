@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -176,14 +177,48 @@ def safetensors_header_bytes(entries: Iterable[tuple[str, str, tuple[int, ...], 
     return struct.pack("<Q", len(blob)) + blob
 
 
+def _copy_range(src: BinaryIO, dst: BinaryIO, start: int, nbytes: int) -> None:
+    """Copy bytes [start, start+nbytes) of src to dst's position: in the kernel where possible."""
+    left, pos = nbytes, start
+    if hasattr(os, "copy_file_range"):
+        dst.flush()
+        try:
+            while left:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), min(left, 1 << 30), pos)
+                if n == 0:
+                    raise MtpquantError(f"{src.name}: truncated at byte {pos}")
+                left, pos = left - n, pos + n
+            dst.seek(0, os.SEEK_END)
+            return
+        except OSError:  # e.g. across filesystems on old kernels: fall back to a bounded buffer
+            dst.seek(0, os.SEEK_END)
+    src.seek(pos)
+    while left:
+        buf = src.read(min(CHUNK, left))
+        if not buf:
+            raise MtpquantError(f"{src.name}: truncated at byte {pos}")
+        dst.write(buf)
+        left -= len(buf)
+        pos += len(buf)
+
+
 def write_shard_from(sources: list[TensorInfo], out: Path, metadata: dict[str, str] | None = None) -> int:
-    """Write a safetensors shard holding exact copies of `sources`, streaming; returns bytes written."""
+    """Write a safetensors shard holding exact copies of `sources`; returns the tensor bytes written.
+
+    Memory stays bounded whatever the tensor sizes: bytes move file to file (copy_file_range), or through
+    a CHUNK-sized buffer where the kernel cannot do it.
+    """
     header = safetensors_header_bytes(((s.name, s.dtype, s.shape, s.nbytes) for s in sources), metadata)
-    written = 0
-    with Path(out).open("wb") as dst:
-        dst.write(header)
-        for src in sources:
-            for buf in iter_tensor_bytes(src):
-                dst.write(buf)
-                written += len(buf)
-    return written
+    handles: dict[Path, BinaryIO] = {}
+    try:
+        with Path(out).open("wb") as dst:
+            dst.write(header)
+            for s in sources:
+                src = handles.get(s.shard) or handles.setdefault(s.shard, s.shard.open("rb"))
+                _copy_range(src, dst, s.start, s.nbytes)
+            if dst.tell() != len(header) + sum(s.nbytes for s in sources):
+                raise MtpquantError(f"{out}: wrote {dst.tell()} bytes, expected more (partial copy)")
+    finally:
+        for h in handles.values():
+            h.close()
+    return sum(s.nbytes for s in sources)
