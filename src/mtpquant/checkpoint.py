@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -202,7 +202,8 @@ def _copy_range(src: BinaryIO, dst: BinaryIO, start: int, nbytes: int) -> None:
         pos += len(buf)
 
 
-def write_shard_from(sources: list[TensorInfo], out: Path, metadata: dict[str, str] | None = None) -> int:
+def write_shard_from(sources: list[TensorInfo], out: Path, metadata: dict[str, str] | None = None,
+                     on_bytes: Callable[[int], None] | None = None) -> int:
     """Write a safetensors shard holding exact copies of `sources`; returns the tensor bytes written.
 
     Memory stays bounded whatever the tensor sizes: bytes move file to file (copy_file_range), or through
@@ -216,6 +217,8 @@ def write_shard_from(sources: list[TensorInfo], out: Path, metadata: dict[str, s
             for s in sources:
                 src = handles.get(s.shard) or handles.setdefault(s.shard, s.shard.open("rb"))
                 _copy_range(src, dst, s.start, s.nbytes)
+                if on_bytes:
+                    on_bytes(s.nbytes)
             if dst.tell() != len(header) + sum(s.nbytes for s in sources):
                 raise MtpquantError(f"{out}: wrote {dst.tell()} bytes, expected more (partial copy)")
     finally:

@@ -82,7 +82,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     art = Path(args.artifact or _run(args, "artifact"))
     checks = verify(art, Path(args.base or _run(args, "base")), _run(args, "verify.json") if args.run else None)
-    Console().print(render(checks, f"verify {art}"))
+    Console(width=None if sys.stdout.isatty() else 120).print(render(checks, f"verify {art}"))
     raise_on_failure(checks)
     return 0
 

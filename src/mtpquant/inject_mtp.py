@@ -22,6 +22,7 @@ from mtpquant.checkpoint import INDEX_NAME, Checkpoint, TensorInfo, write_shard_
 from mtpquant.errors import MtpquantError
 from mtpquant.families import Family, family_for
 from mtpquant.measure import peak_memory
+from mtpquant.progress import byte_progress
 
 MTP_SHARD = re.compile(r"^mtp-\d{5}-of-\d{5}\.safetensors$")
 DEFAULT_SHARD_BYTES = 5 << 30
@@ -91,7 +92,7 @@ def inject_mtp(base_dir: Path, quantized_dir: Path, out_dir: Path, report_path: 
         raise MtpquantError(f"{target.root}: an mtp-* shard holds non-MTP tensors; refusing to overwrite it")
     shards = plan_shards(mtp, max_shard_bytes)
     copied = 0
-    with atomic_dir(Path(out_dir)) as tmp:
+    with atomic_dir(Path(out_dir)) as tmp, byte_progress("inject-mtp", sum(t.nbytes for t in mtp)) as advance:
         for f in sorted(target.root.iterdir()):
             if f.is_dir() or f.name in (INDEX_NAME, "config.json") or MTP_SHARD.match(f.name):
                 continue
@@ -101,7 +102,7 @@ def inject_mtp(base_dir: Path, quantized_dir: Path, out_dir: Path, report_path: 
         weight_map = dict(kept)
         for i, group in enumerate(shards):
             name = f"mtp-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            copied += write_shard_from(group, tmp / name, metadata={"format": "pt"})
+            copied += write_shard_from(group, tmp / name, metadata={"format": "pt"}, on_bytes=advance)
             weight_map.update(dict.fromkeys((t.name for t in group), name))
         sizes = {n: i.nbytes for n, i in target.tensors.items() if n in kept}
         index = {"metadata": {"total_size": sum(sizes.values()) + copied},

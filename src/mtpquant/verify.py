@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from mtpquant.atomic import atomic_write_json
-from mtpquant.checkpoint import Checkpoint, read_safetensors_header, tensor_sha256
+from mtpquant.checkpoint import Checkpoint, TensorInfo, read_safetensors_header, tensor_sha256
 from mtpquant.errors import MtpquantError, VerificationFailed
 from mtpquant.families import Family, family_for, matches
+from mtpquant.progress import byte_progress
 
 QUANT_PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
@@ -81,8 +82,9 @@ def check_experts(art: Checkpoint, base: Checkpoint, fam: Family, group: int, as
                                   f"{dtype or 'any'}{list(shape) if shape else ''}")
         if f"{mod}.weight" in t:
             c.failures.append(f"{mod}.weight is present unquantized")
+    bad = {f.split(" ")[0].rsplit(".", 1)[0] for f in c.failures}
     c.detail = (f"{len(fam.moe_layers(cfg))} MoE layers x {fam.num_experts(cfg)} experts x 3 = {len(expected)}, "
-                f"{len(expected) - len({f.split('.weight')[0] for f in c.failures})} ok")
+                f"{len(expected) - len(bad)} ok")
     return c
 
 
@@ -116,9 +118,16 @@ def check_mtp(art: Checkpoint, base: Checkpoint, fam: Family, workers: int) -> C
         a, b = art.tensors[n], base.tensors[n]
         if (a.dtype, a.shape) != (b.dtype, b.shape):
             c.failures.append(f"{n} is {a.dtype}{list(a.shape)}, base has {b.dtype}{list(b.shape)}")
-    with ThreadPoolExecutor(workers) as pool:
-        a_hash = list(pool.map(tensor_sha256, (art.tensors[n] for n in both)))
-        b_hash = list(pool.map(tensor_sha256, (base.tensors[n] for n in both)))
+    infos = [art.tensors[n] for n in both] + [base.tensors[n] for n in both]
+    with byte_progress("hashing MTP tensors", sum(i.nbytes for i in infos)) as advance, \
+            ThreadPoolExecutor(workers) as pool:
+        def hash_one(info: TensorInfo) -> str:
+            digest = tensor_sha256(info)
+            advance(info.nbytes)
+            return digest
+
+        hashes = list(pool.map(hash_one, infos))
+    a_hash, b_hash = hashes[: len(both)], hashes[len(both):]
     for n, ha, hb in zip(both, a_hash, b_hash, strict=True):
         if ha != hb:
             c.failures.append(f"{n} differs from the base (sha256 {ha[:12]} != {hb[:12]})")
