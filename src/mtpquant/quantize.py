@@ -50,10 +50,11 @@ def refuse_non_expert_targets(targets: list[str], names: list[str], fam: Family,
 
 
 def modifier_for(recipe: QuantRecipe, targets: list[str]) -> Any:
+    """llm-compressor's GPTQModifier, or with a `fast_experts` section its subclass ExpertGPTQModifier."""
     from llmcompressor.modifiers.gptq import GPTQModifier
 
     w = recipe.gptq.weights
-    return GPTQModifier(
+    common = dict(
         config_groups={"group_0": {
             "targets": targets,
             "weights": {"num_bits": w.num_bits, "type": w.type, "symmetric": w.symmetric,
@@ -62,6 +63,25 @@ def modifier_for(recipe: QuantRecipe, targets: list[str]) -> Any:
         ignore=list(recipe.gptq.ignore),
         block_size=recipe.gptq.block_size,
         dampening_frac=recipe.gptq.dampening_frac,
+    )
+    fast = recipe.fast_experts
+    if fast is None:
+        return GPTQModifier(**common)
+    from mtpquant.expert_gptq import ExpertGPTQModifier
+
+    return ExpertGPTQModifier(**common, hessian_inputs=fast.hessian_inputs, token_chunk=fast.token_chunk,
+                              solve_rows=fast.solve_rows)
+
+
+def oneshot_options(recipe: QuantRecipe) -> dict[str, Any]:
+    """Pipeline options for `oneshot`. With `fast_experts` the modifier itself runs every expert on every
+    token for its Hessians, so the model's forward only routes (llm-compressor's all-experts forward would
+    compute the same expert outputs a second time and throw them away)."""
+    fast = recipe.fast_experts
+    return dict(
+        pipeline=recipe.pipeline, sequential_targets=recipe.sequential_targets,
+        moe_calibrate_all_experts=recipe.moe_calibrate_all_experts and fast is None,
+        sequential_prefetch=bool(fast and fast.sequential_prefetch),
     )
 
 
@@ -193,12 +213,11 @@ def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path, rep
     progress = Progress(TextColumn("[bold]GPTQ[/] {task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total} Linears"), TimeElapsedColumn())
     task = progress.add_task(fam.architecture, total=len(expected))
+    modifier = modifier_for(recipe, targets)
     with progress, recording_gptq(model, lambda: progress.advance(task)) as rec, \
             routing_counts(model, fam, config) as counts:
         oneshot(
-            model=model, processor=tokenizer, dataset=dataset, recipe=modifier_for(recipe, targets),
-            pipeline=recipe.pipeline, sequential_targets=recipe.sequential_targets,
-            moe_calibrate_all_experts=recipe.moe_calibrate_all_experts,
+            model=model, processor=tokenizer, dataset=dataset, recipe=modifier, **oneshot_options(recipe),
             num_calibration_samples=calib.num_samples, max_seq_length=calib.max_seq_length,
             shuffle_calibration_samples=False,
         )

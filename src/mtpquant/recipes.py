@@ -107,15 +107,41 @@ class GPTQSettings:
 
 
 @dataclass(frozen=True)
+class FastExperts:
+    """Optional `fast_experts` section: routed experts calibrated by mtpquant.expert_gptq.
+
+    Same GPTQ maths as llm-compressor's (every expert sees every calibration token): one gate/up Hessian
+    per MoE layer, Hessians from bf16 activations with FP32 accumulation, large token chunks, a batched
+    solve. benchmarks/CALIB_SPEED.md has what each option measured.
+    """
+
+    hessian_inputs: Literal["fp32", "tf32", "bf16"] = "bf16"  # operand precision of X^T X; always FP32 sums
+    token_chunk: int = 16384  # tokens buffered per MoE layer before the all-experts Hessian pass
+    solve_rows: int = 131072  # gate/up weight rows solved at once against the shared Hessian
+    sequential_prefetch: bool = False  # llm-compressor: fetch the next batch's activations in a thread
+
+    def check(self, where: str) -> None:
+        for name in ("token_chunk", "solve_rows"):
+            if getattr(self, name) <= 0:
+                raise RecipeError(f"{key(where, name)}: must be > 0")
+
+
+@dataclass(frozen=True)
 class QuantRecipe:
     name: str
     gptq: GPTQSettings
     pipeline: Literal["sequential", "basic"] = "sequential"
     sequential_targets: list[str] | None = None
     moe_calibrate_all_experts: bool = True
+    fast_experts: FastExperts | None = None
     description: str = ""
 
     def check(self, where: str) -> None:
+        if self.fast_experts is not None:
+            self.fast_experts.check(key(where, "fast_experts"))
+            if self.pipeline != "sequential":
+                raise RecipeError(f"{key(where, 'fast_experts')}: needs pipeline: sequential (it solves each "
+                                  "layer at the end of its calibration pass)")
         if not self.moe_calibrate_all_experts:
             raise RecipeError(
                 f"{key(where, 'moe_calibrate_all_experts')}: must be true: calibrating only routed tokens skips "
