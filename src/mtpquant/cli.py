@@ -57,6 +57,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.out or _run(args, "quantized"))
     report_path = _run(args, "quantize.json")
     rep = quantize(model, args.recipe, args.calibration, out, report_path)
+    if rep["rank"] != 0:  # torchrun: rank 0 reports
+        return 0
     rep["consumed"] = consumed([Path(rep["recipe"]["path"]), Path(rep["calibration"]["path"]),
                                 model / "config.json", model / "model.safetensors.index.json"])
     atomic_write_json(report_path, rep)

@@ -33,9 +33,6 @@ from compressed_tensors.offload.dist_utils import is_distributed
 from compressed_tensors.quantization import ActivationOrdering, QuantizationStrategy
 from compressed_tensors.quantization.quant_args import QuantizationArgs
 from compressed_tensors.utils import get_execution_device, getattr_chain, match_named_modules
-from pydantic import PrivateAttr
-from torch import distributed as dist
-
 from llmcompressor.core import Event, State
 from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
 from llmcompressor.modifiers.gptq import GPTQModifier
@@ -43,6 +40,8 @@ from llmcompressor.modifiers.gptq.gptq_quantize import gptq_block_update
 from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION, factorize_hessian, update_batch_qparams
 from llmcompressor.modifiers.quantization.quantization import QuantizationMixin
 from llmcompressor.utils.dist import broadcast_qparams_and_cleanup
+from pydantic import PrivateAttr
+from torch import distributed as dist
 
 _GPTQ_Q_PARAMS = ["weight", "weight_scale", "weight_zero_point"]
 
@@ -209,6 +208,8 @@ class ExpertGPTQModifier(GPTQModifier):
             for e, expert in enumerate(layer.experts):
                 a = expert._apply_gate(torch.cat([expert.gate_proj(x), expert.up_proj(x)], dim=-1))
                 add_gram(layer.down[e], a, self.hessian_inputs)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
         self._timings["hessian_pass_s"] = self._timings.get("hessian_pass_s", 0.0) + time.perf_counter() - t0
 
     def _allocate(self, layer: ExpertLayer, device: torch.device) -> None:
