@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import string
 import subprocess
@@ -75,6 +76,10 @@ def write_inputs(work: Path, experts: int, samples: int, seq_len: int, small: bo
     return ckpt, calib, t_ckpt
 
 
+def safe(path: str) -> str:
+    return path.replace(":", "_").replace(",", "_").replace("=", "-")
+
+
 def quant_recipe(work: Path, path: str) -> Path:
     """The shipped quant recipe, with fast_experts as the path asks."""
     import yaml
@@ -86,7 +91,7 @@ def quant_recipe(work: Path, path: str) -> Path:
         for kv in path.split(":", 1)[1].split(","):
             k, v = kv.split("=")
             recipe.setdefault("fast_experts", {})[k] = yaml.safe_load(v)
-    out = work / f"quant-{path.replace(':', '_').replace(',', '_').replace('=', '-')}.yaml"
+    out = work / f"quant-{safe(path)}.yaml"
     out.write_text(yaml.safe_dump(recipe))
     return out
 
@@ -165,7 +170,7 @@ def run_stage(ckpt: Path, quant_yaml: Path, calib_yaml: Path, out: Path) -> dict
     rep = quantize(ckpt, str(quant_yaml), str(calib_yaml), out, out.with_suffix(".json"))
     s = rep["seconds"]
     return {"load_s": s["load"], "oneshot_s": s["calibrate_and_solve"], "save_s": s["save"],
-            "per_linear": rep["per_linear"], "routing_tokens": sum(sum(v) for v in rep["routing_counts"].values())}
+            "per_linear": rep["per_linear"], "expert_gptq_s": s.get("expert_gptq", {})}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -174,7 +179,7 @@ def child(args: argparse.Namespace) -> None:
     rank = int(os.environ.get("RANK", "0"))
     work = Path(args.work)
     ckpt, calib_yaml = Path(args.ckpt), Path(args.calib)
-    out = work / f"out-{args.run_one.replace(':', '_').replace(',', '_').replace('=', '-')}"
+    out = work / f"out-{safe(args.run_one)}"
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -252,6 +257,7 @@ def main() -> None:
         if proc.returncode != 0 or not js.exists():
             results["paths"][path] = {"error": f"exit {proc.returncode}"}
             continue
+        shutil.rmtree(work / f"out-{safe(path)}", ignore_errors=True)  # keep the disk for the next path
         res = json.loads(js.read_text())
         res.update(flop_summary(args.experts, tokens, res, path, args.small))
         results["paths"][path] = res

@@ -44,6 +44,7 @@ from pydantic import PrivateAttr
 from torch import distributed as dist
 
 _GPTQ_Q_PARAMS = ["weight", "weight_scale", "weight_zero_point"]
+_MM_OUT_DTYPE = [True]
 
 
 @contextlib.contextmanager
@@ -62,9 +63,12 @@ def add_gram(acc: torch.Tensor, x: torch.Tensor, inputs: str) -> None:
     bf16 operands with an FP32 result need CUDA (`torch.mm(..., out_dtype=)`); elsewhere the operands are
     upcast to FP32, which gives the same products.
     """
-    if inputs == "bf16" and x.is_cuda and x.dtype == torch.bfloat16:
-        acc.add_(torch.mm(x.t(), x, out_dtype=torch.float32))
-        return
+    if inputs == "bf16" and x.is_cuda and x.dtype == torch.bfloat16 and _MM_OUT_DTYPE[0]:
+        try:
+            acc.add_(torch.mm(x.t(), x, out_dtype=torch.float32))
+            return
+        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=): same products through FP32
+            _MM_OUT_DTYPE[0] = False
     xf = x.to(torch.float32)
     with _tf32(inputs != "fp32"):
         acc.addmm_(xf.t(), xf)
