@@ -244,6 +244,8 @@ def main() -> None:
                                "tokens": tokens, "checkpoint_write_s": round(t_ckpt, 1), "small": args.small,
                                "paths": {}}
     prev = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {"runs": []}
+    prev["runs"].append(results)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for path in args.paths.split(","):
         js = work / "child.json"
         js.unlink(missing_ok=True)
@@ -256,16 +258,15 @@ def main() -> None:
         proc = subprocess.run(cmd)
         if proc.returncode != 0 or not js.exists():
             results["paths"][path] = {"error": f"exit {proc.returncode}"}
+            Path(args.out).write_text(json.dumps(prev, indent=1))
             continue
         shutil.rmtree(work / f"out-{safe(path)}", ignore_errors=True)  # keep the disk for the next path
         res = json.loads(js.read_text())
         res.update(flop_summary(args.experts, tokens, res, path, args.small))
         results["paths"][path] = res
         print_row(path, res)
-    summarize(results)
-    prev["runs"].append(results)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(prev, indent=1))
+        summarize(results)
+        Path(args.out).write_text(json.dumps(prev, indent=1))  # after every path: a killed run keeps its rows
     print_table(results)
 
 
