@@ -85,6 +85,9 @@ class ModelRecipe:
     family: Literal["glm_moe_dsa", "glm4_moe"]
     source: ModelSource
     description: str = ""
+    # config.json fields of a hub model that is not downloaded yet, for `mtpquant plan` (a fixture's or a
+    # local checkpoint's own config wins)
+    config: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             allowed = ", ".join(repr(a) for a in typing.get_args(tp))
             raise RecipeError(f"{where}: {value!r} is not one of {allowed}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: must be a mapping, got {type(value).__name__}")
+        return dict(value)
     if origin is list:
         if not isinstance(value, list):
             raise RecipeError(f"{where}: must be a list, got {type(value).__name__}")
