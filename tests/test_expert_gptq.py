@@ -110,8 +110,8 @@ def test_shared_hessian_solve_matches_quantize_weight():
     """Rows of several modules solved against one factorization = llm-compressor's quantize_weight run per
     module with its own copy of the Hessian."""
     from compressed_tensors.quantization import QuantizationArgs
-    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
     from compressed_tensors.quantization.utils import calculate_qparams
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
 
     from mtpquant.expert_gptq import factor_shared, shared_hessian_solve
 
