@@ -178,3 +178,23 @@ def test_torchrun_data_parallel_matches_one_process(built, tmp_path):
     assert sum(sum(v) for v in two["routing_counts"].values()) == sum(sum(v) for v in one["routing_counts"].values())
     files = sorted(p.name for p in (tmp_path / "q").iterdir())
     assert "config.json" in files and any(f.endswith(".safetensors") for f in files)
+
+
+def test_sorted_routed_forward_equals_llm_compressor_forward(tiny):
+    """The calibration-time routed forward gives LinearExperts2D's routed output (float32 weights so that
+    only the summation order can differ)."""
+    import transformers
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
+    from mtpquant.expert_gptq import sorted_routed_forward
+
+    base, _ = tiny
+    model = transformers.GlmMoeDsaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    linearize_moe(model)
+    experts = model.model.layers[1].mlp.experts
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 256, generator=g)
+    idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(40)])
+    idx[:, 0] = 3  # expert 3 takes every token, some experts none
+    w = torch.rand(40, 2, generator=g)
+    torch.testing.assert_close(sorted_routed_forward(experts, x, idx, w), experts(x, idx, w), rtol=1e-5, atol=1e-6)

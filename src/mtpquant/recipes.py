@@ -122,6 +122,7 @@ class FastExperts:
     token_chunk: int = 16384  # tokens buffered per MoE layer before the all-experts Hessian pass
     solve_rows: int = 131072  # gate/up weight rows solved at once against the shared Hessian
     sequential_prefetch: bool = False  # llm-compressor: fetch the next batch's activations in a thread
+    sorted_routing: bool = True  # routed forward with tokens sorted by expert (no per-expert host sync)
 
     def check(self, where: str) -> None:
         for name in ("token_chunk", "solve_rows"):
