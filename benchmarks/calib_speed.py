@@ -99,38 +99,60 @@ def quant_recipe(work: Path, path: str) -> Path:
 # ---- one path, in its own process ---------------------------------------------------------------------
 
 
-class EpochTimer:
-    """Wall time of each sequential-epoch end (where GPTQ solves), synchronized, via llm-compressor's
-    lifecycle callback; the rest of oneshot is calibration (calibration + propagation passes)."""
+class PipelineTimer:
+    """Synchronized wall time of the sequential pipeline's phases, through llm-compressor's own functions:
+    tracing, the activation cache, each subgraph's calibration and propagation pass, and each sequential-
+    epoch end (where GPTQ solves). Calibration = oneshot minus the epoch ends."""
 
     def __init__(self) -> None:
-        self.spans: list[tuple[float, float]] = []
+        self.spans: list[tuple[str, float, float]] = []
+        self._undo: list[Any] = []
 
-    def __enter__(self) -> EpochTimer:
+    def _patch(self, owner: Any, name: str, wrapper: Any) -> None:
+        orig = owner.__dict__[name]
+        self._undo.append((owner, name, orig))
+        setattr(owner, name, wrapper(orig))
+
+    def __enter__(self) -> PipelineTimer:
+        import llmcompressor.pipelines.sequential.pipeline as seq
         from llmcompressor.core import LifecycleCallbacks
 
-        self._orig = LifecycleCallbacks.__dict__["sequential_epoch_end"]
-        orig_fn, spans = self._orig.__func__, self.spans
+        spans = self.spans
 
-        def timed(cls: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
-            sync()
-            t0 = time.perf_counter()
-            out = orig_fn(cls, *args, **kwargs)
-            sync()
-            spans.append((t0, time.perf_counter()))
-            return out
+        def timed(label: str, fn: Any) -> Any:
+            def run(*args: Any, **kwargs: Any) -> Any:
+                sync()
+                t0 = time.perf_counter()
+                out = fn(*args, **kwargs)
+                sync()
+                spans.append((label, t0, time.perf_counter()))
+                return out
+            return run
 
-        LifecycleCallbacks.sequential_epoch_end = classmethod(timed)
+        def epoch(orig: Any) -> Any:
+            return classmethod(timed("solve", orig.__func__))
+
+        def batches(orig: Any) -> Any:
+            def gen(activations: Any, num_batches: int, input_names: Any, desc: str, *a: Any) -> Any:
+                sync()
+                t0 = time.perf_counter()
+                yield from orig(activations, num_batches, input_names, desc, *a)
+                sync()
+                spans.append((desc.replace(":", "").replace("(", "").replace(")", ""), t0, time.perf_counter()))
+            return gen
+
+        self._patch(LifecycleCallbacks, "sequential_epoch_end", epoch)
+        self._patch(seq, "_get_batches", batches)
+        self._patch(seq, "trace_subgraphs", lambda orig: timed("trace", orig))
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        from llmcompressor.core import LifecycleCallbacks
-
-        LifecycleCallbacks.sequential_epoch_end = self._orig
+        for owner, name, orig in reversed(self._undo):
+            setattr(owner, name, orig)
 
     @property
     def solve_s(self) -> float:
-        return sum(b - a for a, b in self.spans)
+        return sum(b - a for label, a, b in self.spans if label == "solve")
 
 
 def run_baseline(ckpt: Path, calib_yaml: Path, out: Path, tf32: bool) -> dict[str, Any]:
@@ -184,7 +206,7 @@ def child(args: argparse.Namespace) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    with EpochTimer() as timer:
+    with PipelineTimer() as timer:
         if args.run_one.startswith("baseline"):
             res = run_baseline(ckpt, calib_yaml, out, tf32=args.run_one == "baseline-tf32")
         else:
@@ -192,7 +214,7 @@ def child(args: argparse.Namespace) -> None:
     res["total_s"] = time.perf_counter() - t
     res["solve_s"] = timer.solve_s
     res["calibration_s"] = res["oneshot_s"] - timer.solve_s
-    res["epoch_spans_s"] = [round(b - a, 3) for a, b in timer.spans]
+    res["phases"] = [(label, round(a - t, 3), round(b - a, 3)) for label, a, b in timer.spans]
     res["gpu_peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     res["gpu_peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0
     res["device"] = torch.cuda.get_device_name(0) if cuda else "cpu"
