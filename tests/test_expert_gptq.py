@@ -58,7 +58,7 @@ def tiny(tmp_path_factory):
     from mtpquant.fixture import write_fixture
 
     root = tmp_path_factory.mktemp("egptq")
-    return write_fixture("glm_moe_dsa", FixtureSpec(num_hidden_layers=2), root / "base"), root
+    return write_fixture("glm_moe_dsa", FixtureSpec(num_hidden_layers=3), root / "base"), root
 
 
 def test_same_hessians_and_losses_as_llm_compressor(tiny, tmp_path):
@@ -91,15 +91,18 @@ def test_same_hessians_and_losses_as_llm_compressor(tiny, tmp_path):
     _, _, plain = run_oneshot(base, calib, PlainSpy)
     # small token_chunk: several flushes per layer, and a partial one at the end
     _, fast_mod, fast = run_oneshot(base, calib, FastSpy, token_chunk=100, hessian_inputs="bf16")
-    shared = seen["fast"]["model.layers.1.mlp.experts.gate_up"]
-    for e in range(8):
-        for proj in ("gate_proj", "up_proj"):
-            ref = seen["plain"][f"model.layers.1.mlp.experts.{e}.{proj}"]
-            torch.testing.assert_close(shared, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
-        name = f"model.layers.1.mlp.experts.{e}.down_proj"
-        ref = seen["plain"][name]
-        torch.testing.assert_close(seen["fast"][name], ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
-    assert plain.keys() == fast.keys() and len(plain) == 8 * 3
+    # layer 2's inputs come from layer 1 after quantization: equal only if the propagation pass used the
+    # quantized weights (the grouped forward restacks them after the solve)
+    for layer, tol in ((1, 1e-5), (2, 1e-2)):
+        shared = seen["fast"][f"model.layers.{layer}.mlp.experts.gate_up"]
+        for e in range(8):
+            for proj in ("gate_proj", "up_proj"):
+                ref = seen["plain"][f"model.layers.{layer}.mlp.experts.{e}.{proj}"]
+                torch.testing.assert_close(shared, ref, rtol=tol, atol=tol * ref.abs().max().item())
+            name = f"model.layers.{layer}.mlp.experts.{e}.down_proj"
+            ref = seen["plain"][name]
+            torch.testing.assert_close(seen["fast"][name], ref, rtol=10 * tol, atol=tol * ref.abs().max().item())
+    assert plain.keys() == fast.keys() and len(plain) == 2 * 8 * 3
     ratios = [fast[k] / plain[k] for k in plain]
     assert abs(statistics.median(ratios) - 1) < 1e-3
     assert max(abs(r - 1) for r in ratios) < 0.02
@@ -186,7 +189,7 @@ def test_sorted_routed_forward_equals_llm_compressor_forward(tiny):
     import transformers
     from llmcompressor.modeling.moe.linearize import linearize_moe
 
-    from mtpquant.expert_gptq import sorted_routed_forward
+    from mtpquant.expert_gptq import grouped_routed_forward, sorted_routed_forward, stack_experts
 
     base, _ = tiny
     model = transformers.GlmMoeDsaForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -197,4 +200,9 @@ def test_sorted_routed_forward_equals_llm_compressor_forward(tiny):
     idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(40)])
     idx[:, 0] = 3  # expert 3 takes every token, some experts none
     w = torch.rand(40, 2, generator=g)
-    torch.testing.assert_close(sorted_routed_forward(experts, x, idx, w), experts(x, idx, w), rtol=1e-5, atol=1e-6)
+    ref = experts(x, idx, w)
+    torch.testing.assert_close(sorted_routed_forward(experts, x, idx, w), ref, rtol=1e-5, atol=1e-6)
+    model.to(torch.bfloat16)
+    ref = experts(x.bfloat16(), idx, w.bfloat16()).float()
+    got = grouped_routed_forward(experts, stack_experts(experts), x.bfloat16(), idx, w.bfloat16()).float()
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-2  # bf16 operands, different summation order

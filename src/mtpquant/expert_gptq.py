@@ -46,6 +46,7 @@ from torch import distributed as dist
 
 _GPTQ_Q_PARAMS = ["weight", "weight_scale", "weight_zero_point"]
 _MM_OUT_DTYPE = [True]
+_GROUPED_MM = [True]
 
 
 @contextlib.contextmanager
@@ -87,6 +88,7 @@ class ExpertLayer:
     calls: int = 0  # forward calls seen: llm-compressor's `num_samples` for 2-D expert inputs
     pending: list[torch.Tensor] = field(default_factory=list)
     pending_tokens: int = 0
+    stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # for grouped_mm; rebuilt after the solve
 
     def linears(self) -> Iterator[torch.nn.Module]:
         for e in self.experts:
@@ -110,6 +112,31 @@ def sorted_routed_forward(experts: torch.nn.Module, hidden_states: torch.Tensor,
         if n:
             out[start:start + n] = experts[e](x[start:start + n])
             start += n
+    weighted = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
+    return torch.zeros_like(hidden_states).index_add_(0, token, weighted.to(hidden_states.dtype))
+
+
+def stack_experts(experts: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """([E, 2I, H] gate|up weights, [E, H, I] down weights) of a LinearExperts2D, for grouped GEMMs."""
+    items = [experts[e] for e in range(experts.num_experts)]
+    gate_up = torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in items])
+    return gate_up, torch.stack([m.down_proj.weight for m in items])
+
+
+def grouped_routed_forward(experts: torch.nn.Module, stacked: tuple[torch.Tensor, torch.Tensor],
+                           hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                           top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The routed forward as two grouped GEMMs over tokens sorted by expert (`torch._grouped_mm`): a few
+    launches per call instead of several per expert, and no host sync."""
+    gate_up, down = stacked
+    k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    offs = torch.cumsum(torch.bincount(flat, minlength=experts.num_experts), 0).to(torch.int32)
+    token = order // k
+    x = hidden_states[token].to(gate_up.dtype)
+    act = experts._apply_gate(torch._grouped_mm(x, gate_up.transpose(1, 2), offs=offs))
+    out = torch._grouped_mm(act, down.transpose(1, 2), offs=offs)
     weighted = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
     return torch.zeros_like(hidden_states).index_add_(0, token, weighted.to(hidden_states.dtype))
 
@@ -187,7 +214,7 @@ class ExpertGPTQModifier(GPTQModifier):
     hessian_inputs: str = "bf16"
     token_chunk: int = 16384
     solve_rows: int = 131072
-    sorted_routing: bool = True
+    routed_forward: str = "grouped_mm"  # grouped_mm | sorted | llm_compressor
 
     _layers: list[ExpertLayer] = PrivateAttr(default_factory=list)
     _timings: dict[str, float] = PrivateAttr(default_factory=dict)
@@ -207,15 +234,30 @@ class ExpertGPTQModifier(GPTQModifier):
                 self.register_hook(module, self.calibrate_module, "forward")
         for layer in self._layers:
             self.register_hook(layer.module, self._hook_for(layer), "forward_pre")
-            if self.sorted_routing:
-                layer.module.forward = functools.partial(sorted_routed_forward, layer.module)
+            if self.routed_forward != "llm_compressor":
+                layer.module.forward = functools.partial(self._routed, layer)
         if not handled and not self._hooks:
             raise ValueError("ExpertGPTQModifier found no modules to quantize")
 
     def on_calibration_end(self, state: State, event: Event, **kwargs: Any) -> None:
         for layer in self._layers:
             layer.module.__dict__.pop("forward", None)  # back to the class's forward
+            layer.stacked = None
         super().on_calibration_end(state, event, **kwargs)
+
+    def _routed(self, layer: ExpertLayer, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.routed_forward == "grouped_mm" and _GROUPED_MM[0]:
+            try:
+                if layer.stacked is None:
+                    with torch.no_grad():
+                        layer.stacked = stack_experts(layer.module)
+                return grouped_routed_forward(layer.module, layer.stacked, hidden_states, top_k_index,
+                                              top_k_weights)
+            except (RuntimeError, AttributeError, NotImplementedError):  # no grouped GEMM on this device/torch
+                _GROUPED_MM[0] = False
+                layer.stacked = None
+        return sorted_routed_forward(layer.module, hidden_states, top_k_index, top_k_weights)
 
     def _hook_for(self, layer: ExpertLayer) -> Any:
         def take_tokens(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
@@ -257,6 +299,8 @@ class ExpertGPTQModifier(GPTQModifier):
                                 **kwargs: Any) -> None:
         present = set(modules)
         here = [layer for layer in self._layers if layer.module in present]
+        for layer in self._layers:
+            layer.stacked = None  # this layer's weights are about to change; earlier layers are done
         for layer in here:
             self._flush(layer)
             self._allocate(layer, get_execution_device(layer.experts[0].gate_proj))

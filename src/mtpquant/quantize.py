@@ -70,7 +70,7 @@ def modifier_for(recipe: QuantRecipe, targets: list[str]) -> Any:
     from mtpquant.expert_gptq import ExpertGPTQModifier
 
     return ExpertGPTQModifier(**common, hessian_inputs=fast.hessian_inputs, token_chunk=fast.token_chunk,
-                              solve_rows=fast.solve_rows, sorted_routing=fast.sorted_routing)
+                              solve_rows=fast.solve_rows, routed_forward=fast.routed_forward)
 
 
 def oneshot_options(recipe: QuantRecipe) -> dict[str, Any]:

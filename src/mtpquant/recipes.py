@@ -122,7 +122,9 @@ class FastExperts:
     token_chunk: int = 16384  # tokens buffered per MoE layer before the all-experts Hessian pass
     solve_rows: int = 131072  # gate/up weight rows solved at once against the shared Hessian
     sequential_prefetch: bool = False  # llm-compressor: fetch the next batch's activations in a thread
-    sorted_routing: bool = True  # routed forward with tokens sorted by expert (no per-expert host sync)
+    # the model's routed forward while calibrating: grouped GEMMs over tokens sorted by expert, a loop over
+    # experts on the sorted tokens, or llm-compressor's own (one host sync per expert per call)
+    routed_forward: Literal["grouped_mm", "sorted", "llm_compressor"] = "grouped_mm"
 
     def check(self, where: str) -> None:
         for name in ("token_chunk", "solve_rows"):
