@@ -26,26 +26,29 @@ GIB = 2**30
 
 @dataclass(frozen=True)
 class GPUType:
-    """Usable memory and the rates the time model needs, as measured here (see CALIB_SPEED.md)."""
+    """Usable memory and the rates the time model needs, as measured here (CALIB_SPEED.md, runs A-C)."""
 
     memory_gib: float  # what torch can allocate on one card
-    bf16_tflops: float  # achieved by the all-experts Hessian pass (large bf16 GEMMs)
-    fp32_tflops: float  # achieved by llm-compressor's FP32 Hessian matmuls
-    solve_tflops: float  # GPTQ block updates and factorizations (FP32)
-    h2d_gbps: float  # pageable host <-> device copies (layer onload and write-back)
-    call_overhead_s: float  # per forward call of a MoE layer (Python loop over experts), per pass
+    bf16_tflops: float = 600.0  # the all-experts Hessian pass: 595-605 TFLOP/s in runs A-C (H100)
+    fp32_tflops: float = 50.0  # llm-compressor's FP32 Hessian matmuls (run B baseline)
+    gemm_fp32_tflops: float = 40.0  # GPTQ block updates
+    factor_tflops: float = 15.0  # Cholesky factorizations (run B baseline solve)
+    h2d_gbps: float = 2.2  # pageable layer onload and write-back (run B; the x4 host of run C did ~5)
 
 
-GPU_TYPES: dict[str, GPUType] = {
-    "h100": GPUType(memory_gib=79.1, bf16_tflops=560.0, fp32_tflops=48.0, solve_tflops=30.0, h2d_gbps=10.0,
-                    call_overhead_s=0.02),
-    "h200": GPUType(memory_gib=139.7, bf16_tflops=560.0, fp32_tflops=48.0, solve_tflops=30.0, h2d_gbps=10.0,
-                    call_overhead_s=0.02),
-}
-# Host side, measured on the benchmark machines (load and save of a GLM-5.2-shaped checkpoint).
-LOAD_GBPS = 1.0  # source checkpoint -> linearized model on CPU
-SAVE_GBPS = 0.5  # compressed save (packing + writing), per GB of BF16 input
-RESERVED_GPU_GIB = 1.0  # CUDA context, allocator slack beyond the counted tensors
+# H200: the H100's compute (H200.md); not measured here: the same rates are assumed.
+GPU_TYPES: dict[str, GPUType] = {"h100": GPUType(memory_gib=79.1), "h200": GPUType(memory_gib=139.7)}
+# Per-token and per-call costs of the sequential pipeline's forward passes (runs B and C, fitted in
+# CALIB_SPEED.md): activations to and from the CPU, attention, Python per call.
+MOE_FWD_S_PER_TOKEN = 3.8e-6  # one pass through a MoE decoder layer (routed experts, attention)
+MOE_FWD_S_PER_CALL = 9.0e-3
+MOE_FWD_S_PER_EXPERT_CALL = 0.29e-3  # routed forward without grouped GEMMs: per expert, per call
+DENSE_FWD_S_PER_TOKEN = 14e-6  # one pass through a dense decoder layer
+EMBED_FWD_S_PER_TOKEN = 8e-6
+# Host side (runs A-C, 19.7 GB GLM-5.2-shaped checkpoint): load+linearize and compressed save
+LOAD_GBPS = 1.0
+SAVE_GBPS = 1.3
+RESERVED_GPU_GIB = 2.5  # beyond the counted tensors (allocator, small buffers), fitted on runs A-C
 HOST_RESERVED_GIB = 16.0  # Python, libraries, tokenizer, per process
 GIB_MARGIN = 0.95  # refuse a plan that needs more than this share of a card
 
@@ -124,33 +127,34 @@ def tokens_of(calib: CalibrationRecipe) -> int:
 # ---- memory -------------------------------------------------------------------------------------------
 
 
-def moe_layer_memory(s: MoEShape, fast: bool, seq_len: int, token_chunk: int, solve_rows: int) -> dict[str, float]:
-    """Bytes on one GPU while one MoE decoder layer calibrates and solves, by part."""
+def moe_layer_memory(s: MoEShape, quant: QuantRecipe, seq_len: int, heads: int) -> dict[str, float]:
+    """GiB on one GPU while one MoE decoder layer calibrates and solves, by part (the peak phase's)."""
     h, i, e = s.hidden, s.moe_inter, s.experts
+    fe = quant.fast_experts
     weights = BF16 * s.moe_layer_params
-    forward = attention_bytes(s, seq_len)
-    if fast:
-        hessians = FP32 * (h * h + e * i * i)
-        n = token_chunk + seq_len  # the buffer fills past token_chunk by up to one sample
-        calib = BF16 * n * h * 2 + BF16 * n * i * 6 + FP32 * (h * h + i * i)
-        down_batch = max(1, solve_rows // h)
-        down = down_batch * FP32 * (2 * i * i + 3 * h * i + 4 * h * 128)
-        rows = max(1, solve_rows // i) * i
-        gate_up = rows * h * (BF16 + 3 * FP32) + 3 * FP32 * h * h
-        solve = max(down, gate_up)
-        work = max(calib + forward, solve)
-    else:
+    forward = attention_bytes(s, seq_len, heads)
+    if fe is None:  # llm-compressor: every Linear's Hessian; its solve batches to 75% of what is free
         hessians = FP32 * e * (2 * h * h + i * i)
-        work = forward + BF16 * seq_len * (h + 2 * i) * 4 + FP32 * seq_len * h * 2
-    return {"weights": weights / GIB, "hessians": hessians / GIB, "working": work / GIB}
+        return {"weights": weights / GIB, "hessians": hessians / GIB, "working": forward / GIB}
+    hessians = FP32 * (h * h + e * i * i)
+    n = fe.token_chunk + seq_len  # the buffer fills past token_chunk by up to one sample
+    calib = BF16 * n * h * 2 + BF16 * n * i * 6 + FP32 * (h * h + i * i) + forward
+    if fe.routed_forward == "grouped_mm":
+        calib += BF16 * e * s.expert_params  # stacked expert weights for the grouped GEMMs
+    down = max(1, fe.solve_rows // h) * FP32 * (2 * i * i + 3 * h * i + 4 * h * 128)
+    rows = max(1, fe.solve_rows // i) * i
+    gate_up = 3 * FP32 * rows * h + 2 * FP32 * h * h  # stacked, permuted, unpermuted rows; H and its factor
+    phases = {"calibration": (hessians, calib), "down solve": (hessians, down),
+              "gate/up solve": (FP32 * h * h, gate_up)}
+    phase = max(phases, key=lambda k: sum(phases[k]))
+    held, work = phases[phase]
+    return {"weights": weights / GIB, "hessians": held / GIB, "working": work / GIB, "phase": phase}
 
 
-def attention_bytes(s: MoEShape, seq_len: int) -> float:
-    """Activations of one sample's forward through a decoder layer (eager attention: scores and softmax
-    per head, the indexer's scores), plus the layer input/output."""
-    heads = max(1, s.attn_params // (s.hidden * 1024))  # not exact; dominated by the L² terms below
-    scores = seq_len * seq_len * (BF16 + FP32) * min(heads, 64)
-    return scores + BF16 * seq_len * s.hidden * 8
+def attention_bytes(s: MoEShape, seq_len: int, heads: int) -> float:
+    """Activations of one sample's forward through a decoder layer: eager attention's scores (bf16) and
+    softmax (FP32) per head, the indexer's scores, the layer's inputs and outputs."""
+    return seq_len * seq_len * (heads * (BF16 + FP32) + 32 * FP32) + BF16 * seq_len * s.hidden * 8
 
 
 # ---- the plan ----------------------------------------------------------------------------------------
@@ -164,40 +168,54 @@ def make_plan(model_ref: str, calib_ref: str, quant_ref: str, gpu: GPUSpec, host
     model: ModelRecipe = recipes.load("models", mpath)
     calib: CalibrationRecipe = recipes.load("calibration", calib_ref)
     quant: QuantRecipe = recipes.load("quant", quant_ref)
-    shape = shape_from_config(model_config(model, str(mpath)))
+    config = model_config(model, str(mpath))
+    shape = shape_from_config(config)
     return plan_for_shape(model.name, shape, calib.num_samples, calib.max_seq_length, quant, gpu,
-                          host_ram_gib, disk_gib)
+                          host_ram_gib, disk_gib, heads=int(config.get("num_attention_heads", 64)))
+
+
+def moe_layer_seconds(s: MoEShape, quant: QuantRecipe, r: GPUType, samples: int, seq_len: int,
+                      world: int) -> dict[str, float]:
+    """Per MoE decoder layer, per rank: calibration pass (onload, Hessians, forward), propagation pass,
+    solve (GPTQ and the write-back of the quantized weights to the CPU copy)."""
+    fe = quant.fast_experts
+    calls = math.ceil(samples / world)
+    tokens = calls * seq_len
+    onload = BF16 * s.moe_layer_params / (r.h2d_gbps * 1e9)
+    fwd = tokens * MOE_FWD_S_PER_TOKEN + calls * MOE_FWD_S_PER_CALL
+    if fe is None or fe.routed_forward != "grouped_mm":
+        fwd += calls * s.experts * MOE_FWD_S_PER_EXPERT_CALL
+    if fe is None:
+        f = s.baseline_calib_flops()
+        hess = tokens * (f["hessians_fp32"] / (r.fp32_tflops * 1e12)
+                         + f["all_experts_forward_x2"] / 2 / (r.bf16_tflops * 1e12))
+        fwd += tokens * f["all_experts_forward_x2"] / 2 / (r.bf16_tflops * 1e12)  # all experts, propagation too
+    else:
+        f = s.fast_calib_flops()
+        grams = f["down_hessians"] + f["shared_gate_up_hessian"]
+        gram_rate = {"bf16": r.bf16_tflops, "tf32": r.bf16_tflops / 2, "fp32": r.fp32_tflops}[fe.hessian_inputs]
+        hess = tokens * (f["all_experts_gate_up"] / (r.bf16_tflops * 1e12) + grams / (gram_rate * 1e12))
+    sf = s.solve_flops(fast=fe is not None)
+    solve = (sf["block_updates"] / (r.gemm_fp32_tflops * 1e12) + sf["factorizations"] / (r.factor_tflops * 1e12)
+             + BF16 * s.experts * s.expert_params / (r.h2d_gbps * 1e9)) / world
+    return {"calibration": onload + hess + fwd, "propagation": fwd, "solve": solve}
 
 
 def plan_for_shape(name: str, s: MoEShape, samples: int, seq_len: int, quant: QuantRecipe, gpu: GPUSpec,
-                   host_ram_gib: float | None = None, disk_gib: float | None = None) -> Plan:
-    fast = quant.fast_experts is not None
-    fe = quant.fast_experts
-    r = gpu.rates
-    world = gpu.count
+                   host_ram_gib: float | None = None, disk_gib: float | None = None, heads: int = 64) -> Plan:
+    r, world = gpu.rates, gpu.count
     tokens = samples * seq_len
     tok_rank = math.ceil(samples / world) * seq_len
-    calls_rank = math.ceil(samples / world)
-
-    mem = moe_layer_memory(s, fast, seq_len, fe.token_chunk if fe else 0, fe.solve_rows if fe else 0)
+    mem = moe_layer_memory(s, quant, seq_len, heads)
+    phase = mem.pop("phase", "calibration")
     moe_peak = sum(mem.values()) + RESERVED_GPU_GIB
-    flops = sum((s.fast_calib_flops() if fast else s.baseline_calib_flops()).values())
-    if fast:
-        t_calib = tok_rank * flops / (r.bf16_tflops * 1e12)
-    else:
-        fp32 = s.baseline_calib_flops()["hessians_fp32"]
-        t_calib = tok_rank * (fp32 / (r.fp32_tflops * 1e12) + (flops - fp32) / (r.bf16_tflops * 1e12))
-    onload = BF16 * s.moe_layer_params / (r.h2d_gbps * 1e9)
-    t_calib += onload + 2 * calls_rank * r.call_overhead_s
-    solve_flops = sum(s.solve_flops(fast).values())
-    expert_bytes = BF16 * s.experts * s.expert_params
-    t_solve = solve_flops / world / (r.solve_tflops * 1e12) + expert_bytes / (r.h2d_gbps * 1e9)
-    moe = Subgraph("MoE decoder layer", s.moe_layers, round(moe_peak, 2), {k: round(v, 2) for k, v in mem.items()},
-                   round(t_calib, 2), round(t_solve, 2))
+    t = moe_layer_seconds(s, quant, r, samples, seq_len, world)
+    moe = Subgraph(f"MoE decoder layer ({phase})", s.moe_layers, round(moe_peak, 2),
+                   {k: round(v, 2) for k, v in mem.items()}, round(t["calibration"] + t["propagation"], 2),
+                   round(t["solve"], 2))
     dense_w = BF16 * s.dense_layer_params / GIB
-    dense_peak = dense_w + attention_bytes(s, seq_len) / GIB + RESERVED_GPU_GIB
-    t_dense = (2 * tok_rank * 2.0 * s.dense_layer_params / (r.bf16_tflops * 1e12)
-               + BF16 * s.dense_layer_params / (r.h2d_gbps * 1e9) + 2 * calls_rank * 0.002)
+    dense_peak = dense_w + attention_bytes(s, seq_len, heads) / GIB + RESERVED_GPU_GIB
+    t_dense = 2 * tok_rank * DENSE_FWD_S_PER_TOKEN
     dense = Subgraph("dense decoder layer", s.dense_layers, round(dense_peak, 2),
                      {"weights": round(dense_w, 2)}, round(t_dense, 2), 0.0)
 
@@ -209,11 +227,13 @@ def plan_for_shape(name: str, s: MoEShape, samples: int, seq_len: int, quant: Qu
     offload = max(0.0, host - host_ram_gib) if host_ram_gib else 0.0
     seconds = {
         "load": s.bf16_bytes(with_mtp=False) / (LOAD_GBPS * 1e9),
-        "calibration": s.moe_layers * t_calib + s.dense_layers * t_dense,
-        "solve": s.moe_layers * t_solve,
+        "calibration": s.moe_layers * (t["calibration"] + t["propagation"]) + s.dense_layers * t_dense
+        + 2 * tok_rank * EMBED_FWD_S_PER_TOKEN,
+        "solve": s.moe_layers * t["solve"],
         "save": s.bf16_bytes(with_mtp=False) / (SAVE_GBPS * 1e9),
     }
     seconds["total"] = sum(seconds.values())
+    fast = quant.fast_experts is not None
     plan = Plan(name, f"{world}x{gpu.type} ({gpu.memory_gib:g} GiB)", tokens, "fast" if fast else "baseline",
                 [dense, moe], round(max(moe_peak, dense_peak), 2), round(host, 1),
                 {"source": round(src_gib, 1), "offload": round(offload, 1), "output": round(out_gib, 1)},
