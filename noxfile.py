@@ -101,6 +101,13 @@ def verify(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def plan(session: nox.Session) -> None:
+    """Predict GPU memory, RAM, disk and time of quantize: `nox -s plan -- --model glm-5.2 --calibration ...`."""
+    install_locked(session, "calibrate-cpu")
+    session.run("python", "-m", "mtpquant", "plan", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def artifact(session: nox.Session) -> None:
     """The real GLM-5.2 artifact end to end (GPUs and hub access required)."""
     install_locked(session, "calibrate-cpu")

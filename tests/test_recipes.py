@@ -41,6 +41,13 @@ QUANT = (RECIPES_DIR / "quant" / "w4a16-asym-g128.yaml").read_text()
     ("calibration", "name: c\nnum_samples: 4\nmax_seq_length: 8\nsources: [{hub: a/b, revision: UNPINNED, "
      "weight: 1}]\n", "give exactly one of text_field, messages_field"),
     ("quant", "gptq: [1, 2\n", "bad.yaml: invalid YAML at line"),
+    ("quant", QUANT.replace("token_chunk: 16384", "token_chunk: 0"), "bad.yaml: fast_experts.token_chunk: must be > 0"),
+    ("quant", QUANT.replace("hessian_inputs: bf16", "hessian_inputs: fp16"),
+     "fast_experts.hessian_inputs: 'fp16' is not one of"),
+    ("quant", QUANT.replace("solve_rows: 131072", "solve_rows: 131072\n  bogus: 1"),
+     "bad.yaml: fast_experts: unknown key 'bogus'"),
+    ("quant", QUANT.replace("pipeline: sequential", "pipeline: basic"), "fast_experts: needs pipeline: sequential"),
+    ("models", "name: x\nfamily: glm4_moe\nsource: {path: /tmp}\nconfig: [1]\n", "bad.yaml: config: must be a mapping"),
 ])
 def test_bad_recipe_names_file_and_key(tmp_path, kind, text, expected):
     with pytest.raises(RecipeError) as exc:

@@ -57,6 +57,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.out or _run(args, "quantized"))
     report_path = _run(args, "quantize.json")
     rep = quantize(model, args.recipe, args.calibration, out, report_path)
+    if rep["rank"] != 0:  # torchrun: rank 0 reports
+        return 0
     rep["consumed"] = consumed([Path(rep["recipe"]["path"]), Path(rep["calibration"]["path"]),
                                 model / "config.json", model / "model.safetensors.index.json"])
     atomic_write_json(report_path, rep)
@@ -104,6 +106,18 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from mtpquant.plan import GPUSpec, make_plan, refuse, render
+
+    plan = make_plan(args.model, args.calibration, args.recipe, GPUSpec.of(args.gpu, args.gpus, args.gpu_memory_gib),
+                     host_ram_gib=args.host_ram_gib, disk_gib=args.disk_gib)
+    Console().print(render(plan))
+    if args.json:
+        atomic_write_json(Path(args.json), plan.to_json())
+    refuse(plan)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtpquant", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,6 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True)
     s.add_argument("--calibration", required=True)
     s.set_defaults(fn=cmd_preflight)
+    s = sub.add_parser("plan", help="predict GPU memory, host RAM, disk and time of quantize; refuse what cannot fit")
+    s.add_argument("--model", required=True, help="model recipe name or YAML path")
+    s.add_argument("--calibration", required=True, help="calibration recipe name or YAML path")
+    s.add_argument("--recipe", default="w4a16-asym-g128", help="quant recipe name or YAML path")
+    s.add_argument("--gpu", default="h200", help="GPU type: h100 or h200")
+    s.add_argument("--gpus", type=int, default=8, help="GPUs (torchrun ranks)")
+    s.add_argument("--gpu-memory-gib", type=float, help="usable memory per GPU (default: the type's)")
+    s.add_argument("--host-ram-gib", type=float, help="host RAM; beyond it the model spills to disk")
+    s.add_argument("--disk-gib", type=float, help="free disk; refuse a plan that needs more")
+    s.add_argument("--json", help="also write the plan as JSON here")
+    s.set_defaults(fn=cmd_plan)
     return p
 
 

@@ -50,10 +50,11 @@ def refuse_non_expert_targets(targets: list[str], names: list[str], fam: Family,
 
 
 def modifier_for(recipe: QuantRecipe, targets: list[str]) -> Any:
+    """llm-compressor's GPTQModifier, or with a `fast_experts` section its subclass ExpertGPTQModifier."""
     from llmcompressor.modifiers.gptq import GPTQModifier
 
     w = recipe.gptq.weights
-    return GPTQModifier(
+    common = dict(
         config_groups={"group_0": {
             "targets": targets,
             "weights": {"num_bits": w.num_bits, "type": w.type, "symmetric": w.symmetric,
@@ -62,6 +63,25 @@ def modifier_for(recipe: QuantRecipe, targets: list[str]) -> Any:
         ignore=list(recipe.gptq.ignore),
         block_size=recipe.gptq.block_size,
         dampening_frac=recipe.gptq.dampening_frac,
+    )
+    fast = recipe.fast_experts
+    if fast is None:
+        return GPTQModifier(**common)
+    from mtpquant.expert_gptq import ExpertGPTQModifier
+
+    return ExpertGPTQModifier(**common, hessian_inputs=fast.hessian_inputs, token_chunk=fast.token_chunk,
+                              solve_rows=fast.solve_rows, routed_forward=fast.routed_forward)
+
+
+def oneshot_options(recipe: QuantRecipe) -> dict[str, Any]:
+    """Pipeline options for `oneshot`. With `fast_experts` the modifier itself runs every expert on every
+    token for its Hessians, so the model's forward only routes (llm-compressor's all-experts forward would
+    compute the same expert outputs a second time and throw them away)."""
+    fast = recipe.fast_experts
+    return dict(
+        pipeline=recipe.pipeline, sequential_targets=recipe.sequential_targets,
+        moe_calibrate_all_experts=recipe.moe_calibrate_all_experts and fast is None,
+        sequential_prefetch=bool(fast and fast.sequential_prefetch),
     )
 
 
@@ -163,7 +183,10 @@ def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path, rep
     import transformers
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from mtpquant import ranks
+
     t0 = time.perf_counter()
+    rank = ranks.init()
     source = Checkpoint(model_dir)
     config = source.config
     fam = family_for(config, str(source.root / "config.json"))
@@ -180,7 +203,7 @@ def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path, rep
     from mtpquant.calibration import build_dataset
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.root)
-    model = getattr(transformers, fam.architecture).from_pretrained(source.root, dtype=torch.bfloat16)
+    model = ranks.load_model(getattr(transformers, fam.architecture), source.root, torch.bfloat16)
     linearize_moe(model)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     expected = fam.routed_expert_linears(config)
@@ -188,35 +211,44 @@ def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path, rep
     if n_hits != len(expected):
         raise MtpquantError(f"{qpath}: targets match {n_hits} Linears, expected {len(expected)} routed experts")
     dataset, data_summary = build_dataset(calib, tokenizer, str(cpath))
+    dataset = ranks.my_samples(dataset)
     t_load = time.perf_counter()
 
     progress = Progress(TextColumn("[bold]GPTQ[/] {task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total} Linears"), TimeElapsedColumn())
     task = progress.add_task(fam.architecture, total=len(expected))
+    modifier = modifier_for(recipe, targets)
     with progress, recording_gptq(model, lambda: progress.advance(task)) as rec, \
             routing_counts(model, fam, config) as counts:
         oneshot(
-            model=model, processor=tokenizer, dataset=dataset, recipe=modifier_for(recipe, targets),
-            pipeline=recipe.pipeline, sequential_targets=recipe.sequential_targets,
-            moe_calibrate_all_experts=recipe.moe_calibrate_all_experts,
-            num_calibration_samples=calib.num_samples, max_seq_length=calib.max_seq_length,
+            model=model, processor=tokenizer, dataset=dataset, recipe=modifier, **oneshot_options(recipe),
+            num_calibration_samples=len(dataset), max_seq_length=calib.max_seq_length,
             shuffle_calibration_samples=False,
         )
     t_calib = time.perf_counter()
-
-    with atomic_dir(Path(out_dir)) as tmp:
-        model.save_pretrained(tmp, save_compressed=True)
-        tokenizer.save_pretrained(tmp)
-        restored = restore_dtypes(tmp, source)
+    # under torchrun each rank logged the Linears it solved and routed its share of the samples
+    rows = [r for part in ranks.gather(rec.rows) for r in part]
+    per_rank = ranks.gather(counts)
+    counts = {k: sum(c[k] for c in per_rank) for k in counts}
+    restored: list[str] = []
+    if rank == 0:
+        with atomic_dir(Path(out_dir)) as tmp:
+            ranks.share(str(tmp))
+            model.save_pretrained(tmp, save_compressed=True)  # under torchrun: compressed by all ranks
+            tokenizer.save_pretrained(tmp)
+            restored = restore_dtypes(tmp, source)
+    else:
+        model.save_pretrained(ranks.share(None), save_compressed=True)  # rank 0 writes
+    ranks.barrier()
     t_save = time.perf_counter()
 
-    losses = [r["loss"] for r in rec.rows if r["loss"] is not None]
+    losses = [r["loss"] for r in rows if r["loss"] is not None]
     report = {
         "stage": "quantize",
         "model": str(source.root), "family": fam.model_type, "output": str(out_dir),
         "recipe": {"path": str(qpath), "sha256": recipes.recipe_sha256("quant", qpath), "targets": targets},
         "calibration": {"path": str(cpath), "sha256": recipes.recipe_sha256("calibration", cpath), **data_summary},
-        "quantized_linears": len(rec.rows), "expected_linears": len(expected),
+        "quantized_linears": len(rows), "expected_linears": len(expected), "ranks": ranks.world(),
         "gptq_loss_median": statistics.median(losses) if losses else None,
         "gptq_loss_max": max(losses) if losses else None,
         "few_token_experts": few_token_experts(counts, int(config.get("num_experts_per_tok", 1))),
@@ -225,9 +257,13 @@ def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path, rep
         "seconds": {"load": round(t_load - t0, 2), "calibrate_and_solve": round(t_calib - t_load, 2),
                     "save": round(t_save - t_calib, 2), "total": round(t_save - t0, 2)},
         "memory": peak_memory(),
-        "per_linear": rec.rows,
+        "per_linear": rows,
+        "rank": rank,
     }
-    if len(rec.rows) != len(expected):
-        raise MtpquantError(f"GPTQ compressed {len(rec.rows)} Linears, expected {len(expected)}")
-    atomic_write_json(report_path, report)
+    if modifier_timings := getattr(modifier, "timings", None):
+        report["seconds"]["expert_gptq"] = {k: round(v, 2) for k, v in modifier_timings.items()}
+    if len(rows) != len(expected):
+        raise MtpquantError(f"GPTQ compressed {len(rows)} Linears, expected {len(expected)}")
+    if rank == 0:
+        atomic_write_json(report_path, report)
     return report

@@ -85,6 +85,9 @@ class ModelRecipe:
     family: Literal["glm_moe_dsa", "glm4_moe"]
     source: ModelSource
     description: str = ""
+    # config.json fields of a hub model that is not downloaded yet, for `mtpquant plan` (a fixture's or a
+    # local checkpoint's own config wins)
+    config: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -107,15 +110,44 @@ class GPTQSettings:
 
 
 @dataclass(frozen=True)
+class FastExperts:
+    """Optional `fast_experts` section: routed experts calibrated by mtpquant.expert_gptq.
+
+    Same GPTQ maths as llm-compressor's (every expert sees every calibration token): one gate/up Hessian
+    per MoE layer, Hessians from bf16 activations with FP32 accumulation, large token chunks, a batched
+    solve. benchmarks/CALIB_SPEED.md has what each option measured.
+    """
+
+    hessian_inputs: Literal["fp32", "tf32", "bf16"] = "bf16"  # operand precision of X^T X; always FP32 sums
+    token_chunk: int = 16384  # tokens buffered per MoE layer before the all-experts Hessian pass
+    solve_rows: int = 131072  # gate/up weight rows solved at once against the shared Hessian
+    sequential_prefetch: bool = False  # llm-compressor: fetch the next batch's activations in a thread
+    # the model's routed forward while calibrating: grouped GEMMs over tokens sorted by expert, a loop over
+    # experts on the sorted tokens, or llm-compressor's own (one host sync per expert per call)
+    routed_forward: Literal["grouped_mm", "sorted", "llm_compressor"] = "grouped_mm"
+
+    def check(self, where: str) -> None:
+        for name in ("token_chunk", "solve_rows"):
+            if getattr(self, name) <= 0:
+                raise RecipeError(f"{key(where, name)}: must be > 0")
+
+
+@dataclass(frozen=True)
 class QuantRecipe:
     name: str
     gptq: GPTQSettings
     pipeline: Literal["sequential", "basic"] = "sequential"
     sequential_targets: list[str] | None = None
     moe_calibrate_all_experts: bool = True
+    fast_experts: FastExperts | None = None
     description: str = ""
 
     def check(self, where: str) -> None:
+        if self.fast_experts is not None:
+            self.fast_experts.check(key(where, "fast_experts"))
+            if self.pipeline != "sequential":
+                raise RecipeError(f"{key(where, 'fast_experts')}: needs pipeline: sequential (it solves each "
+                                  "layer at the end of its calibration pass)")
         if not self.moe_calibrate_all_experts:
             raise RecipeError(
                 f"{key(where, 'moe_calibrate_all_experts')}: must be true: calibrating only routed tokens skips "
@@ -205,6 +237,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             allowed = ", ".join(repr(a) for a in typing.get_args(tp))
             raise RecipeError(f"{where}: {value!r} is not one of {allowed}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: must be a mapping, got {type(value).__name__}")
+        return dict(value)
     if origin is list:
         if not isinstance(value, list):
             raise RecipeError(f"{where}: must be a list, got {type(value).__name__}")

@@ -1,0 +1,273 @@
+"""`mtpquant plan`: before renting GPUs, predict what quantizing a model will need, and refuse what cannot fit.
+
+Inputs: a model recipe (its dimensions: the fixture spec, a local config.json, or the recipe's `config`
+section for a hub model not downloaded yet), a calibration recipe (samples x tokens), the quant recipe
+(fast_experts or not) and a GPU spec (type, count, memory). Outputs, per rank: peak GPU memory of each
+kind of subgraph, host RAM, disk (source, offload, output) and wall time split into load / calibration /
+solve / save. Pure arithmetic on counts from mtpquant.calib_cost and rates measured on this workplace's
+H100 and H200 machines (benchmarks/CALIB_SPEED.md says which run gave each number).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mtpquant import recipes
+from mtpquant.calib_cost import BF16, FP32, MoEShape
+from mtpquant.errors import MtpquantError
+from mtpquant.recipes import CalibrationRecipe, ModelRecipe, QuantRecipe
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class GPUType:
+    """Usable memory and the rates the time model needs, as measured here (CALIB_SPEED.md, runs A-C)."""
+
+    memory_gib: float  # what torch can allocate on one card
+    bf16_tflops: float = 600.0  # the all-experts Hessian pass: 595-605 TFLOP/s in runs A-C (H100)
+    fp32_tflops: float = 50.0  # llm-compressor's FP32 Hessian matmuls (run B baseline)
+    gemm_fp32_tflops: float = 40.0  # GPTQ block updates
+    factor_tflops: float = 15.0  # Cholesky factorizations (run B baseline solve)
+    h2d_gbps: float = 2.2  # pageable layer onload and write-back (run B; the x4 host of run C did ~5)
+
+
+# H200: the H100's compute (H200.md); not measured here: the same rates are assumed.
+GPU_TYPES: dict[str, GPUType] = {"h100": GPUType(memory_gib=79.1), "h200": GPUType(memory_gib=139.7)}
+# Per-token and per-call costs of the sequential pipeline's forward passes (runs B and C, fitted in
+# CALIB_SPEED.md): activations to and from the CPU, attention, Python per call.
+MOE_FWD_S_PER_TOKEN = 3.8e-6  # one pass through a MoE decoder layer (routed experts, attention)
+MOE_FWD_S_PER_CALL = 9.0e-3
+MOE_FWD_S_PER_EXPERT_CALL = 0.29e-3  # routed forward without grouped GEMMs: per expert, per call
+DENSE_FWD_S_PER_TOKEN = 14e-6  # one pass through a dense decoder layer
+EMBED_FWD_S_PER_TOKEN = 8e-6
+# Host side (runs A-C, 19.7 GB GLM-5.2-shaped checkpoint): load+linearize and compressed save
+LOAD_GBPS = 1.0
+SAVE_GBPS = 1.3
+RESERVED_GPU_GIB = 2.5  # beyond the counted tensors (allocator, small buffers), fitted on runs A-C
+HOST_RESERVED_GIB = 16.0  # Python, libraries, tokenizer, per process
+GIB_MARGIN = 0.95  # refuse a plan that needs more than this share of a card
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    type: str
+    count: int
+    memory_gib: float
+
+    @staticmethod
+    def of(type_: str, count: int, memory_gib: float | None = None) -> GPUSpec:
+        if type_ not in GPU_TYPES:
+            raise MtpquantError(f"--gpu: unknown GPU type {type_!r} (known: {', '.join(GPU_TYPES)})")
+        if count < 1:
+            raise MtpquantError("--gpus: must be at least 1")
+        return GPUSpec(type_, count, memory_gib or GPU_TYPES[type_].memory_gib)
+
+    @property
+    def rates(self) -> GPUType:
+        return GPU_TYPES[self.type]
+
+
+@dataclass
+class Subgraph:
+    name: str
+    count: int
+    gpu_peak_gib: float
+    parts_gib: dict[str, float]
+    calibration_s: float = 0.0
+    solve_s: float = 0.0
+
+
+@dataclass
+class Plan:
+    model: str
+    gpus: str
+    tokens: int
+    path: str  # "fast" (fast_experts) or "baseline" (llm-compressor's GPTQModifier)
+    subgraphs: list[Subgraph]
+    gpu_peak_gib: float
+    host_ram_gib: float
+    disk_gib: dict[str, float]
+    seconds: dict[str, float]
+    refusals: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- inputs -------------------------------------------------------------------------------------------
+
+
+def model_config(model: ModelRecipe, where: str) -> dict[str, Any]:
+    """config.json of the model a recipe names: fixture spec, local checkpoint, or the recipe's `config`."""
+    src = model.source
+    if src.fixture is not None:
+        from mtpquant.fixture import config_for
+
+        cfg = config_for(model.family, src.fixture).to_dict()
+        cfg["num_nextn_predict_layers"] = src.fixture.num_nextn_predict_layers
+        return cfg
+    if src.path is not None and (Path(src.path) / "config.json").is_file():
+        return json.loads((Path(src.path) / "config.json").read_text())
+    if model.config:
+        return {"model_type": model.family, **model.config}
+    raise MtpquantError(f"{where}: no dimensions for this model: add a `config` section (the config.json fields) "
+                        "or point source.path at a downloaded checkpoint")
+
+
+def tokens_of(calib: CalibrationRecipe) -> int:
+    """Upper bound: every sample at max_seq_length (shorter samples only make the run cheaper)."""
+    return calib.num_samples * calib.max_seq_length
+
+
+# ---- memory -------------------------------------------------------------------------------------------
+
+
+def moe_layer_memory(s: MoEShape, quant: QuantRecipe, seq_len: int, heads: int) -> dict[str, float]:
+    """GiB on one GPU while one MoE decoder layer calibrates and solves, by part (the peak phase's)."""
+    h, i, e = s.hidden, s.moe_inter, s.experts
+    fe = quant.fast_experts
+    weights = BF16 * s.moe_layer_params
+    forward = attention_bytes(s, seq_len, heads)
+    if fe is None:  # llm-compressor: every Linear's Hessian; its solve batches to 75% of what is free
+        hessians = FP32 * e * (2 * h * h + i * i)
+        return {"weights": weights / GIB, "hessians": hessians / GIB, "working": forward / GIB}
+    hessians = FP32 * (h * h + e * i * i)
+    n = fe.token_chunk + seq_len  # the buffer fills past token_chunk by up to one sample
+    calib = BF16 * n * h * 2 + BF16 * n * i * 6 + FP32 * (h * h + i * i) + forward
+    if fe.routed_forward == "grouped_mm":
+        calib += BF16 * e * s.expert_params  # stacked expert weights for the grouped GEMMs
+    down = max(1, fe.solve_rows // h) * FP32 * (2 * i * i + 3 * h * i + 4 * h * 128)
+    rows = max(1, fe.solve_rows // i) * i
+    gate_up = 3 * FP32 * rows * h + 2 * FP32 * h * h  # stacked, permuted, unpermuted rows; H and its factor
+    phases = {"calibration": (hessians, calib), "down solve": (hessians, down),
+              "gate/up solve": (FP32 * h * h, gate_up)}
+    phase = max(phases, key=lambda k: sum(phases[k]))
+    held, work = phases[phase]
+    return {"weights": weights / GIB, "hessians": held / GIB, "working": work / GIB, "phase": phase}
+
+
+def attention_bytes(s: MoEShape, seq_len: int, heads: int) -> float:
+    """Activations of one sample's forward through a decoder layer: eager attention's scores (bf16) and
+    softmax (FP32) per head, the indexer's scores, the layer's inputs and outputs."""
+    return seq_len * seq_len * (heads * (BF16 + FP32) + 32 * FP32) + BF16 * seq_len * s.hidden * 8
+
+
+# ---- the plan ----------------------------------------------------------------------------------------
+
+
+def make_plan(model_ref: str, calib_ref: str, quant_ref: str, gpu: GPUSpec, host_ram_gib: float | None = None,
+              disk_gib: float | None = None) -> Plan:
+    from mtpquant.calib_cost import shape_from_config
+
+    mpath = recipes.resolve_path("models", model_ref)
+    model: ModelRecipe = recipes.load("models", mpath)
+    calib: CalibrationRecipe = recipes.load("calibration", calib_ref)
+    quant: QuantRecipe = recipes.load("quant", quant_ref)
+    config = model_config(model, str(mpath))
+    shape = shape_from_config(config)
+    return plan_for_shape(model.name, shape, calib.num_samples, calib.max_seq_length, quant, gpu,
+                          host_ram_gib, disk_gib, heads=int(config.get("num_attention_heads", 64)))
+
+
+def moe_layer_seconds(s: MoEShape, quant: QuantRecipe, r: GPUType, samples: int, seq_len: int,
+                      world: int) -> dict[str, float]:
+    """Per MoE decoder layer, per rank: calibration pass (onload, Hessians, forward), propagation pass,
+    solve (GPTQ and the write-back of the quantized weights to the CPU copy)."""
+    fe = quant.fast_experts
+    calls = math.ceil(samples / world)
+    tokens = calls * seq_len
+    onload = BF16 * s.moe_layer_params / (r.h2d_gbps * 1e9)
+    fwd = tokens * MOE_FWD_S_PER_TOKEN + calls * MOE_FWD_S_PER_CALL
+    if fe is None or fe.routed_forward != "grouped_mm":
+        fwd += calls * s.experts * MOE_FWD_S_PER_EXPERT_CALL
+    if fe is None:
+        f = s.baseline_calib_flops()
+        hess = tokens * (f["hessians_fp32"] / (r.fp32_tflops * 1e12)
+                         + f["all_experts_forward_x2"] / 2 / (r.bf16_tflops * 1e12))
+        fwd += tokens * f["all_experts_forward_x2"] / 2 / (r.bf16_tflops * 1e12)  # all experts, propagation too
+    else:
+        f = s.fast_calib_flops()
+        grams = f["down_hessians"] + f["shared_gate_up_hessian"]
+        gram_rate = {"bf16": r.bf16_tflops, "tf32": r.bf16_tflops / 2, "fp32": r.fp32_tflops}[fe.hessian_inputs]
+        hess = tokens * (f["all_experts_gate_up"] / (r.bf16_tflops * 1e12) + grams / (gram_rate * 1e12))
+    sf = s.solve_flops(fast=fe is not None)
+    solve = (sf["block_updates"] / (r.gemm_fp32_tflops * 1e12) + sf["factorizations"] / (r.factor_tflops * 1e12)
+             + BF16 * s.experts * s.expert_params / (r.h2d_gbps * 1e9)) / world
+    return {"calibration": onload + hess + fwd, "propagation": fwd, "solve": solve}
+
+
+def plan_for_shape(name: str, s: MoEShape, samples: int, seq_len: int, quant: QuantRecipe, gpu: GPUSpec,
+                   host_ram_gib: float | None = None, disk_gib: float | None = None, heads: int = 64) -> Plan:
+    r, world = gpu.rates, gpu.count
+    tokens = samples * seq_len
+    tok_rank = math.ceil(samples / world) * seq_len
+    mem = moe_layer_memory(s, quant, seq_len, heads)
+    phase = mem.pop("phase", "calibration")
+    moe_peak = sum(mem.values()) + RESERVED_GPU_GIB
+    t = moe_layer_seconds(s, quant, r, samples, seq_len, world)
+    moe = Subgraph(f"MoE decoder layer ({phase})", s.moe_layers, round(moe_peak, 2),
+                   {k: round(v, 2) for k, v in mem.items()}, round(t["calibration"] + t["propagation"], 2),
+                   round(t["solve"], 2))
+    dense_w = BF16 * s.dense_layer_params / GIB
+    dense_peak = dense_w + attention_bytes(s, seq_len, heads) / GIB + RESERVED_GPU_GIB
+    t_dense = 2 * tok_rank * DENSE_FWD_S_PER_TOKEN
+    dense = Subgraph("dense decoder layer", s.dense_layers, round(dense_peak, 2),
+                     {"weights": round(dense_w, 2)}, round(t_dense, 2), 0.0)
+
+    src_gib = s.bf16_bytes() / GIB
+    model_gib = s.bf16_bytes(with_mtp=False) / GIB
+    out_gib = s.quantized_bytes() / GIB
+    cache_gib = samples * seq_len * s.hidden * BF16 * 2 / GIB
+    host = model_gib + cache_gib + HOST_RESERVED_GIB * world
+    offload = max(0.0, host - host_ram_gib) if host_ram_gib else 0.0
+    seconds = {
+        "load": s.bf16_bytes(with_mtp=False) / (LOAD_GBPS * 1e9),
+        "calibration": s.moe_layers * (t["calibration"] + t["propagation"]) + s.dense_layers * t_dense
+        + 2 * tok_rank * EMBED_FWD_S_PER_TOKEN,
+        "solve": s.moe_layers * t["solve"],
+        "save": s.bf16_bytes(with_mtp=False) / (SAVE_GBPS * 1e9),
+    }
+    seconds["total"] = sum(seconds.values())
+    fast = quant.fast_experts is not None
+    plan = Plan(name, f"{world}x{gpu.type} ({gpu.memory_gib:g} GiB)", tokens, "fast" if fast else "baseline",
+                [dense, moe], round(max(moe_peak, dense_peak), 2), round(host, 1),
+                {"source": round(src_gib, 1), "offload": round(offload, 1), "output": round(out_gib, 1)},
+                {k: round(v, 1) for k, v in seconds.items()})
+    limit = gpu.memory_gib * GIB_MARGIN
+    if plan.gpu_peak_gib > limit:
+        biggest = max(mem, key=mem.get)
+        plan.refusals.append(f"a MoE layer needs {plan.gpu_peak_gib:.1f} GiB per GPU (largest part: {biggest} "
+                             f"{mem[biggest]:.1f} GiB) but a {gpu.type} has {gpu.memory_gib:g} GiB")
+    if disk_gib is not None and sum(plan.disk_gib.values()) > disk_gib:
+        plan.refusals.append(f"needs {sum(plan.disk_gib.values()):.0f} GiB of disk (source "
+                             f"{src_gib:.0f}, offload {offload:.0f}, output {out_gib:.0f}) but {disk_gib:g} GiB given")
+    return plan
+
+
+def refuse(plan: Plan) -> None:
+    if plan.refusals:
+        raise MtpquantError(f"plan refused for {plan.model} on {plan.gpus}: {'; '.join(plan.refusals)}")
+
+
+def render(plan: Plan) -> Any:
+    from rich.table import Table
+
+    t = Table(title=f"plan: {plan.model} on {plan.gpus}, {plan.tokens:,} calibration tokens, {plan.path} GPTQ")
+    for c in ("subgraph", "count", "GPU peak GiB/rank", "parts GiB", "calib s each", "solve s each"):
+        t.add_column(c, justify="right")
+    for sg in plan.subgraphs:
+        parts = ", ".join(f"{k} {v:g}" for k, v in sg.parts_gib.items())
+        t.add_row(sg.name, str(sg.count), f"{sg.gpu_peak_gib:.1f}", parts, f"{sg.calibration_s:.1f}",
+                  f"{sg.solve_s:.1f}")
+    sec = plan.seconds
+    t.caption = (f"host RAM {plan.host_ram_gib:.0f} GiB; disk: source {plan.disk_gib['source']:.0f} + offload "
+                 f"{plan.disk_gib['offload']:.0f} + output {plan.disk_gib['output']:.0f} GiB; wall time "
+                 f"{sec['total'] / 3600:.2f} h (load {sec['load'] / 60:.0f} min, calibration "
+                 f"{sec['calibration'] / 60:.0f} min, solve {sec['solve'] / 60:.0f} min, "
+                 f"save {sec['save'] / 60:.0f} min)")
+    return t

@@ -1,0 +1,81 @@
+"""torchrun support for the quantize stage: one process per GPU, data parallel (llm-compressor's distributed
+oneshot splits the calibration samples across ranks); rank 0 writes every output."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init() -> int:
+    """Join the process group when started by torchrun with several processes; returns this rank."""
+    import torch.distributed as dist
+
+    if world() > 1 and not dist.is_initialized():
+        import torch
+
+        if torch.accelerator.is_available():
+            from compressed_tensors.offload import init_dist
+
+            init_dist()  # NCCL, one GPU per local rank
+        else:  # CPU processes (tests): gloo
+            dist.init_process_group("gloo", init_method="env://")
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def load_model(cls: Any, path: Any, dtype: Any) -> Any:
+    """llm-compressor's loading route for big models: CPU, spilling to disk when RAM runs short; under
+    torchrun rank 0 reads the weights and shares them with the other ranks (one copy in host RAM).
+    MTPQUANT_DIST_LOAD=per-rank makes every rank read its own copy instead."""
+    from compressed_tensors.offload import load_offloaded_model
+
+    if world() > 1 and os.environ.get("MTPQUANT_DIST_LOAD") == "per-rank":
+        return cls.from_pretrained(path, dtype=dtype)
+    with load_offloaded_model(cls):
+        return cls.from_pretrained(path, dtype=dtype, device_map="auto_offload")
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order ([obj] without torchrun)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def my_samples(dataset: Any) -> Any:
+    """This rank's contiguous share of the calibration samples. llm-compressor 0.14.0.1 partitions a dataset
+    that is identical on every rank, but its sampler then indexes the unpartitioned dataset, so every rank
+    calibrates on the first 1/N of the samples (seen here: identical Hessians on both ranks). Handing each
+    rank a different dataset sidesteps that."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return dataset
+    n, r, w = len(dataset), dist.get_rank(), dist.get_world_size()
+    return dataset.select(range(n * r // w, n * (r + 1) // w))
+
+
+def share(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()

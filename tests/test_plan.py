@@ -1,0 +1,104 @@
+"""`mtpquant plan`: arithmetic on recipes, and the refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mtpquant.calib_cost import shape_from_config
+from mtpquant.cli import main
+from mtpquant.errors import MtpquantError
+from mtpquant.plan import GPUSpec, make_plan, plan_for_shape, refuse
+from mtpquant.recipes import RECIPES_DIR, load
+
+
+def test_parameter_count_matches_the_model():
+    """The counts behind every prediction equal the parameters of the model transformers builds."""
+    import torch
+    import transformers
+
+    from mtpquant.fixture import config_for
+    from mtpquant.recipes import FixtureSpec
+
+    cfg = config_for("glm_moe_dsa", FixtureSpec(num_hidden_layers=4, first_k_dense_replace=2, n_routed_experts=6))
+    shape = shape_from_config(cfg.to_dict())
+    with torch.device("meta"):
+        model = transformers.GlmMoeDsaForCausalLM(cfg)
+    assert shape.total_params == sum(p.numel() for p in model.parameters())
+    assert (shape.moe_layers, shape.dense_layers, shape.experts) == (2, 2, 6)
+
+
+def test_glm52_real_dimensions():
+    shape = shape_from_config({"model_type": "glm_moe_dsa", **load("models", "glm-5.2").config})
+    assert 740e9 < shape.total_params < 748e9  # GLM-5: 744B
+    assert 1.45e12 < shape.bf16_bytes() < 1.55e12  # 1.49 TB in BF16 (seed write-up)
+    # fast path: one shared 6144² gate/up Hessian + 256 down Hessians; llm-compressor: 512 + 256
+    assert shape.hessian_bytes(fast=True) == 4 * (6144**2 + 256 * 2048**2)
+    assert shape.hessian_bytes(fast=False) > 80e9
+
+
+def test_plan_8x_and_4x_h200_fit_and_more_gpus_is_faster():
+    p8 = make_plan("glm-5.2", "glm5-code-instruct", "w4a16-asym-g128", GPUSpec.of("h200", 8))
+    p4 = make_plan("glm-5.2", "glm5-code-instruct", "w4a16-asym-g128", GPUSpec.of("h200", 4))
+    for p in (p8, p4):
+        refuse(p)  # raises if it does not fit
+        assert p.tokens == 768 * 512
+        assert 0 < p.gpu_peak_gib < 139
+        assert p.disk_gib["source"] > p.disk_gib["output"] > 0
+        assert abs(p.seconds["total"] - sum(v for k, v in p.seconds.items() if k != "total")) < 1
+    assert p8.seconds["calibration"] < p4.seconds["calibration"]
+    assert p8.subgraphs[1].name.startswith("MoE decoder layer") and p8.subgraphs[1].count == 75
+
+
+def test_llm_compressor_default_does_not_fit_one_h100(tmp_path):
+    """Without fast_experts (llm-compressor's per-Linear FP32 Hessians) a GLM-5.2 MoE layer needs more than
+    an 80 GB card: the planner refuses before anything starts; with it, it fits."""
+    import yaml
+
+    recipe = yaml.safe_load((RECIPES_DIR / "quant" / "w4a16-asym-g128.yaml").read_text())
+    recipe.pop("fast_experts")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(MtpquantError, match=r"MoE layer needs .* GiB per GPU \(largest part: hessians"):
+        refuse(make_plan("glm-5.2", "glm5-code-instruct", str(plain), GPUSpec.of("h100", 1)))
+    refuse(make_plan("glm-5.2", "glm5-code-instruct", "w4a16-asym-g128", GPUSpec.of("h100", 1)))
+
+
+def test_cli_refuses_in_one_line(capsys, tmp_path):
+    code = main(["plan", "--model", "glm-5.2", "--calibration", "glm5-code-instruct", "--gpu", "h100",
+                 "--gpus", "8", "--gpu-memory-gib", "24", "--json", str(tmp_path / "plan.json")])
+    err = capsys.readouterr().err
+    assert code == 2
+    line = [x for x in err.splitlines() if "error:" in x]
+    assert line and "plan refused for glm-5.2 on 8xh100 (24 GiB)" in " ".join(err.split())
+    assert json.loads((tmp_path / "plan.json").read_text())["refusals"]
+
+
+def test_cli_refuses_small_disk(capsys):
+    code = main(["plan", "--model", "glm-5.2", "--calibration", "glm5-code-instruct", "--disk-gib", "1000"])
+    assert code == 2
+    assert "GiB of disk" in " ".join(capsys.readouterr().err.split())
+
+
+def test_unknown_gpu_and_missing_dimensions(tmp_path):
+    with pytest.raises(MtpquantError, match="unknown GPU type 'a100'"):
+        GPUSpec.of("a100", 1)
+    model = tmp_path / "m.yaml"
+    model.write_text("name: m\nfamily: glm_moe_dsa\nsource: {hub: a/b, revision: UNPINNED}\n")
+    with pytest.raises(MtpquantError, match=r"m.yaml: no dimensions for this model"):
+        make_plan(str(model), "glm5-code-instruct", "w4a16-asym-g128", GPUSpec.of("h200", 8))
+
+
+def test_tiny_fixture_plan_is_small():
+    p = make_plan("tiny-glm5", "tiny-local", "w4a16-asym-g128", GPUSpec.of("h100", 1))
+    assert p.gpu_peak_gib < 4 and p.tokens == 16 * 256 and not p.refusals
+
+
+def test_time_scales_with_tokens():
+    shape = shape_from_config({"model_type": "glm_moe_dsa", **load("models", "glm-5.2").config})
+    quant = load("quant", "w4a16-asym-g128")
+    a = plan_for_shape("x", shape, 768, 512, quant, GPUSpec.of("h200", 8))
+    b = plan_for_shape("x", shape, 1536, 512, quant, GPUSpec.of("h200", 8))
+    assert b.seconds["calibration"] > 1.2 * a.seconds["calibration"]  # the layer onload does not scale
+    assert b.seconds["solve"] == a.seconds["solve"]  # the solve does not depend on tokens
