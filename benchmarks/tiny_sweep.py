@@ -39,9 +39,13 @@ def one(args):
     cfg = TrainConfig(**kw)
     tok = tokenizer(Path(tempfile.mkdtemp()))
     t0 = time.time()
-    model, mtp, log = fit(cfg, tok, device)
+    def on_step(step, lm, mtp_loss):
+        if step % 500 == 0:
+            print(f"cfg {_idx} step {step} lm {lm:.3f} mtp {mtp_loss:.3f} {time.time() - t0:.0f}s", flush=True)
+
+    model, mtp, log = fit(cfg, tok, device, on_step)
     secs = time.time() - t0
-    rows = problems(1, 400, cfg.min_steps, cfg.max_steps)
+    rows = problems(1, 400, cfg.min_steps, cfg.max_steps, cfg.operand_max)
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     res = {"config": kw, "train_s": round(secs, 1), "final": log[-1], "acc_fp32": accuracy(model, tok, rows),
            "acc_bf16": accuracy(bf16, tok, rows), "mtp_agree": mtp_agreement(model, mtp, tok, rows[:200])}

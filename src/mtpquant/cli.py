@@ -137,6 +137,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_command(args, console)
 
 
+def cmd_dequantize(args: argparse.Namespace) -> int:
+    from mtpquant.dequantize import dequantize_artifact
+
+    out = dequantize_artifact(Path(args.artifact), Path(args.out))
+    console.print(f"[bold yellow]DEQUANTIZED[/] {args.artifact} -> {out} (BF16, same weight values)")
+    return 0
+
+
+def cmd_rtn(args: argparse.Namespace) -> int:
+    from mtpquant.dequantize import rtn_checkpoint
+
+    out = rtn_checkpoint(Path(args.base), Path(args.out), group_size=args.group_size)
+    console.print(f"[green]RTN INT4 baseline[/] (routed experts, group {args.group_size}, asymmetric) -> {out}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from mtpquant.report import write_report
 
@@ -213,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = stage("bench", cmd_bench, "vllm bench serve over a grid, with and without MTP")
     serving(s)
     s.add_argument("--grid", default="tiny", help="bench grid name or YAML (recipes/bench/)")
+    s = sub.add_parser("dequantize", help="BF16 copy of a pack-quantized artifact (same values; for CPU serving)")
+    s.add_argument("--artifact", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_dequantize)
+    s = sub.add_parser("rtn", help="round-to-nearest INT4 baseline of a base checkpoint's routed experts (BF16)")
+    s.add_argument("--base", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--group-size", type=int, default=128)
+    s.set_defaults(fn=cmd_rtn)
     s = stage("report", cmd_report, "markdown report of an artifact: verify, eval, bench, commands, versions")
     s.add_argument("--artifact", help="default RUN/artifact")
     s = sub.add_parser("preflight", help="refuse a real run this machine cannot finish (GPUs, pins)")

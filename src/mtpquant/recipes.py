@@ -192,6 +192,8 @@ class ServeProfile:
     env: dict[str, str] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
     ready_timeout_s: int = 600
+    host: str = "127.0.0.1"  # 0.0.0.0 to serve other machines
+    port: int = 8000
     description: str = ""
 
     def check(self, where: str) -> None:

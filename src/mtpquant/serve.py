@@ -32,7 +32,6 @@ from mtpquant import recipes
 from mtpquant.errors import MtpquantError
 from mtpquant.recipes import ServeProfile
 
-DEFAULT_PORT = 8000
 SERVE_PYTHON_ENV = "MTPQUANT_SERVE_PYTHON"  # the interpreter of the serving environment (pinned/serve-*.txt)
 
 
@@ -58,7 +57,8 @@ class Launch:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
 
     def shell(self) -> str:
         """The exact command as one shell line, environment first."""
@@ -70,10 +70,12 @@ def speculative_config(tokens: int) -> str:
     return json.dumps({"method": "mtp", "num_speculative_tokens": tokens}, separators=(",", ":"))
 
 
-def build_launch(profile: ServeProfile, model_dir: Path, served_name: str, host: str = "127.0.0.1",
-                 port: int = DEFAULT_PORT, mtp_tokens: int | None = None, python: str | None = None) -> Launch:
+def build_launch(profile: ServeProfile, model_dir: Path, served_name: str, host: str | None = None,
+                 port: int | None = None, mtp_tokens: int | None = None, python: str | None = None) -> Launch:
     """The vLLM command line and environment for a profile; `mtp_tokens=0` turns MTP off."""
     k = profile.num_speculative_tokens if mtp_tokens is None else mtp_tokens
+    host = host or profile.host
+    port = port or profile.port
     if profile.platform == "gpu":
         argv = ["vllm", "serve", str(model_dir)]
     else:

@@ -9,7 +9,6 @@ from typing import Any
 
 from mtpquant.atomic import atomic_write_json
 from mtpquant.serve import (
-    DEFAULT_PORT,
     Launch,
     ServeError,
     build_launch,
@@ -33,7 +32,7 @@ def launch_for(args: argparse.Namespace, console: Any, port: int | None = None, 
         model_dir = artifact if not profile.dequantize else Path(args.run) / f"serve-bf16-{artifact.name}"
     else:
         model_dir = model_for(profile, artifact, Path(args.run), console)
-    launch = build_launch(profile, model_dir, name, port=port or args.port or DEFAULT_PORT, mtp_tokens=tokens)
+    launch = build_launch(profile, model_dir, name, port=port or args.port, mtp_tokens=tokens)
     if not dry_run and model_dir == artifact:
         launch.notes.clear()  # nothing was dequantized (an unquantized checkpoint)
     if launch.mtp_tokens > 0 and not dry_run:
@@ -53,7 +52,7 @@ def serve_command(args: argparse.Namespace, console: Any) -> int:
     if args.dry_run:
         print_launch(launch_for(args, console, dry_run=True), console)
         return 0
-    launch = launch_for(args, console, port=args.port or (free_port() if args.check else DEFAULT_PORT))
+    launch = launch_for(args, console, port=args.port or (free_port() if args.check else None))
     profile = load_profile(args.profile)
     print_launch(launch, console)
     run = Path(args.run)

@@ -19,16 +19,16 @@ from typing import Any
 from mtpquant.atomic import atomic_write_bytes
 
 
-def problem(rng: random.Random, steps: int) -> dict[str, Any]:
+def problem(rng: random.Random, steps: int, operand_max: int = 99) -> dict[str, Any]:
     value = rng.randint(0, 99)
     question, work = str(value), []
     for _ in range(steps):
         if rng.random() < 0.5 and value < 99:
-            k = rng.randint(1, 99 - value)
+            k = rng.randint(1, min(operand_max, 99 - value))
             value += k
             question += f"+{k}"
         else:
-            k = rng.randint(1, value) if value > 0 else 0
+            k = rng.randint(1, min(operand_max, value)) if value > 0 else 0
             value -= k
             question += f"-{k}"
         work.append(str(value))
@@ -36,9 +36,9 @@ def problem(rng: random.Random, steps: int) -> dict[str, Any]:
             "steps": steps}
 
 
-def problems(seed: int, n: int, min_steps: int, max_steps: int) -> list[dict[str, Any]]:
+def problems(seed: int, n: int, min_steps: int = 2, max_steps: int = 3, operand_max: int = 99) -> list[dict[str, Any]]:
     rng = random.Random(seed)
-    return [problem(rng, rng.randint(min_steps, max_steps)) for _ in range(n)]
+    return [problem(rng, rng.randint(min_steps, max_steps), operand_max) for _ in range(n)]
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
