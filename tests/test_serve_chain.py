@@ -107,6 +107,18 @@ def test_w4a16_within_005_of_bf16_and_no_worse_than_rtn(evals):
     assert w4 >= rtn, (w4, rtn)
 
 
+def test_w4a16_next_token_distributions_closer_to_bf16_than_rtn(evals):
+    from mtpquant.evaluate import compare_logprobs
+
+    ref = evals("bf16")["answer_logprobs"]
+    w4 = compare_logprobs(ref, evals("w4a16")["answer_logprobs"])
+    rtn = compare_logprobs(ref, evals("rtn")["answer_logprobs"])
+    same = compare_logprobs(ref, evals("bf16-nomtp")["answer_logprobs"])
+    assert w4["positions"] > 2000 and same["kl_mean"] < 1e-3 and same["top1_flip_rate"] < 0.005
+    assert 0 < w4["kl_mean"] < rtn["kl_mean"], (w4, rtn)
+    assert w4["top1_flip_rate"] <= rtn["top1_flip_rate"], (w4, rtn)
+
+
 def test_mtp_acceptance_with_quantized_target_and_injected_mtp(evals):
     w4 = evals("w4a16")["mtp_acceptance"]
     bf16 = evals("bf16")["mtp_acceptance"]

@@ -12,10 +12,12 @@ the seed publishes none).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +113,43 @@ def run_lm_eval(suite: EvalSuite, base_url: str, model: str, tokenizer: str, log
     return results
 
 
+def answer_logprobs(base_url: str, model: str, tokenizer: str, rows: list[dict[str, Any]], k: int = 20,
+                    workers: int = 8) -> list[list[dict[str, float]]]:
+    """Per row, per answer token: the server's top-k next-token log-probabilities, teacher-forced on
+    question + reference answer (vLLM's `prompt_logprobs` on /v1/completions)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+
+    def one(row: dict[str, Any]) -> list[dict[str, float]]:
+        n_q = len(tok(row["question"], add_special_tokens=False)["input_ids"])
+        body = json.dumps({"model": model, "prompt": row["question"] + row["answer"], "max_tokens": 1,
+                           "temperature": 0, "prompt_logprobs": k}).encode()
+        req = urllib.request.Request(f"{base_url}/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:  # noqa: S310 (the endpoint under test)
+            plp = json.loads(r.read())["choices"][0]["prompt_logprobs"]
+        # entry i is the distribution that predicted token i: keep those predicting answer tokens
+        return [{t: v["logprob"] for t, v in entry.items()} for entry in plp[n_q:] if entry]
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, rows))
+
+
+def compare_logprobs(ref: list[list[dict[str, float]]], test: list[list[dict[str, float]]]) -> dict[str, Any]:
+    """KL(ref || test) per token (top-k support; tokens missing from test's top-k get its smallest logprob)
+    and the rate at which the top-1 token differs."""
+    kls, flips = [], 0
+    for r_row, t_row in zip(ref, test, strict=True):
+        for r, t in zip(r_row, t_row, strict=True):
+            floor = min(t.values())
+            kls.append(sum(math.exp(lp) * (lp - t.get(tok, floor)) for tok, lp in r.items()))
+            flips += max(r, key=r.get) != max(t, key=t.get)
+    n = len(kls)
+    return {"positions": n, "kl_mean": sum(kls) / n if n else None, "top1_flip_rate": flips / n if n else None}
+
+
 def verdict(value: float, stderr: float | None, ref: float) -> str:
     if stderr is None:
         return "no stderr"
@@ -145,6 +184,10 @@ def evaluate(suite_ref: str, base_url: str, model: str, tokenizer: str, out: Pat
     before = spec_counters(base_url)
     res = run_lm_eval(suite, base_url, model, tokenizer, log)
     res["mtp_acceptance"] = acceptance(before, spec_counters(base_url))
+    if suite.logprob_data:
+        rows = [json.loads(line) for line in (REPO_ROOT / suite.logprob_data).read_text().splitlines() if line]
+        log(f"next-token log-probabilities on {len(rows)} reference answers")
+        res["answer_logprobs"] = answer_logprobs(base_url, model, tokenizer, rows)
     res.update({"suite": suite.name, "suite_sha256": recipes.recipe_sha256("eval", path), "label": label,
                 "base_url": base_url, "model": model, **(extra or {})})
     atomic_write_json(out, res)

@@ -227,9 +227,14 @@ class EvalSuite:
     model: Literal["local-completions", "local-chat-completions"] = "local-completions"
     num_concurrent: int = 8
     max_gen_toks: int | None = None
+    # JSONL with question/answer fields: next-token log-probabilities on the reference answers are recorded
+    # (teacher-forced), so artifacts can be compared with BF16 by KL divergence and top-1 flip rate.
+    logprob_data: str | None = None
     description: str = ""
 
     def check(self, where: str) -> None:
+        if self.logprob_data is not None and not (REPO_ROOT / self.logprob_data).is_file():
+            raise RecipeError(f"{key(where, 'logprob_data')}: file not found: {self.logprob_data}")
         if not self.tasks:
             raise RecipeError(f"{key(where, 'tasks')}: at least one task is needed")
         for i, t in enumerate(self.tasks):

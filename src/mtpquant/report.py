@@ -84,6 +84,18 @@ def section_eval(run: Path) -> list[str]:
     for (task, metric), ref in refs.items():
         out.append("")
         out.append(f"Reference for {task} ({metric}): " + ", ".join(f"{k} {v}" for k, v in ref.items()))
+    ref = next((r for r in results if r["label"] == "bf16" and r.get("answer_logprobs")), None)
+    if ref:
+        from mtpquant.evaluate import compare_logprobs
+
+        out += ["", "Next-token distributions on the reference answers, against `bf16` (teacher-forced, top-20 "
+                "log-probabilities from the server):", "",
+                "| model | KL(bf16 ‖ model) per token | top-1 flip rate | tokens |", "|---|---|---|---|"]
+        for r in results:
+            if r.get("answer_logprobs") and r is not ref:
+                c = compare_logprobs(ref["answer_logprobs"], r["answer_logprobs"])
+                out.append(f"| {r['label']} | {_fmt(c['kl_mean'], '.5f')} | {_fmt(c['top1_flip_rate'], '.4f')} "
+                           f"| {c['positions']} |")
     notes = {n for r in results for n in (r.get("server") or {}).get("notes", [])}
     out += [""] + [f"> **{n}**" for n in sorted(notes)] + [""]
     return out
