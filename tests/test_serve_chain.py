@@ -162,6 +162,15 @@ def test_artifact_without_injected_mtp_is_refused_before_vllm_starts(chain, serv
     assert "no tensors for them (was inject-mtp run?)" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_artifact_without_injected_mtp_also_fails_in_vllm_itself(chain, serve_python):
+    r = mtpquant(serve_python, "serve", "--run", str(chain["root"]), "--artifact", str(chain["quantized"]),
+                 "--check", "--skip-checks", check=False)
+    assert r.returncode == 2
+    err = " ".join(r.stderr.split())
+    assert "vLLM exited with code" in err and "before it was ready" in err
+    assert "weights were not initialized from checkpoint" in err and "model.layers.3." in err
+
+
 def test_bench_with_and_without_mtp_and_report(chain, serve_python, evals):
     mtpquant(serve_python, "bench", "--run", str(chain["root"]), "--artifact", str(chain["artifact"]),
              "--grid", "tiny", "--name", "w4a16")

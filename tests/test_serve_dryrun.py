@@ -94,10 +94,14 @@ def test_a_server_that_dies_while_loading_fails_at_once_with_its_log(tmp_path):
     # A stand-in process (not vLLM): the failure under test is "the server exits before it is ready",
     # which a real vLLM start would take a minute to show.
     log = tmp_path / "serve.log"
-    launch = _launch([sys.executable, "-c", "import sys; print('weights not found: model.layers.3'); sys.exit(3)"])
-    with pytest.raises(ServeError) as exc, running(launch, log, timeout_s=60):
+    code = ("import sys; print('WARNING can cause errors like `OSError: [Errno 24]`'); "
+            "print('(Worker) ERROR [x.py:1] ValueError: weights not initialized: model.layers.3.enorm'); "
+            "print('RuntimeError: Engine core initialization failed. See root cause above.'); sys.exit(3)")
+    with pytest.raises(ServeError) as exc, running(_launch([sys.executable, "-c", code]), log, timeout_s=60):
         pass
-    assert "exited with code 3" in str(exc.value) and "weights not found" in str(exc.value)
+    first_line = str(exc.value).splitlines()[0]
+    assert "exited with code 3" in first_line
+    assert first_line.endswith(f"ValueError: weights not initialized: model.layers.3.enorm; log {log}:")
     assert "$ " in log.read_text()  # the exact command heads the log
 
 

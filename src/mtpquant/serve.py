@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -133,6 +134,22 @@ def tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
+_ERROR = re.compile(r"(?:^|\] )([A-Z]\w*(?:Error|Exception): .+)", re.MULTILINE)
+_WRAPPERS = ("Engine core initialization failed", "Engine process failed to start")
+
+
+def root_cause(path: Path) -> str | None:
+    """The first error line of the server log that is not a wrapper around another one."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return None
+    for m in _ERROR.finditer(text):
+        if not any(w in m.group(1) for w in _WRAPPERS):
+            return m.group(1)[:2000]
+    return None
+
+
 class Server:
     """A running vLLM server: a process in its own group, its log, its URL."""
 
@@ -161,8 +178,9 @@ class Server:
         while True:
             code = self.proc.poll()
             if code is not None:
-                raise ServeError(f"vLLM exited with code {code} before it was ready; log {self.log_path}:\n"
-                                 f"{tail(self.log_path)}")
+                cause = root_cause(self.log_path)
+                raise ServeError(f"vLLM exited with code {code} before it was ready"
+                                 + (f": {cause}" if cause else "") + f"; log {self.log_path}:\n{tail(self.log_path)}")
             if _get(f"{url}/health")[0] == 200:
                 status, body = _get(f"{url}/v1/models")
                 if status == 200:

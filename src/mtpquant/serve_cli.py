@@ -35,7 +35,7 @@ def launch_for(args: argparse.Namespace, console: Any, port: int | None = None, 
     launch = build_launch(profile, model_dir, name, port=port or args.port, mtp_tokens=tokens)
     if not dry_run and model_dir == artifact:
         launch.notes.clear()  # nothing was dequantized (an unquantized checkpoint)
-    if launch.mtp_tokens > 0 and not dry_run:
+    if launch.mtp_tokens > 0 and not dry_run and not getattr(args, "skip_checks", False):
         check_mtp_present(model_dir)
     return launch
 
