@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ SPEC = FixtureSpec(num_hidden_layers=3, first_k_dense_replace=1, n_routed_expert
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 4000
+    steps: int = 6000
     batch: int = 32
     lr: float = 1e-3  # 3e-3 plateaus at ~0.1 accuracy (benchmarks/tiny_sweep.py)
     warmup: int = 100
@@ -214,7 +215,7 @@ def train(cfg: TrainConfig, out: Path, on_step: Any = None) -> dict[str, Any]:
     import torch
     import transformers
 
-    tok_dir = out.parent / f".{out.name}.tokenizer"
+    tok_dir = Path(tempfile.mkdtemp(prefix="mtpquant-tok-"))
     model, mtp, log = fit(cfg, tokenizer(tok_dir), "cpu", on_step)
     spec = spec_for(cfg)
     tensors: dict[str, Any] = {}
