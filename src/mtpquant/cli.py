@@ -118,6 +118,63 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_tiny(args: argparse.Namespace) -> int:
+    from mtpquant.train_tiny import TrainConfig, run_training
+
+    cfg = TrainConfig(seed=args.seed) if args.steps is None else TrainConfig(steps=args.steps, seed=args.seed)
+    if args.data_only:
+        from mtpquant.recipes import REPO_ROOT
+        from mtpquant.tiny_task import write_data
+
+        for p in write_data(REPO_ROOT):
+            console.print(f"[green]wrote[/] {p}")
+        return 0
+    run_training(cfg, Path(args.out), console)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mtpquant.serve_cli import serve_command
+
+    return serve_command(args, console)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mtpquant.evaluate import eval_command
+
+    return eval_command(args, console)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mtpquant.bench import bench_command
+
+    return bench_command(args, console)
+
+
+def cmd_dequantize(args: argparse.Namespace) -> int:
+    from mtpquant.dequantize import dequantize_artifact
+
+    out = dequantize_artifact(Path(args.artifact), Path(args.out))
+    console.print(f"[bold yellow]DEQUANTIZED[/] {args.artifact} -> {out} (BF16, same weight values)")
+    return 0
+
+
+def cmd_rtn(args: argparse.Namespace) -> int:
+    from mtpquant.dequantize import rtn_checkpoint
+
+    out = rtn_checkpoint(Path(args.base), Path(args.out), group_size=args.group_size)
+    console.print(f"[green]RTN INT4 baseline[/] (routed experts, group {args.group_size}, asymmetric) -> {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mtpquant.report import write_report
+
+    path = write_report(Path(args.run), Path(args.artifact) if args.artifact else None)
+    console.print(f"[green]report[/] -> {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtpquant", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,6 +213,48 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--artifact", help="default RUN/artifact")
     s.add_argument("--base", help="default RUN/base")
     s = stage("manifest", cmd_manifest, "SHA256 of every artifact file plus provenance")
+    s.add_argument("--artifact", help="default RUN/artifact")
+    s = sub.add_parser("train-tiny", help="train the tiny GLM-4.5-layout arithmetic model with its MTP layer")
+    s.add_argument("--out", default="data/models/tiny-arith")
+    s.add_argument("--steps", type=int, default=None, help="training steps (default: the committed model's)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--data-only", action="store_true", help="only (re)write the task's data files")
+    s.set_defaults(fn=cmd_train_tiny)
+
+    def serving(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--profile", default="cpu", help="serve profile name or YAML (recipes/serve/)")
+        s.add_argument("--artifact", help="checkpoint to serve (default RUN/artifact)")
+        s.add_argument("--port", type=int, default=None, help="default: 8000 for serve, a free port otherwise")
+        s.add_argument("--name", help="served model name (default: the artifact directory's name)")
+
+    s = stage("serve", cmd_serve, "serve an artifact with vLLM (profile from recipes/serve/) until interrupted")
+    serving(s)
+    s.add_argument("--no-mtp", action="store_true", help="serve without MTP speculative decoding")
+    s.add_argument("--mtp-tokens", type=int, help="override the profile's num_speculative_tokens")
+    s.add_argument("--dry-run", action="store_true", help="print the exact command and environment, start nothing")
+    s.add_argument("--check", action="store_true", help="start, wait until ready, stop (exit 0 if it served)")
+    s.add_argument("--skip-checks", action="store_true",
+                   help="start vLLM even on a checkpoint that looks wrong (to see vLLM's own error)")
+    s = stage("eval", cmd_eval, "lm-eval against a served endpoint (suite from recipes/eval/)")
+    serving(s)
+    s.add_argument("--suite", default="tiny", help="eval suite name or YAML (recipes/eval/)")
+    s.add_argument("--base-url", help="an already running server (else one is started with --profile)")
+    s.add_argument("--tokenizer", help="default: the served checkpoint")
+    s.add_argument("--no-mtp", action="store_true")
+    s.add_argument("--label", default=None, help="name of this result (default: the artifact's name)")
+    s = stage("bench", cmd_bench, "vllm bench serve over a grid, with and without MTP")
+    serving(s)
+    s.add_argument("--grid", default="tiny", help="bench grid name or YAML (recipes/bench/)")
+    s = sub.add_parser("dequantize", help="BF16 copy of a pack-quantized artifact (same values; for CPU serving)")
+    s.add_argument("--artifact", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_dequantize)
+    s = sub.add_parser("rtn", help="round-to-nearest INT4 baseline of a base checkpoint's routed experts (BF16)")
+    s.add_argument("--base", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--group-size", type=int, default=128)
+    s.set_defaults(fn=cmd_rtn)
+    s = stage("report", cmd_report, "markdown report of an artifact: verify, eval, bench, commands, versions")
     s.add_argument("--artifact", help="default RUN/artifact")
     s = sub.add_parser("preflight", help="refuse a real run this machine cannot finish (GPUs, pins)")
     s.add_argument("--model", required=True)

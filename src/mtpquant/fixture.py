@@ -13,6 +13,7 @@ Same spec and seed give the same bytes.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,22 @@ def config_for(family: str, spec: FixtureSpec, num_layers: int | None = None) ->
                          attention_bias=True, partial_rotary_factor=0.5)
 
 
+def unfuse_experts(name: str, t: Any) -> dict[str, Any]:
+    """transformers' fused 3-D expert tensors -> the on-disk per-expert 2-D tensors (others pass through)."""
+    if name.endswith("mlp.experts.gate_up_proj"):
+        prefix = name.removesuffix("gate_up_proj")
+        inter = t.shape[1] // 2
+        out = {}
+        for e in range(t.shape[0]):
+            out[f"{prefix}{e}.gate_proj.weight"] = t[e, :inter].contiguous()
+            out[f"{prefix}{e}.up_proj.weight"] = t[e, inter:].contiguous()
+        return out
+    if name.endswith("mlp.experts.down_proj"):
+        prefix = name.removesuffix("down_proj")
+        return {f"{prefix}{e}.down_proj.weight": t[e].contiguous() for e in range(t.shape[0])}
+    return {name: t}
+
+
 def fixture_tensors(family: str, spec: FixtureSpec) -> dict[str, Any]:
     """All tensors of the checkpoint, by on-disk name, in a deterministic order."""
     import torch
@@ -73,19 +90,7 @@ def fixture_tensors(family: str, spec: FixtureSpec) -> dict[str, Any]:
             t = t.to(torch.bfloat16)
         if name.endswith("e_score_correction_bias"):
             t = (torch.randn(t.shape, generator=gen) * 0.01).to(torch.float32)  # FP32 in real checkpoints
-        if name.endswith("mlp.experts.gate_up_proj"):
-            prefix = name.removesuffix("gate_up_proj")
-            inter = t.shape[1] // 2
-            for e in range(t.shape[0]):
-                out[f"{prefix}{e}.gate_proj.weight"] = t[e, :inter].contiguous()
-                out[f"{prefix}{e}.up_proj.weight"] = t[e, inter:].contiguous()
-            continue
-        if name.endswith("mlp.experts.down_proj"):
-            prefix = name.removesuffix("down_proj")
-            for e in range(t.shape[0]):
-                out[f"{prefix}{e}.down_proj.weight"] = t[e].contiguous()
-            continue
-        out[name] = t
+        out.update(unfuse_experts(name, t))
     for layer in range(n, n + n_mtp):
         p = f"model.layers.{layer}."
         out[p + "eh_proj.weight"] = (torch.randn(h, 2 * h, generator=gen) * 0.05).to(torch.bfloat16)
@@ -120,9 +125,15 @@ def write_tokenizer(out: Path) -> None:
 
 def write_fixture(family: str, spec: FixtureSpec, out: Path) -> Path:
     """Write the checkpoint to `out` atomically and return it."""
+    return write_checkpoint(family, spec, fixture_tensors(family, spec), out)
+
+
+def write_checkpoint(family: str, spec: FixtureSpec, tensors: dict[str, Any], out: Path,
+                     finish: Callable[[Path], None] | None = None) -> Path:
+    """Write `tensors` (on-disk names) as a sharded checkpoint with config and tokenizer, atomically;
+    `finish(tmp_dir)` may add files before the directory is renamed into place."""
     from safetensors.torch import save_file
 
-    tensors = fixture_tensors(family, spec)
     names = sorted(tensors, key=_layer_key)
     sizes = {k: tensors[k].numel() * tensors[k].element_size() for k in names}
     per_shard = sum(sizes.values()) / spec.num_shards
@@ -148,4 +159,6 @@ def write_fixture(family: str, spec: FixtureSpec, out: Path) -> Path:
         config.pop("_name_or_path", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         write_tokenizer(tmp)
+        if finish is not None:
+            finish(tmp)
     return Path(out)

@@ -20,13 +20,14 @@ def prepare(model_ref: str, dest: Path) -> dict[str, Any]:
 
         write_fixture(recipe.family, src.fixture, dest)
     elif src.path is not None:
-        if not Path(src.path).is_dir():
+        local = Path(src.path) if Path(src.path).is_absolute() else recipes.REPO_ROOT / src.path
+        if not local.is_dir():
             raise MtpquantError(f"{path}: source.path {src.path} is not a directory")
         if dest.is_symlink():
             dest.unlink()
         elif dest.exists():
             raise MtpquantError(f"{dest}: exists and is not a link to a local source; remove it first")
-        os.symlink(Path(src.path).resolve(), dest)
+        os.symlink(local.resolve(), dest)
     else:
         if src.revision == UNPINNED:
             raise MtpquantError(f"{path}: source.revision is UNPINNED; set it to the 40-hex commit of "

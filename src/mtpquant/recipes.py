@@ -204,7 +204,106 @@ class CalibrationRecipe:
             raise RecipeError(f"{where}: num_samples and max_seq_length must be > 0")
 
 
-KINDS: dict[str, type] = {"models": ModelRecipe, "quant": QuantRecipe, "calibration": CalibrationRecipe}
+@dataclass(frozen=True)
+class ServeProfile:
+    """How vLLM serves an artifact on one kind of machine (see mtpquant.serve)."""
+
+    name: str
+    platform: Literal["gpu", "cpu"]
+    max_model_len: int
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    num_speculative_tokens: int = 0  # MTP draft tokens per step; 0 serves without MTP
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "bfloat16"] = "auto"
+    gpu_memory_utilization: float | None = None
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+    enable_auto_tool_choice: bool = False
+    dequantize: bool = False  # serve a BF16 copy with the same weight values (no INT4 MoE kernel here)
+    env: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)
+    ready_timeout_s: int = 600
+    host: str = "127.0.0.1"  # 0.0.0.0 to serve other machines
+    port: int = 8000
+    description: str = ""
+
+    def check(self, where: str) -> None:
+        for k in ("max_model_len", "tensor_parallel_size", "data_parallel_size", "ready_timeout_s"):
+            if getattr(self, k) <= 0:
+                raise RecipeError(f"{key(where, k)}: must be > 0")
+        if self.num_speculative_tokens < 0:
+            raise RecipeError(f"{key(where, 'num_speculative_tokens')}: must be >= 0")
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise RecipeError(f"{key(where, 'enable_auto_tool_choice')}: needs tool_call_parser")
+        if self.platform == "cpu" and (self.tensor_parallel_size > 1 or self.gpu_memory_utilization):
+            raise RecipeError(f"{where}: a cpu profile takes no tensor parallelism or gpu_memory_utilization")
+        if self.platform == "gpu" and self.dequantize:
+            raise RecipeError(f"{key(where, 'dequantize')}: only for cpu profiles (GPUs run the INT4 kernels)")
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    task: str  # an lm-eval task name, or a task YAML under recipes/eval/tasks/ (local, offline)
+    metric: str  # e.g. "exact_match,strict-match"
+    reference: dict[str, float] = field(default_factory=dict)  # label -> published score
+    num_fewshot: int | None = None
+    limit: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)  # lm-eval --metadata (e.g. RULER lengths)
+
+
+@dataclass(frozen=True)
+class EvalSuite:
+    name: str
+    tasks: list[EvalTask]
+    model: Literal["local-completions", "local-chat-completions"] = "local-completions"
+    num_concurrent: int = 8
+    max_gen_toks: int | None = None
+    # JSONL with question/answer fields: next-token log-probabilities on the reference answers are recorded
+    # (teacher-forced), so artifacts can be compared with BF16 by KL divergence and top-1 flip rate.
+    logprob_data: str | None = None
+    description: str = ""
+
+    def check(self, where: str) -> None:
+        if self.logprob_data is not None and not (REPO_ROOT / self.logprob_data).is_file():
+            raise RecipeError(f"{key(where, 'logprob_data')}: file not found: {self.logprob_data}")
+        if not self.tasks:
+            raise RecipeError(f"{key(where, 'tasks')}: at least one task is needed")
+        for i, t in enumerate(self.tasks):
+            if "," not in t.metric:
+                raise RecipeError(f"{key(where, f'tasks[{i}].metric')}: must be 'metric,filter' as lm-eval "
+                                  f"reports it, got {t.metric!r}")
+
+
+@dataclass(frozen=True)
+class BenchGrid:
+    name: str
+    concurrency: list[int]
+    dataset: Literal["custom", "random", "sharegpt"] = "custom"
+    dataset_path: str | None = None  # JSONL with a "prompt" field (custom), relative to the repo root
+    prompts_per_concurrency: int = 8  # num_prompts = this x concurrency (the seed's bench)
+    min_prompts: int = 16
+    input_len: int = 1024  # random dataset only
+    output_len: int = 512
+    mtp: list[bool] = field(default_factory=lambda: [True, False])  # serve with and without MTP
+    api: Literal["completions", "chat"] = "completions"
+    seed: int = 0
+    description: str = ""
+
+    def check(self, where: str) -> None:
+        if not self.concurrency or any(c <= 0 for c in self.concurrency):
+            raise RecipeError(f"{key(where, 'concurrency')}: a non-empty list of positive integers")
+        if self.dataset == "custom":
+            if not self.dataset_path:
+                raise RecipeError(f"{key(where, 'dataset_path')}: needed for dataset 'custom'")
+            if not (REPO_ROOT / self.dataset_path).is_file():
+                raise RecipeError(f"{key(where, 'dataset_path')}: file not found: {self.dataset_path}")
+        if not self.mtp:
+            raise RecipeError(f"{key(where, 'mtp')}: list at least one of true, false")
+
+
+KINDS: dict[str, type] = {"models": ModelRecipe, "quant": QuantRecipe, "calibration": CalibrationRecipe,
+                          "serve": ServeProfile, "eval": EvalSuite, "bench": BenchGrid}
 
 
 def check_revision(rev: str | None, where: str) -> None:
@@ -237,10 +336,13 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             allowed = ", ".join(repr(a) for a in typing.get_args(tp))
             raise RecipeError(f"{where}: {value!r} is not one of {allowed}")
         return value
+    if tp is Any:
+        return value
     if origin is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{where}: must be a mapping, got {type(value).__name__}")
-        return dict(value)
+        kt, vt = typing.get_args(tp)
+        return {_convert(k, kt, f"{where}.{k}"): _convert(v, vt, key(where, str(k))) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise RecipeError(f"{where}: must be a list, got {type(value).__name__}")

@@ -1,0 +1,195 @@
+"""The tiny trained model end to end through real tools: llm-compressor GPTQ -> inject-mtp -> vLLM (CPU) ->
+lm-eval and `vllm bench serve`. vLLM and lm-eval live in their own environment (pinned/serve-cpu.txt; it cannot
+share one with llm-compressor), found through $MTPQUANT_SERVE_PYTHON (`nox -s tests` sets it up).
+
+One server per configuration, shared through session fixtures: BF16 with and without MTP, the W4A16 artifact
+with its injected MTP (served as its dequantized BF16 copy: no INT4 MoE kernel on this CPU), the RTN INT4
+baseline, and an artifact whose MTP layer came from a different model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mtpquant.fixture import write_fixture
+from mtpquant.inject_mtp import inject_mtp
+from mtpquant.quantize import quantize
+from mtpquant.train_tiny import TrainConfig, spec_for
+from mtpquant.verify import verify
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = Path(os.environ.get("MTPQUANT_TINY_MODEL", ROOT / "data" / "models" / "tiny-arith"))
+
+
+@pytest.fixture(scope="session")
+def serve_python() -> str:
+    py = os.environ.get("MTPQUANT_SERVE_PYTHON")
+    if not py or not Path(py).exists():
+        pytest.fail("MTPQUANT_SERVE_PYTHON must name the python of the serving venv (pinned/serve-cpu.txt); "
+                    "`nox -s tests` creates it")
+    return py
+
+
+def mtpquant(python: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([python, "-m", "mtpquant", *args], capture_output=True, text=True, cwd=ROOT,
+                       env=os.environ | {"PYTHONPATH": str(ROOT / "src"), "COLUMNS": "200"})
+    if check and r.returncode != 0:
+        raise AssertionError(f"mtpquant {' '.join(args)} exited {r.returncode}:\n{r.stderr[-4000:]}")
+    return r
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory, serve_python) -> dict[str, Path]:
+    """base (the committed BF16 model), quantized (no MTP), artifact (+ injected MTP), rtn, foreign-MTP artifact."""
+    root = tmp_path_factory.mktemp("arith")
+    quantize(MODEL, "w4a16-asym-g128", "tiny-arith", root / "quantized", root / "quantize.json")
+    inject_mtp(MODEL, root / "quantized", root / "artifact", root / "inject-mtp.json")
+    checks = verify(root / "artifact", MODEL, root / "verify.json")
+    assert all(c.ok for c in checks), [c.failures for c in checks if not c.ok]
+    mtpquant(serve_python, "rtn", "--base", str(MODEL), "--out", str(root / "rtn"))
+    # A model of the same shape but other weights: its MTP layer is "foreign" to the artifact.
+    other = write_fixture("glm4_moe", spec_for(TrainConfig()), root / "other")
+    inject_mtp(other, root / "quantized", root / "foreign", root / "inject-foreign.json")
+    return {"root": root, "base": MODEL, "quantized": root / "quantized", "artifact": root / "artifact",
+            "rtn": root / "rtn", "foreign": root / "foreign"}
+
+
+@pytest.fixture(scope="session")
+def evals(chain, serve_python):
+    """label -> eval result (lm-eval through a vLLM server started for it), each computed once."""
+    configs = {"bf16": ("base", True), "bf16-nomtp": ("base", False), "w4a16": ("artifact", True),
+               "rtn": ("rtn", False), "foreign": ("foreign", True)}
+    cache: dict[str, Any] = {}
+
+    def get(label: str) -> dict[str, Any]:
+        if label not in cache:
+            key, mtp = configs[label]
+            args = ["eval", "--run", str(chain["root"]), "--artifact", str(chain[key]), "--suite", "tiny",
+                    "--label", label, "--name", label]
+            mtpquant(serve_python, *args, *([] if mtp else ["--no-mtp"]))
+            cache[label] = json.loads((chain["root"] / "eval" / f"{label}.json").read_text())
+        return cache[label]
+
+    return get
+
+
+def score(res: dict[str, Any]) -> float:
+    (task,) = res["tasks"]
+    return task["value"]
+
+
+def outputs(res: dict[str, Any]) -> list[str]:
+    return [s["output"] for s in res["samples"]["tiny_arith"]]
+
+
+def test_bf16_model_has_real_skill(evals):
+    res = evals("bf16")
+    assert res["tasks"][0]["n"] == 200
+    assert score(res) >= 0.8
+
+
+def test_mtp_is_lossless_greedy_outputs_identical(evals):
+    with_mtp, without = outputs(evals("bf16")), outputs(evals("bf16-nomtp"))
+    assert len(with_mtp) == 200
+    assert with_mtp == without
+    assert evals("bf16-nomtp")["mtp_acceptance"] is None  # no speculative decoding on that server
+
+
+def test_w4a16_within_005_of_bf16_and_no_worse_than_rtn(evals):
+    bf16, w4, rtn = score(evals("bf16")), score(evals("w4a16")), score(evals("rtn"))
+    assert abs(w4 - bf16) <= 0.05, (w4, bf16)
+    assert w4 >= rtn, (w4, rtn)
+
+
+def test_w4a16_next_token_distributions_closer_to_bf16_than_rtn(evals):
+    from mtpquant.evaluate import compare_logprobs
+
+    ref = evals("bf16")["answer_logprobs"]
+    w4 = compare_logprobs(ref, evals("w4a16")["answer_logprobs"])
+    rtn = compare_logprobs(ref, evals("rtn")["answer_logprobs"])
+    same = compare_logprobs(ref, evals("bf16-nomtp")["answer_logprobs"])
+    assert w4["positions"] > 2000 and same["kl_mean"] < 1e-3 and same["top1_flip_rate"] < 0.005
+    assert 0 < w4["kl_mean"] < rtn["kl_mean"], (w4, rtn)
+    assert w4["top1_flip_rate"] <= rtn["top1_flip_rate"], (w4, rtn)
+
+
+def test_mtp_acceptance_with_quantized_target_and_injected_mtp(evals):
+    w4 = evals("w4a16")["mtp_acceptance"]
+    bf16 = evals("bf16")["mtp_acceptance"]
+    assert w4["draft_tokens"] > 1000
+    assert w4["rate"] >= 0.5
+    assert abs(w4["rate"] - bf16["rate"]) <= 0.05, (w4["rate"], bf16["rate"])
+    assert evals("w4a16")["server"]["notes"] and "DEQUANTIZED" in evals("w4a16")["server"]["notes"][0]
+
+
+def test_dequantized_copy_has_int4_values_and_the_injected_mtp(chain, evals):
+    from safetensors import safe_open
+
+    from mtpquant.checkpoint import Checkpoint, tensor_sha256
+
+    evals("w4a16")
+    deq = Checkpoint(chain["root"] / "serve-bf16-artifact")
+    base = Checkpoint(MODEL)
+    assert "quantization_config" not in deq.config
+    name = "model.layers.2.mlp.experts.5.down_proj.weight"
+    with safe_open(str(deq.tensors[name].shard), "pt") as fh:
+        w = fh.get_tensor(name)
+    assert w.shape[1] == 128 and all(row.unique().numel() <= 16 for row in w)  # one group of 128: 4 bits
+    mtp = [n for n in base.tensors if n.startswith("model.layers.3.")]
+    assert mtp and all(tensor_sha256(deq.tensors[n]) == tensor_sha256(base.tensors[n]) for n in mtp)
+
+
+def test_foreign_mtp_is_caught_by_verify_and_collapses_acceptance(chain, evals):
+    checks = verify(chain["foreign"], MODEL)
+    mtp_check = next(c for c in checks if c.name.startswith("MTP tensors"))
+    assert not mtp_check.ok and "differs from the base" in mtp_check.failures[0]
+    foreign, ours = evals("foreign"), evals("w4a16")
+    # the draft is next to useless (a random MTP layer still hits some frequent tokens through the shared head)
+    assert foreign["mtp_acceptance"]["rate"] < 0.5 * ours["mtp_acceptance"]["rate"]
+    assert outputs(foreign) == outputs(ours)  # ... and still lossless: the same greedy outputs
+
+
+def test_artifact_without_injected_mtp_is_refused_before_vllm_starts(chain, serve_python):
+    r = mtpquant(serve_python, "serve", "--run", str(chain["root"]), "--artifact", str(chain["quantized"]),
+                 "--check", check=False)
+    assert r.returncode == 2
+    assert "no tensors for them (was inject-mtp run?)" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_artifact_without_injected_mtp_also_fails_in_vllm_itself(chain, serve_python):
+    r = mtpquant(serve_python, "serve", "--run", str(chain["root"]), "--artifact", str(chain["quantized"]),
+                 "--check", "--skip-checks", check=False)
+    assert r.returncode == 2
+    err = " ".join(r.stderr.split())
+    assert "vLLM exited with code" in err and "before it was ready" in err
+    assert "weights were not initialized from checkpoint" in err and "model.layers.3." in err
+
+
+def test_bench_with_and_without_mtp_and_report(chain, serve_python, evals):
+    mtpquant(serve_python, "bench", "--run", str(chain["root"]), "--artifact", str(chain["artifact"]),
+             "--grid", "tiny", "--name", "w4a16")
+    out = chain["root"] / "bench"
+    summary = json.loads((out / "bench.json").read_text())
+    assert sorted((p["mtp"], p["concurrency"]) for p in summary["points"]) == [
+        (False, 1), (False, 8), (False, 32), (True, 1), (True, 8), (True, 32)]
+    for p in summary["points"]:
+        assert p["result"]["completed"] >= 16 and p["result"]["output_throughput"] > 0
+        assert p["command"].startswith("vllm bench serve --backend openai")
+        if p["mtp"]:
+            assert p["result"]["spec_decode_acceptance_rate"] > 50
+    assert all(r.get("mtp_speedup") for r in summary["table"])
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| Concurrency |" in (out / "bench.md").read_text()
+    evals("w4a16")
+    mtpquant(serve_python, "manifest", "--run", str(chain["root"]), "--artifact", str(chain["artifact"]))
+    mtpquant(serve_python, "report", "--run", str(chain["root"]), "--artifact", str(chain["artifact"]))
+    report = (chain["root"] / "report.md").read_text()
+    for needle in ("## Verify", "Overall: **PASS**", "## Eval", "tiny_arith", "## Bench", "MTP gives **",
+                   "vllm bench serve", "DEQUANTIZED", "## Artifact"):
+        assert needle in report, needle

@@ -1,0 +1,72 @@
+"""The committed tiny trained model and its task: checksums, layout, data files, deterministic training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from mtpquant.checkpoint import Checkpoint
+from mtpquant.families import FAMILIES
+from mtpquant.tiny_task import DATA, problems, write_data
+from mtpquant.train_tiny import SUMS, TrainConfig, fit, tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "data" / "models" / "tiny-arith"
+
+
+def test_committed_model_matches_its_sha256sums():
+    lines = (MODEL / SUMS).read_text().splitlines()
+    assert len(lines) >= 6
+    for line in lines:
+        digest, name = line.split("  ", 1)
+        assert hashlib.sha256((MODEL / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_committed_model_has_the_real_layout_and_an_mtp_layer():
+    ck = Checkpoint(MODEL)
+    fam = FAMILIES["glm4_moe"]
+    cfg = ck.config
+    assert cfg["model_type"] == "glm4_moe" and cfg["num_nextn_predict_layers"] == 1
+    experts = fam.routed_expert_linears(cfg)
+    assert experts and all(f"{m}.weight" in ck.tensors for m in experts)
+    mtp = fam.mtp_prefixes(cfg)[0]
+    for extra in fam.mtp_extra:
+        assert mtp + extra in ck.tensors
+    assert ck.tensors[f"{mtp}mlp.experts.0.gate_proj.weight"].dtype == "BF16"
+    assert ck.tensors[f"model.layers.{cfg['first_k_dense_replace']}.mlp.gate.e_score_correction_bias"].dtype == "F32"
+    expert_bytes = sum(ck.tensors[f"{m}.weight"].nbytes for m in experts)
+    target_bytes = sum(t.nbytes for n, t in ck.tensors.items() if not n.startswith(mtp))
+    assert expert_bytes > 0.4 * target_bytes  # the routed experts carry much of the model
+    rec = json.loads((MODEL / "training.json").read_text())
+    assert rec["log"][-1]["lm"] < 0.1  # it learned the task (accuracy itself is measured through vLLM)
+
+
+def test_committed_data_files_are_what_the_generator_writes(tmp_path):
+    write_data(tmp_path)
+    for rel in DATA:
+        assert (tmp_path / rel).read_bytes() == (ROOT / rel).read_bytes(), rel
+
+
+def test_problems_are_deterministic_and_consistent():
+    a, b = problems(5, 50), problems(5, 50)
+    assert a == b
+    for p in a:
+        total = eval(p["question"].rstrip("="))  # noqa: S307 (digits and +/- from our own generator)
+        assert total == p["result"] and 0 <= total <= 99
+        assert p["answer"].endswith(f"#### {total}\n")
+
+
+def test_training_is_deterministic(tmp_path):
+    import torch
+
+    cfg = TrainConfig(steps=3, batch=8)
+    tok = tokenizer(tmp_path / "tok")
+    m1, mtp1, log1 = fit(cfg, tok)
+    m2, mtp2, log2 = fit(cfg, tok)
+    assert log1 == log2
+    for (n, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    for a, b in zip(mtp1.modules.parameters(), mtp2.modules.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert log1[0]["lm"] > 3  # it starts from scratch
