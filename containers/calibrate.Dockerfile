@@ -17,7 +17,9 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # base). Empty for cpu: the base already has Python, so the cpu image runs no apt at all.
 ARG APT_PACKAGES=""
 # Ubuntu snapshot (YYYYMMDDTHHMMSSZ) that apt resolves APT_PACKAGES against, so their versions are pinned too.
+# (hadolint cannot see inside the variable: `python -m mtpquant.policy` checks each flavour's values.)
 ARG APT_SNAPSHOT=""
+# hadolint ignore=DL3008,SC2086
 RUN if [ -n "${APT_PACKAGES}" ]; then \
       apt-get update ${APT_SNAPSHOT:+--snapshot "${APT_SNAPSHOT}"} \
       && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${APT_PACKAGES} \
@@ -28,7 +30,7 @@ RUN if [ -n "${APT_PACKAGES}" ]; then \
 # `--user $(id -u)` of `--runtime docker` works for any UID.
 RUN echo 'mtpquant:x:10001:10001:mtpquant:/home/mtpquant:/bin/sh' >> /etc/passwd \
     && echo 'mtpquant:x:10001:' >> /etc/group \
-    && mkdir -p -m 1777 /home/mtpquant /work
+    && install -d -m 1777 /home/mtpquant /work
 ENV HOME=/home/mtpquant \
     PATH=/opt/venv/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -36,6 +38,7 @@ ENV HOME=/home/mtpquant \
     LANG=C.UTF-8
 
 FROM base AS build
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # The hashed lockfile this image installs (pinned/<LOCK>.txt): calibrate-cpu or calibrate-cuda.
 ARG LOCK=calibrate-cpu
 # sha256 of that lockfile; checked below so that the label that records it cannot lie.
