@@ -29,6 +29,7 @@ PINNED = REPO_ROOT / "pinned"
 EXCLUDE_NEWER = "2026-11-27T00:00:00Z"
 PLATFORM = "x86_64-manylinux_2_28"
 COMPILE_COMMAND = "nox -s lock"
+UV_ENV = {"UV_CUSTOM_COMPILE_COMMAND": COMPILE_COMMAND}  # the header every lock carries
 SHA40 = re.compile(r"^[0-9a-f]{40}$")
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 UNRESOLVED = "UNRESOLVED"
@@ -215,8 +216,12 @@ def split_ref(ref: str) -> tuple[str, str | None]:
 def resolve_with_docker(tag: str) -> str | None:
     """The registry's current digest for a tag (no pull), or None when there is no engine or registry."""
     try:
+        import logging
+
         import docker  # the Docker SDK: in pinned/dev.txt, not needed to read a lock
 
+        for name in ("docker", "urllib3"):  # nox logs at DEBUG: keep the SDK's HTTP chatter out
+            logging.getLogger(name).setLevel(logging.WARNING)
         return docker.from_env(timeout=30).api.inspect_distribution(tag)["Descriptor"]["digest"]
     except Exception:  # no SDK, no engine, no registry: the caller keeps the previous digest
         return None
