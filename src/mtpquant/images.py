@@ -97,8 +97,10 @@ def revision(root: Path = ROOT) -> str:
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        # Dirty: anything a build context takes from the tree differs from the commit (untracked files too).
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", *CONTEXT_DIRS,
+                                "pyproject.toml", "containers"], capture_output=True, text=True,
+                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")
@@ -108,11 +110,14 @@ def _skip(path: Path) -> bool:
     return any(part == "__pycache__" or part.endswith(".egg-info") for part in path.parts) or path.suffix == ".pyc"
 
 
+CONTEXT_DIRS = ("src", "recipes", "data", "pinned", "containers/certs")
+
+
 def context_files(image: str, root: Path = ROOT) -> list[tuple[str, Path]]:
     """Everything a build of `image` may COPY, wheelhouse excluded, sorted."""
     paths = [root / "pyproject.toml", root / "containers" / f"{image}.Dockerfile",
              root / "containers" / "wheelhouse" / "README.md"]
-    for d in ("src", "recipes", "data", "pinned", "containers/certs"):
+    for d in CONTEXT_DIRS:
         paths += [p for p in (root / d).rglob("*") if p.is_file() and not _skip(p.relative_to(root))]
     certs = root / "containers" / "certs"
     paths = [p for p in paths if p.parent != certs or p.suffix == ".crt" or p.name == "README.md"]
@@ -249,8 +254,10 @@ def _stream(lines: Iterator[dict], log) -> None:
             log(f"{chunk['status']} {chunk.get('id', '')}".strip())
 
 
-def build(s: BuildSpec, log=print, no_cache: bool = False) -> str:
-    """Build the image (air-gapped when a wheelhouse is used: no network in RUN steps); returns its id."""
+def build(s: BuildSpec, log=print, no_cache: bool = False, normalize: bool = True) -> str:
+    """Build the image (air-gapped when a wheelhouse is used: no network in RUN steps); returns its id.
+    normalize: replace it by its canonical copy (mtpquant.reproducible), so that the same inputs give the
+    same image id and digest; the legacy builder's raw output differs in every timestamp."""
     unresolved = kernels.unresolved(kernels.load(PINNED / "kernels.lock", strict=False)) if "KERNELS" in \
         s.buildargs else []
     if unresolved:
@@ -268,6 +275,13 @@ def build(s: BuildSpec, log=print, no_cache: bool = False) -> str:
         _stream(c.api.build(fileobj=ctx, custom_context=True, dockerfile=s.dockerfile, tag=s.local_ref,
                             buildargs=s.buildargs, rm=True, forcerm=True, pull=False, nocache=no_cache,
                             network_mode="none" if offline else None, decode=True), log)
+    if normalize:
+        from mtpquant.reproducible import normalize as canonical
+
+        raw = c.images.get(s.local_ref).id
+        canonical(s.local_ref, s.local_ref)
+        if raw != c.images.get(s.local_ref).id:
+            c.images.remove(raw, noprune=False)
     return c.images.get(s.local_ref).id
 
 
@@ -425,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="use this base (a mirror's name@sha256:...) instead of pinned/images.lock's")
     p.add_argument("--online", action="store_true", help="fetch wheels from the index instead of the wheelhouse")
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--raw", action="store_true", help="build: keep the legacy builder's output as it is (not "
+                   "normalized: timestamps differ between builds)")
     p.add_argument("--registry", help="push: REGISTRY[/NAMESPACE] to publish to (recorded in images.lock)")
     p.add_argument("--mount", action="append", default=[], help="run: host directory mounted at the same path")
     p.add_argument("--user", help="run: UID:GID (default: the image's non-root user)")
@@ -448,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             elif args.action == "build":
                 console.print(f"[bold]building[/] {s.local_ref}")
                 image_id = build(s, log=lambda line: console.print(line, markup=False, highlight=False),
-                                 no_cache=args.no_cache)
+                                 no_cache=args.no_cache, normalize=not args.raw)
                 print(f"{s.local_ref} {image_id}")
             elif args.action == "push":
                 if not args.registry:
