@@ -281,7 +281,7 @@ def build(s: BuildSpec, log=print, no_cache: bool = False, normalize: bool = Tru
         raw = c.images.get(s.local_ref).id
         canonical(s.local_ref, s.local_ref)
         if raw != c.images.get(s.local_ref).id:
-            c.images.remove(raw, noprune=False)
+            c.images.remove(raw, noprune=True)  # its parents stay: they are the build cache
     return c.images.get(s.local_ref).id
 
 
