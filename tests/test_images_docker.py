@@ -1,0 +1,196 @@
+"""Real images on a real engine (marker `docker`: CI runs these after .ci/docker-setup, which starts dockerd and
+a loopback registry and makes the CPU base from Debian packages).
+
+The CPU calibration image is built air-gapped from the wheelhouse, pushed to the registry, removed, pulled back
+by digest and runs the tiny chain (prepare -> quantize -> inject-mtp -> verify) as its non-root user: the
+artifact equals the venv's byte for byte. A second build from scratch gives the same image id and the same
+registry digest. The CPU serving image is built, pushed, pulled back by digest, and serves a tiny GLM-4.5-layout
+model with MTP speculative decoding."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mtpquant import images, locks
+from mtpquant.checkpoint import file_sha256
+from mtpquant.errors import MtpquantError
+
+pytestmark = pytest.mark.docker
+STATE = Path(os.environ.get("MTPQUANT_DOCKER_STATE", "/var/tmp/mtpquant-docker"))
+REGISTRY = os.environ.get("MTPQUANT_REGISTRY", "127.0.0.1:5000")
+RESULTS = Path(os.environ.get("MTPQUANT_DOCKER_RESULTS", STATE / "results.json"))
+
+
+def base() -> str:
+    """The CPU base .ci/docker-setup made from Debian packages and pushed (by digest), or MTPQUANT_BASE_CPU."""
+    ref = os.environ.get("MTPQUANT_BASE_CPU", "")
+    if not ref and (STATE / "base-cpu.ref").is_file():
+        ref = (STATE / "base-cpu.ref").read_text().strip()
+    assert "@sha256:" in ref, f"no CPU base: run .ci/docker-setup (writes {STATE / 'base-cpu.ref'})"
+    return ref
+
+
+def record(key: str, value) -> None:
+    """Numbers for the report (build seconds, sizes, digests) in one JSON file next to the engine's state."""
+    data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    data[key] = value
+    RESULTS.write_text(json.dumps(data, indent=1, sort_keys=True))
+
+
+def log(line: str) -> None:
+    print(line, flush=True)
+
+
+def forget(ref: str) -> None:
+    """Remove an image and every tag of it, so the next use must pull it."""
+    c = images.client()
+    img = c.images.get(ref)
+    for tag in img.tags:
+        c.images.remove(tag, noprune=True)
+    if images.exists(img.id):
+        c.images.remove(img.id, force=True, noprune=True)
+
+
+def built_image(image: str) -> tuple[images.BuildSpec, str]:
+    s = images.spec(image, "cpu", {"cpu": base()})
+    t0 = time.monotonic()
+    image_id = images.build(s, log=log)
+    record(f"{image}-cpu.build_seconds", round(time.monotonic() - t0, 1))
+    record(f"{image}-cpu.size_bytes", images.client().images.get(image_id).attrs["Size"])
+    return s, image_id
+
+
+def publish_remove_pull(s: images.BuildSpec, image_id: str, pinned: Path) -> str:
+    """Push to the loopback registry (recorded in a copy of images.lock), remove, pull back by digest."""
+    for name in ("images.in", "images.lock"):
+        (pinned / name).write_bytes((images.PINNED / name).read_bytes())
+    entry = images.publish(s, REGISTRY, log=log, pinned=pinned)
+    digest_ref = entry["ref"]
+    forget(s.local_ref)
+    assert not images.exists(s.local_ref) and not images.exists(image_id)
+    lock = locks.read_toml(pinned / "images.lock")
+    assert images.pull(s, log=log, build_fallback=False, images_lock=lock) == s.local_ref
+    assert images.client().images.get(s.local_ref).id == image_id
+    assert digest_ref in images.client().images.get(s.local_ref).attrs["RepoDigests"]
+    return digest_ref
+
+
+@pytest.fixture(scope="module")
+def calibrate():
+    s, image_id = built_image("calibrate")
+    return s, image_id
+
+
+def test_calibrate_image_is_labelled_non_root_and_lean(calibrate):
+    s, image_id = calibrate
+    attrs = images.client().images.get(image_id).attrs
+    labels = attrs["Config"]["Labels"]
+    assert attrs["Config"]["User"] == "10001:10001"
+    assert labels["io.mtpquant.lock.sha256"] == locks.file_sha256(images.PINNED / "calibrate-cpu.txt")
+    assert labels["org.opencontainers.image.revision"] == images.revision()
+    assert labels["org.opencontainers.image.base.name"] == base()
+    # Runs as 10001; no compiler; nothing of the build stage (wheelhouse, lock copy, extra CAs) left in /tmp.
+    probe = ["sh", "-c", "id -u; command -v gcc cc g++ make; ls -A /tmp; echo end"]
+    out: list[str] = []
+    assert images.run(s.local_ref, probe, [], log=out.append) == 0
+    assert out == ["10001", "end"], out
+
+
+def test_calibrate_image_push_remove_pull_by_digest_runs_the_chain(calibrate, built, tmp_path):
+    s, image_id = calibrate
+    digest_ref = publish_remove_pull(s, image_id, tmp_path)
+    record("calibrate-cpu.digest", digest_ref)
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o777)  # the image's own non-root user writes here
+    t0 = time.monotonic()
+    for argv in (["prepare", "--model", "tiny-glm5"], ["quantize"], ["inject-mtp"], ["verify"]):
+        code = images.run(s.local_ref, ["python", "-m", "mtpquant", *argv, "--run", str(run)], [str(run)], log=log)
+        assert code == 0, argv
+    record("calibrate-cpu.chain_seconds", round(time.monotonic() - t0, 1))
+    venv = built["glm_moe_dsa"]["artifact"]
+    ours = {p.name: file_sha256(p) for p in sorted((run / "artifact").iterdir())}
+    theirs = {p.name: file_sha256(p) for p in sorted(venv.iterdir())}
+    assert ours == theirs  # the same artifact, byte for byte, in the image and in the venv
+    report = json.loads((run / "verify.json").read_text())
+    assert report["ok"] and report["checks"] and all(c["ok"] for c in report["checks"])
+
+
+def test_pull_refuses_a_published_image_built_from_other_inputs(calibrate):
+    s, _ = calibrate
+    other = images.BuildSpec(**{**s.__dict__, "tag": "0" * 16})
+    lock = {"published": {s.key: {"ref": f"{REGISTRY}/{s.repo}@sha256:" + "e" * 64, "content_tag": "f" * 16}}}
+    with pytest.raises(MtpquantError, match="built from other inputs"):
+        images.pull(other, log=log, build_fallback=False, images_lock=lock)
+
+
+def test_second_build_from_scratch_is_identical(calibrate):
+    s, image_id = calibrate
+    first = images.push(s, f"{REGISTRY}/first", log=log)
+    t0 = time.monotonic()
+    again = images.build(s, log=log, no_cache=True)
+    record("calibrate-cpu.rebuild_seconds", round(time.monotonic() - t0, 1))
+    second = images.push(s, f"{REGISTRY}/second", log=log)
+    record("calibrate-cpu.rebuild_identical", {"image_id": [image_id, again],
+                                              "digest": [first.split("@")[1], second.split("@")[1]]})
+    assert again == image_id
+    assert first.split("@")[1] == second.split("@")[1]
+
+
+@pytest.fixture(scope="module")
+def serve():
+    assert (images.PINNED / "serve-cpu.txt").is_file(), "pinned/serve-cpu.txt (issue 3's serving lock) is missing"
+    return built_image("serve")
+
+
+def test_serve_image_push_remove_pull_by_digest_serves_with_mtp(serve, tmp_path):
+    s, image_id = serve
+    record("serve-cpu.digest", publish_remove_pull(s, image_id, tmp_path))
+    from mtpquant.fixture import write_fixture
+    from mtpquant.recipes import FixtureSpec
+
+    model = write_fixture("glm4_moe", FixtureSpec(), tmp_path / "model")
+    for p in [model, *model.iterdir()]:  # the image's non-root user reads it
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    c = images.client()
+    box = c.containers.run(
+        s.local_ref, ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                      "--served-model-name", "tiny", "--port", "8000", "--max-model-len", "256", "--dtype",
+                      "bfloat16", "--speculative-config", '{"method":"mtp","num_speculative_tokens":1}',
+                      # Eager: torch.compile would need a C++ compiler at run time, which the image leaves out.
+                      "--enforce-eager"],
+        volumes={str(model): {"bind": str(model), "mode": "ro"}}, ports={"8000/tcp": ("127.0.0.1", None)},
+        environment={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}, shm_size="1g", detach=True)
+    try:
+        t0 = time.monotonic()
+        port = None
+        while time.monotonic() - t0 < 600:
+            box.reload()
+            assert box.status in ("created", "running"), box.logs()[-3000:].decode(errors="replace")
+            port = port or (box.ports.get("8000/tcp") or [{}])[0].get("HostPort")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                    break
+            except Exception:  # not up yet
+                time.sleep(3)
+        else:
+            pytest.fail("vLLM did not become ready in the serving image within 600 s")
+        record("serve-cpu.ready_seconds", round(time.monotonic() - t0, 1))
+        body = json.dumps({"model": "tiny", "prompt": "12+34=", "max_tokens": 8, "temperature": 0,
+                           "ignore_eos": True}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            out = json.load(r)
+        assert out["choices"][0]["text"] and out["usage"]["completion_tokens"] == 8
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+            metrics = r.read().decode()
+        assert "vllm:spec_decode_num_draft_tokens_total" in metrics
+    finally:
+        box.remove(force=True)
