@@ -37,12 +37,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "quant" / "w4a16-asym-g128.yaml"
-# --small: the same code path at fixture dimensions, to debug on a CPU
-SMALL = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_attention_heads=4,
-             num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_rope_head_dim=32, qk_nope_head_dim=32,
-             v_head_dim=64, head_dim=32, index_topk=64, index_head_dim=64, index_n_heads=2)
-
-
 def sync() -> None:
     import torch
 
@@ -55,12 +49,12 @@ def sync() -> None:
 
 def write_inputs(work: Path, experts: int, samples: int, seq_len: int, small: bool) -> tuple[Path, Path, float]:
     """(checkpoint, calibration recipe, seconds to write the checkpoint); reused when already there."""
-    from mtpquant.shaped_fixture import glm5_config, write_shaped_checkpoint
+    from mtpquant.shaped_fixture import SMALL_DIMS, glm5_config, write_shaped_checkpoint
 
     ckpt = work / f"glm5-shaped-e{experts}{'-small' if small else ''}"
     t = time.perf_counter()
     if not (ckpt / "config.json").exists():
-        write_shaped_checkpoint(glm5_config(num_experts=experts, **(SMALL if small else {})), ckpt)
+        write_shaped_checkpoint(glm5_config(num_experts=experts, **(SMALL_DIMS if small else {})), ckpt)
     t_ckpt = time.perf_counter() - t
     rng = random.Random(0)
     data = work / f"calib-{samples}x{seq_len}.jsonl"
@@ -228,9 +222,9 @@ def child(args: argparse.Namespace) -> None:
 
 def flop_summary(experts: int, tokens: int, res: dict[str, Any], path: str, small: bool) -> dict[str, float]:
     from mtpquant.calib_cost import shape_from_config
-    from mtpquant.shaped_fixture import glm5_config
+    from mtpquant.shaped_fixture import SMALL_DIMS, glm5_config
 
-    shape = shape_from_config(glm5_config(num_experts=experts, **(SMALL if small else {})).to_dict())
+    shape = shape_from_config(glm5_config(num_experts=experts, **(SMALL_DIMS if small else {})).to_dict())
     fast = not path.startswith("baseline") and path != "stage-plain"
     calib = sum((shape.fast_calib_flops() if fast else shape.baseline_calib_flops()).values()) * tokens
     solve = sum(shape.solve_flops(fast).values())
@@ -255,6 +249,8 @@ def main() -> None:
     ap.add_argument("--calib", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.experts < 8:
+        ap.error("--experts: GLM-5.2 routes each token to 8 experts; give at least 8")
     if args.run_one:
         return child(args)
 

@@ -167,10 +167,12 @@ def test_torchrun_data_parallel_matches_one_process(built, tmp_path):
     child = tmp_path / "child.py"
     child.write_text(DP_CHILD)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", str(child),
-                           str(base), str(RECIPES_DIR / "quant" / "w4a16-asym-g128.yaml"), str(tmp_path / "q"),
-                           str(tmp_path / "q.json")], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # --standalone: a free rendezvous port (a fixed one can be taken by another job on the machine)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(child), str(base), str(RECIPES_DIR / "quant" / "w4a16-asym-g128.yaml"),
+                           str(tmp_path / "q"), str(tmp_path / "q.json")],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout[-1500:], proc.stderr[-3000:])
     two = json.loads((tmp_path / "q.json").read_text())
     assert two["ranks"] == 2 and two["quantized_linears"] == two["expected_linears"] == 48
     a = {r["module"]: r["loss"] for r in one["per_linear"]}

@@ -16,6 +16,11 @@ from mtpquant.atomic import atomic_dir
 from mtpquant.checkpoint import INDEX_NAME
 from mtpquant.fixture import VOCAB, write_tokenizer
 
+# The fixture's attention and MLP sizes (mtpquant.fixture): the same code path, small enough for a CPU.
+SMALL_DIMS = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_rope_head_dim=32, qk_nope_head_dim=32,
+                  v_head_dim=64, head_dim=32, index_topk=64, index_head_dim=64, index_n_heads=2)
+
 
 def glm5_config(num_experts: int = 256, num_layers: int = 2, dense_layers: int = 1, **overrides: Any) -> Any:
     """GlmMoeDsaConfig with GLM-5's dimensions (transformers' defaults) and the fixture's small vocabulary."""

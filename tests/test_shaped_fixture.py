@@ -1,0 +1,34 @@
+"""The GLM-5.2-shaped checkpoint writer used by benchmarks/calib_speed.py, at fixture dimensions."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from mtpquant.checkpoint import Checkpoint
+from mtpquant.shaped_fixture import SMALL_DIMS, glm5_config, tensor_specs, write_shaped_checkpoint
+
+
+def test_real_dimensions_by_default():
+    cfg = glm5_config(num_experts=256)
+    assert (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok) == (6144, 2048, 8)
+    specs = {n: s for n, s, _ in tensor_specs(glm5_config(num_experts=2))}
+    assert specs["model.layers.1.mlp.experts.1.gate_proj.weight"] == (2048, 6144)
+    assert specs["model.layers.1.mlp.experts.1.down_proj.weight"] == (6144, 2048)
+
+
+def test_written_in_the_real_layout_and_loadable(tmp_path):
+    import transformers
+
+    cfg = glm5_config(num_experts=4, **SMALL_DIMS)
+    out = write_shaped_checkpoint(cfg, tmp_path / "ckpt", shard_bytes=1 << 20, device="cpu")
+    ck = Checkpoint(out)
+    t = ck.tensors
+    assert t["model.layers.1.mlp.experts.3.up_proj.weight"].shape == (128, 256)
+    assert t["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == "F32"
+    assert len(set(ck.weight_map.values())) > 1  # several shards
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    model = transformers.GlmMoeDsaForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    fused = model.model.layers[1].mlp.experts.gate_up_proj
+    assert fused.shape == (4, 256, 256) and fused.float().std().item() > 0.01
