@@ -70,3 +70,34 @@ def test_training_is_deterministic(tmp_path):
     for a, b in zip(mtp1.modules.parameters(), mtp2.modules.parameters(), strict=True):
         assert torch.equal(a, b)
     assert log1[0]["lm"] > 3  # it starts from scratch
+
+
+def test_planted_outlier_channels_keep_the_function(tmp_path):
+    import torch
+    import transformers
+
+    from mtpquant.fixture import fixture_tensors, write_checkpoint
+    from mtpquant.train_tiny import plant_outliers, spec_for
+
+    spec = spec_for(TrainConfig())
+    tensors = fixture_tensors("glm4_moe", spec)
+    plain = write_checkpoint("glm4_moe", spec, dict(tensors), tmp_path / "plain")
+    planted = write_checkpoint("glm4_moe", spec, plant_outliers(dict(tensors), spec), tmp_path / "planted")
+    ids = torch.tensor([[5, 80, 90, 100, 7, 60, 61, 62]])
+    logits = [transformers.Glm4MoeForCausalLM.from_pretrained(p, dtype=torch.float32).eval()(input_ids=ids).logits
+              for p in (plain, planted)]
+    assert torch.allclose(logits[0], logits[1], atol=1e-4, rtol=1e-4)
+    w = Checkpoint(planted)
+    assert w.tensors  # and the outliers are there: 8 columns 16x the rest in every expert's gate/up
+    from safetensors import safe_open
+
+    name = "model.layers.1.mlp.experts.0.up_proj.weight"
+    with safe_open(str(w.tensors[name].shard), "pt") as fh:
+        col = fh.get_tensor(name).float().abs().mean(0)
+    assert (col > 8 * col.median()).sum() == 8
+
+
+def test_committed_model_has_its_planted_outliers():
+    rec = json.loads((MODEL / "training.json").read_text())
+    assert rec["outliers"]["scale"] == 16.0
+    assert [len(v) for v in rec["outliers"]["channels"].values()] == [8, 8]  # both MoE layers

@@ -119,9 +119,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_train_tiny(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from mtpquant.train_tiny import TrainConfig, run_training
 
-    cfg = TrainConfig(seed=args.seed) if args.steps is None else TrainConfig(steps=args.steps, seed=args.seed)
+    cfg = TrainConfig(seed=args.seed)
+    if args.steps is not None:
+        cfg = dataclasses.replace(cfg, steps=args.steps)
+    if args.lr is not None:
+        cfg = dataclasses.replace(cfg, lr=args.lr)
     if args.data_only:
         from mtpquant.recipes import REPO_ROOT
         from mtpquant.tiny_task import write_data
@@ -129,7 +135,7 @@ def cmd_train_tiny(args: argparse.Namespace) -> int:
         for p in write_data(REPO_ROOT):
             console.print(f"[green]wrote[/] {p}")
         return 0
-    run_training(cfg, Path(args.out), console)
+    run_training(cfg, Path(args.out), console, args.device, Path(args.init) if args.init else None)
     return 0
 
 
@@ -219,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="training steps (default: the committed model's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--data-only", action="store_true", help="only (re)write the task's data files")
+    s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    s.add_argument("--lr", type=float, default=None)
+    s.add_argument("--init", help="continue from a checkpoint train-tiny wrote (fresh optimizer and schedule)")
     s.set_defaults(fn=cmd_train_tiny)
 
     def serving(s: argparse.ArgumentParser) -> None:

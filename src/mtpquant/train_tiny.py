@@ -13,6 +13,9 @@ drafter computes it:
 `lm_head.weight` onto `shared_head.head.weight`, so the two must agree. The routers use DeepSeek's
 auxiliary-loss-free balancing (a sign update of `e_score_correction_bias`), so every expert is used.
 
+The saved weights get planted outlier channels (`plant_outliers`, function-preserving; see there and the README).
+`--init` continues from a checkpoint written here (planting undone first) with a fresh optimizer and schedule.
+
 Deterministic: one thread count, seeded data and init, fixed step count; same command, same bytes
 (on the same torch build). Output: the real on-disk layout via `mtpquant.fixture.write_checkpoint`.
 """
@@ -23,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -41,7 +45,7 @@ SPEC = FixtureSpec(num_hidden_layers=3, first_k_dense_replace=1, n_routed_expert
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 6000
+    steps: int = 4000
     batch: int = 32
     lr: float = 1e-3  # 3e-3 plateaus at ~0.1 accuracy (benchmarks/tiny_sweep.py)
     warmup: int = 100
@@ -156,7 +160,53 @@ def tokenizer(workdir: Path) -> Any:
     return PreTrainedTokenizerFast.from_pretrained(workdir)
 
 
-def fit(cfg: TrainConfig, tok: Any, device: str = "cpu", on_step: Any = None) -> tuple[Any, MTPLayer, list[Any]]:
+def fuse_experts(tensors: dict[str, Any]) -> dict[str, Any]:
+    """On-disk per-expert tensors -> transformers' fused `gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I]."""
+    import re
+
+    import torch
+
+    out, groups = {}, {}
+    pat = re.compile(r"^((?:.*\.)?mlp\.experts\.)(\d+)\.(gate|up|down)_proj\.weight$")
+    for name, t in tensors.items():
+        m = pat.match(name)
+        if m:
+            groups.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = t
+        else:
+            out[name] = t
+    for prefix, parts in groups.items():
+        n = 1 + max(e for e, _ in parts)
+        out[prefix + "gate_up_proj"] = torch.stack([torch.cat([parts[(e, "gate")], parts[(e, "up")]])
+                                                    for e in range(n)])
+        out[prefix + "down_proj"] = torch.stack([parts[(e, "down")] for e in range(n)])
+    return out
+
+
+def load_init(model: Any, mtp: MTPLayer, init: Path, spec: FixtureSpec) -> None:
+    """Start from a checkpoint this module wrote (target and MTP layer); the optimizer starts fresh."""
+    import torch
+    from safetensors.torch import load_file
+
+    tensors: dict[str, Any] = {}
+    for f in sorted(Path(init).glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    outliers = json.loads((Path(init) / "training.json").read_text()).get("outliers")
+    if outliers:  # train on the weights as learned, not on the planted parametrization
+        plant_outliers(tensors, spec, 1 / outliers["scale"], channels=outliers["channels"])
+    p = f"model.layers.{spec.num_hidden_layers}."
+    main = fuse_experts({k: v for k, v in tensors.items() if not k.startswith(p)})
+    model.load_state_dict({k: v.to(torch.float32) for k, v in main.items()}, strict=True)
+    own = {k.removeprefix(p): v.to(torch.float32) for k, v in tensors.items() if k.startswith(p)}
+    mm = mtp.modules
+    names = (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"), ("shared_norm", "shared_head.norm"))
+    for key, name in names:
+        mm[key].weight.data.copy_(own.pop(f"{name}.weight"))
+    own.pop("shared_head.head.weight")  # tied to lm_head while training
+    mm["block"].load_state_dict(fuse_experts(own), strict=True)
+
+
+def fit(cfg: TrainConfig, tok: Any, device: str = "cpu", on_step: Any = None,
+        init: Path | None = None) -> tuple[Any, MTPLayer, list[Any]]:
     """Train target and MTP layer together (the MTP loss does not reach the target: h_t is detached)."""
     import torch
     import transformers
@@ -164,13 +214,17 @@ def fit(cfg: TrainConfig, tok: Any, device: str = "cpu", on_step: Any = None) ->
     torch.manual_seed(cfg.seed)
     if device == "cpu":
         torch.set_num_threads(cfg.threads)
-        torch.use_deterministic_algorithms(True)
+    else:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    torch.use_deterministic_algorithms(True)
     spec = spec_for(cfg)
     config = config_for(FAMILY, spec)
     config.dtype = torch.float32
     model = transformers.Glm4MoeForCausalLM(config).train()
     mtp = MTPLayer(config, spec.num_hidden_layers)
     mtp.modules.apply(model._init_weights)  # transformers only initializes modules inside the model
+    if init is not None:
+        load_init(model, mtp, init, spec)
     model.to(device)
     mtp.modules.to(device)
     params = list(model.parameters()) + list(mtp.modules.parameters())
@@ -211,12 +265,16 @@ def fit(cfg: TrainConfig, tok: Any, device: str = "cpu", on_step: Any = None) ->
     return model, mtp, log
 
 
-def train(cfg: TrainConfig, out: Path, on_step: Any = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, out: Path, on_step: Any = None, device: str = "cpu",
+          init: Path | None = None) -> dict[str, Any]:
     import torch
     import transformers
 
     tok_dir = Path(tempfile.mkdtemp(prefix="mtpquant-tok-"))
-    model, mtp, log = fit(cfg, tokenizer(tok_dir), "cpu", on_step)
+    init_config = json.loads((Path(init) / "training.json").read_text())["config"] if init else None
+    model, mtp, log = fit(cfg, tokenizer(tok_dir), device, on_step, init)
+    model.cpu()
+    mtp.modules.cpu()
     spec = spec_for(cfg)
     tensors: dict[str, Any] = {}
     for name, t in model.state_dict().items():
@@ -224,9 +282,13 @@ def train(cfg: TrainConfig, out: Path, on_step: Any = None) -> dict[str, Any]:
         t = t.to(torch.float32) if name.endswith("e_score_correction_bias") else t.to(torch.bfloat16)
         tensors.update(unfuse_experts(name, t))
     tensors.update(mtp.tensors(f"model.layers.{spec.num_hidden_layers}.", model.lm_head.weight))
+    planted = plant_outliers(tensors, spec)
     shutil.rmtree(tok_dir, ignore_errors=True)
-    record = {"config": asdict(cfg), "spec": asdict(spec), "torch": torch.__version__,
-              "transformers": transformers.__version__, "log": log}
+    record = {"config": asdict(cfg), "spec": asdict(spec), "device": device, "torch": torch.__version__,
+              "transformers": transformers.__version__, "log": log,
+              "outliers": {"scale": OUTLIER_SCALE, "channels_per_moe_layer": OUTLIER_CHANNELS,
+                           "channels": planted},
+              "init": init_config}
 
     def finish(tmp: Path) -> None:
         (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -281,7 +343,50 @@ def mtp_agreement(model: Any, mtp: MTPLayer, tok: Any, rows: list[dict[str, Any]
     return (draft[:, :-1][m] == target[:, :-1][m]).float().mean().item()
 
 
-def run_training(cfg: TrainConfig, out: Path, console: Any) -> dict[str, Any]:
+OUTLIER_SCALE = 16.0  # a power of two: exact in BF16
+OUTLIER_CHANNELS = 8
+
+
+def plant_outliers(tensors: dict[str, Any], spec: FixtureSpec, scale: float = OUTLIER_SCALE,
+                   k: int = OUTLIER_CHANNELS, channels: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """Give the routed experts the outlier input channels real LLMs have, without changing the function.
+
+    In every MoE layer (MTP layer excluded), the k hidden channels with the largest post-attention RMSNorm gain
+    get that gain divided by `scale` and the matching input columns of every consumer of the normed hidden state
+    (router, shared expert, every routed expert's gate/up) multiplied by it. Powers of two are exact in BF16, so
+    the model computes the same thing. A group of 128 input columns then holds a few weights 16x larger than
+    the rest: round-to-nearest INT4 spends its range on them and loses the others (the failure GPTQ, which
+    weighs rounding errors by the layer's inputs, is built to avoid). Trained for minutes, the tiny model has
+    no such outliers of its own, and RTN INT4 then costs it almost nothing (0.755 -> 0.75 accuracy measured),
+    which would make the GPTQ-vs-RTN comparison meaningless.
+    """
+    import torch
+
+    planted = {}
+    for layer in range(spec.first_k_dense_replace, spec.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        gain = tensors[p + "post_attention_layernorm.weight"]
+        if channels is None:
+            idx = torch.topk(gain.float().abs(), k).indices.sort().values
+        else:  # undo a planting (scale < 1) at the recorded channels
+            idx = torch.tensor(channels[str(layer)])
+        planted[str(layer)] = idx.tolist()
+        gain = gain.clone()
+        gain[idx] = (gain[idx].float() / scale).to(gain.dtype)
+        tensors[p + "post_attention_layernorm.weight"] = gain
+        consumers = [p + "mlp.gate.weight", p + "mlp.shared_experts.gate_proj.weight",
+                     p + "mlp.shared_experts.up_proj.weight"]
+        consumers += [p + f"mlp.experts.{e}.{w}_proj.weight"
+                      for e in range(spec.n_routed_experts) for w in ("gate", "up")]
+        for name in consumers:
+            w = tensors[name].clone()
+            w[:, idx] = (w[:, idx].float() * scale).to(w.dtype)
+            tensors[name] = w
+    return planted
+
+
+def run_training(cfg: TrainConfig, out: Path, console: Any, device: str = "cpu",
+                 init: Path | None = None) -> dict[str, Any]:
     """`mtpquant train-tiny`: task data files, then the model (with progress), then a quick accuracy check."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -298,6 +403,6 @@ def run_training(cfg: TrainConfig, out: Path, console: Any) -> dict[str, Any]:
         def on_step(step: int, lm: float, mtp: float) -> None:
             progress.update(task, completed=step + 1, description=f"lm {lm:.3f} mtp {mtp:.3f}")
 
-        record = train(cfg, Path(out), on_step)
+        record = train(cfg, Path(out), on_step, device, init)
     console.print(f"[green]trained[/] {out} ({len(record['log'])} log points); SHA256SUMS written")
     return record
