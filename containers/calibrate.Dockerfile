@@ -17,12 +17,16 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # base). Empty for cpu: the base already has Python, so the cpu image runs no apt at all.
 ARG APT_PACKAGES=""
 # Ubuntu snapshot (YYYYMMDDTHHMMSSZ) that apt resolves APT_PACKAGES against, so their versions are pinned too.
+# Only Ubuntu's archive has snapshots: one-line sources (NVIDIA's cuda*.list in the CUDA images; nothing is
+# installed from it) are set aside while apt runs against the snapshot.
 # (hadolint cannot see inside the variable: `python -m mtpquant.policy` checks each flavour's values.)
 ARG APT_SNAPSHOT=""
 # hadolint ignore=DL3008,SC2086
 RUN if [ -n "${APT_PACKAGES}" ]; then \
-      apt-get update ${APT_SNAPSHOT:+--snapshot "${APT_SNAPSHOT}"} \
+      { [ -z "${APT_SNAPSHOT}" ] || mv /etc/apt/sources.list.d/*.list /tmp/ 2>/dev/null || true; } \
+      && apt-get update ${APT_SNAPSHOT:+--snapshot "${APT_SNAPSHOT}"} \
       && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${APT_PACKAGES} \
+      && { mv /tmp/*.list /etc/apt/sources.list.d/ 2>/dev/null || true; } \
       && rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log /var/cache/ldconfig/aux-cache; \
     fi
 # A fixed non-root user written straight into passwd/group: useradd would also stamp today's date into

@@ -20,6 +20,8 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # pinned version are not fetched, so a base that carries them builds without network.
 ARG APT_PACKAGES="libnuma1=2.0.16-1"
 # Ubuntu snapshot (YYYYMMDDTHHMMSSZ) apt resolves unversioned APT_PACKAGES against (cuda), pinning them too.
+# Only Ubuntu's archive has snapshots: one-line sources (NVIDIA's cuda*.list in the CUDA images; nothing is
+# installed from it) are set aside while apt runs against the snapshot.
 # (hadolint cannot see inside the variables: `python -m mtpquant.policy` checks each flavour's values.)
 ARG APT_SNAPSHOT=""
 # hadolint ignore=DL3008,SC2086
@@ -28,8 +30,10 @@ RUN missing=""; \
       [ "$(dpkg-query -W -f='${Version}' "${p%%=*}" 2>/dev/null)" = "${p#*=}" ] || missing="${missing} ${p}"; \
     done; \
     if [ -n "${missing}" ]; then \
-      apt-get update ${APT_SNAPSHOT:+--snapshot "${APT_SNAPSHOT}"} \
+      { [ -z "${APT_SNAPSHOT}" ] || mv /etc/apt/sources.list.d/*.list /tmp/ 2>/dev/null || true; } \
+      && apt-get update ${APT_SNAPSHOT:+--snapshot "${APT_SNAPSHOT}"} \
       && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${missing} \
+      && { mv /tmp/*.list /etc/apt/sources.list.d/ 2>/dev/null || true; } \
       && rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log /var/cache/ldconfig/aux-cache; \
     fi
 # A fixed non-root user written straight into passwd/group (useradd stamps today's date into /etc/shadow).
@@ -63,6 +67,7 @@ COPY src/mtpquant/kernels.py /tmp/kernels.py
 RUN mkdir -p /wheels \
     && if [ "${KERNELS}" = cuda ]; then \
       echo "${KERNELS_LOCK_SHA256}  /tmp/kernels.lock" | sha256sum -c - \
+      && { [ -z "${APT_SNAPSHOT}" ] || mv /etc/apt/sources.list.d/*.list /tmp/ 2>/dev/null || true; } \
       && apt-get update ${APT_SNAPSHOT:+--snapshot "${APT_SNAPSHOT}"} \
       && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${BUILD_APT_PACKAGES} \
       && { cat /etc/ssl/certs/ca-certificates.crt /tmp/certs/*.crt 2>/dev/null || true; } > /tmp/ca.crt \

@@ -38,14 +38,24 @@ def test_cuda_dry_run_prints_every_pinned_input(image, capsys):
 
 
 def test_content_tag_follows_content(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
     files = [("a.txt", tmp_path / "a.txt")]
-    files[0][1].write_text("x")
     args = {"LOCK": "calibrate-cpu", "REVISION": "r1"}
-    tag = images.content_tag(files, args)
-    assert images.content_tag(files, {**args, "REVISION": "r2", "PIP_NO_INDEX": "0"}) == tag
-    assert images.content_tag(files, {**args, "LOCK": "serve-cpu"}) != tag
-    files[0][1].write_text("y")
-    assert images.content_tag(files, args) != tag
+    tag = images.content_tag(images.hashed(files), args)
+    assert images.content_tag(images.hashed(files), {**args, "REVISION": "r2", "PIP_NO_INDEX": "0"}) == tag
+    assert images.content_tag(images.hashed(files), {**args, "LOCK": "serve-cpu"}) != tag
+    (tmp_path / "a.txt").write_text("y")
+    assert images.content_tag(images.hashed(files), args) != tag
+
+
+def test_context_refuses_a_file_changed_after_tagging(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    s = images.spec("calibrate", "cpu")
+    s = images.BuildSpec(**{**s.__dict__, "wheelhouse": None, "files": tuple(images.hashed([("a.txt",
+                                                                                            tmp_path / "a.txt")]))})
+    (tmp_path / "a.txt").write_text("y")
+    with pytest.raises(MtpquantError, match="changed since the image tag"):
+        images.write_context(s, io.BytesIO())
 
 
 def test_spec_tag_is_stable_and_base_must_be_a_digest():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -74,7 +75,7 @@ class BuildSpec:
     flavour: str
     dockerfile: str  # path inside the context
     buildargs: dict[str, str]
-    files: tuple[tuple[str, Path], ...]  # (path in context, file), wheelhouse excluded
+    files: tuple[tuple[str, Path, str], ...]  # (path in context, file, sha256), wheelhouse excluded
     wheelhouse: Path | None  # containers/wheelhouse/<lock>/ when building air-gapped
     tag: str  # content tag
 
@@ -139,10 +140,14 @@ def base_ref(key: str, overrides: dict[str, str], lock: dict[str, Any]) -> str:
     return ref
 
 
-def content_tag(files: list[tuple[str, Path]], buildargs: dict[str, str]) -> str:
+def hashed(files: list[tuple[str, Path]]) -> list[tuple[str, Path, str]]:
+    return [(arc, path, locks.file_sha256(path)) for arc, path in files]
+
+
+def content_tag(files: list[tuple[str, Path, str]], buildargs: dict[str, str]) -> str:
     h = hashlib.sha256()
-    for arc, path in files:
-        h.update(f"{arc}\0{locks.file_sha256(path)}\n".encode())
+    for arc, _, sha in files:
+        h.update(f"{arc}\0{sha}\n".encode())
     h.update(json.dumps({k: v for k, v in sorted(buildargs.items()) if k not in NOT_CONTENT}).encode())
     return h.hexdigest()[:16]
 
@@ -176,7 +181,7 @@ def spec(image: str, flavour: str, bases: dict[str, str] | None = None, online: 
         args |= {"BUILD_IMAGE": base_ref(fl.build_base, bases, images_lock), "KERNELS": "cuda",
                  "KERNELS_LOCK_SHA256": locks.file_sha256(pinned / "kernels.lock"),
                  "BUILD_APT_PACKAGES": fl.build_apt_packages}
-    files = context_files(image, root)
+    files = hashed(context_files(image, root))
     house = root / "containers" / "wheelhouse" / fl.lock
     return BuildSpec(image, flavour, f"containers/{image}.Dockerfile", args, tuple(files),
                      None if online else house, content_tag(files, args))
@@ -207,18 +212,18 @@ def _tarinfo(name: str, size: int = 0, mode: int = 0o644, kind: bytes = tarfile.
     return ti
 
 
-def context_entries(s: BuildSpec) -> Iterator[tuple[str, Path]]:
+def context_entries(s: BuildSpec) -> Iterator[tuple[str, Path, str | None]]:
     yield from s.files
     if s.wheelhouse is not None and s.wheelhouse.is_dir():
-        for p in sorted(s.wheelhouse.iterdir()):
-            yield f"containers/wheelhouse/{s.wheelhouse.name}/{p.name}", p
+        for p in sorted(s.wheelhouse.iterdir()):  # checked by pip against the lock's hashes
+            yield f"containers/wheelhouse/{s.wheelhouse.name}/{p.name}", p, None
 
 
 def write_context(s: BuildSpec, out: BinaryIO) -> None:
     """A deterministic tar of the build context: sorted, fixed mtime/owner, modes 0644/0755."""
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         dirs: set[str] = set()
-        for arc, path in context_entries(s):
+        for arc, path, sha in context_entries(s):
             parts = arc.split("/")[:-1]
             for i in range(1, len(parts) + 1):
                 d = "/".join(parts[:i])
@@ -226,8 +231,14 @@ def write_context(s: BuildSpec, out: BinaryIO) -> None:
                     dirs.add(d)
                     tar.addfile(_tarinfo(d, mode=0o755, kind=tarfile.DIRTYPE))
             mode = 0o755 if os.access(path, os.X_OK) else 0o644
-            with path.open("rb") as f:
-                tar.addfile(_tarinfo(arc, path.stat().st_size, mode), f)
+            if sha is None:
+                with path.open("rb") as f:
+                    tar.addfile(_tarinfo(arc, path.stat().st_size, mode), f)
+                continue
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != sha:  # the tag would name other content
+                raise MtpquantError(f"{arc} changed since the image tag was computed; build again")
+            tar.addfile(_tarinfo(arc, len(data), mode), io.BytesIO(data))
 
 
 # ---------------------------------------------------------------- docker
