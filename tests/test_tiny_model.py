@@ -82,7 +82,10 @@ def test_planted_outlier_channels_keep_the_function(tmp_path):
     spec = spec_for(TrainConfig())
     tensors = fixture_tensors("glm4_moe", spec)
     plain = write_checkpoint("glm4_moe", spec, dict(tensors), tmp_path / "plain")
-    planted = write_checkpoint("glm4_moe", spec, plant_outliers(dict(tensors), spec), tmp_path / "planted")
+    changed = dict(tensors)
+    channels = plant_outliers(changed, spec)
+    assert sorted(channels) == ["1", "2"] and all(len(v) == 8 for v in channels.values())
+    planted = write_checkpoint("glm4_moe", spec, changed, tmp_path / "planted")
     ids = torch.tensor([[5, 80, 90, 100, 7, 60, 61, 62]])
     logits = [transformers.Glm4MoeForCausalLM.from_pretrained(p, dtype=torch.float32).eval()(input_ids=ids).logits
               for p in (plain, planted)]
