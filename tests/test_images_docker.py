@@ -4,13 +4,18 @@ a loopback registry and makes the CPU base from Debian packages).
 The CPU calibration image is built air-gapped from the wheelhouse, pushed to the registry, removed, pulled back
 by digest and runs the tiny chain (prepare -> quantize -> inject-mtp -> verify) as its non-root user: the
 artifact equals the venv's byte for byte. A second build from scratch gives the same image id and the same
-registry digest. The CPU serving image is built, pushed, pulled back by digest, and serves a tiny GLM-4.5-layout
-model with MTP speculative decoding."""
+registry digest. The CPU serving image is built, pushed, removed, pulled back by digest, and serves a tiny
+GLM-4.5-layout model with MTP speculative decoding exactly as a venv from the same lock does (tokens,
+logprobs, MTP counters)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -81,6 +86,17 @@ def publish_remove_pull(s: images.BuildSpec, image_id: str, pinned: Path) -> str
     return digest_ref
 
 
+@pytest.fixture(scope="module", autouse=True)
+def leave_no_images():
+    """Images are GBs: remove this project's images (all tags, registry ones too) and the build cache after."""
+    yield
+    c = images.client()
+    for img in c.images.list():
+        if any(f"{images.NAMESPACE}-" in tag for tag in img.tags):
+            c.images.remove(img.id, force=True)
+    c.images.prune(filters={"dangling": True})
+
+
 @pytest.fixture(scope="module")
 def calibrate():
     s, image_id = built_image("calibrate")
@@ -149,48 +165,103 @@ def serve():
     return built_image("serve")
 
 
-def test_serve_image_push_remove_pull_by_digest_serves_with_mtp(serve, tmp_path):
-    s, image_id = serve
-    record("serve-cpu.digest", publish_remove_pull(s, image_id, tmp_path))
+SERVE_ARGS = ["--served-model-name", "tiny", "--max-model-len", "256", "--dtype", "bfloat16",
+              "--speculative-config", '{"method":"mtp","num_speculative_tokens":1}', "--enforce-eager"]
+SERVE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+PROMPTS = ["12+34=", "Hello", "The quick brown"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def query(port: int, alive, timeout: float = 600) -> dict:
+    """Wait for /health, then greedy completions with logprobs and the spec-decode counters."""
+    t0 = time.monotonic()
+    while True:
+        assert alive(), "the server exited before it was ready"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                break
+        except OSError:
+            assert time.monotonic() - t0 < timeout, f"vLLM not ready within {timeout} s"
+            time.sleep(3)
+    out: dict = {"ready_seconds": round(time.monotonic() - t0, 1), "completions": []}
+    for prompt in PROMPTS:
+        body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0,
+                           "ignore_eos": True, "logprobs": 1}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            choice = json.load(r)["choices"][0]
+        out["completions"].append({"text": choice["text"], "tokens": choice["logprobs"]["tokens"],
+                                   "logprobs": [round(x, 4) for x in choice["logprobs"]["token_logprobs"]]})
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        out["spec_decode"] = sorted(line for line in r.read().decode().splitlines()
+                                    if line.startswith(("vllm:spec_decode_num_draft_tokens_total",
+                                                        "vllm:spec_decode_num_accepted_tokens_total")))
+    return out
+
+
+def serve_in_image(ref: str, model: Path) -> dict:
+    box = images.client().containers.run(
+        ref, ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", "8000",
+              *SERVE_ARGS], volumes={str(model): {"bind": str(model), "mode": "ro"}},
+        ports={"8000/tcp": ("127.0.0.1", None)}, environment=SERVE_ENV, shm_size="1g", detach=True)
+    try:
+        port = None
+        for _ in range(60):
+            box.reload()
+            if port := (box.ports.get("8000/tcp") or [{}])[0].get("HostPort"):
+                break
+            time.sleep(1)
+
+        def alive() -> bool:
+            box.reload()
+            return box.status in ("created", "running")
+
+        return query(int(port), alive)
+    finally:
+        box.remove(force=True)
+
+
+def serve_in_venv(python: Path, model: Path) -> dict:
+    port = free_port()
+    proc = subprocess.Popen([str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                             "--host", "127.0.0.1", "--port", str(port), *SERVE_ARGS], env={**os.environ, **SERVE_ENV},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        return query(port, lambda: proc.poll() is None)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and the engine processes it started
+        proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def tiny_glm4(tmp_path_factory) -> Path:
     from mtpquant.fixture import write_fixture
     from mtpquant.recipes import FixtureSpec
 
-    model = write_fixture("glm4_moe", FixtureSpec(), tmp_path / "model")
-    for p in [model, *model.iterdir()]:  # the image's non-root user reads it
+    model = write_fixture("glm4_moe", FixtureSpec(), tmp_path_factory.mktemp("serve") / "model")
+    for p in [model.parent, model, *model.iterdir()]:  # the image's non-root user reads it
         p.chmod(0o755 if p.is_dir() else 0o644)
-    c = images.client()
-    box = c.containers.run(
-        s.local_ref, ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-                      "--served-model-name", "tiny", "--port", "8000", "--max-model-len", "256", "--dtype",
-                      "bfloat16", "--speculative-config", '{"method":"mtp","num_speculative_tokens":1}',
-                      # Eager: torch.compile would need a C++ compiler at run time, which the image leaves out.
-                      "--enforce-eager"],
-        volumes={str(model): {"bind": str(model), "mode": "ro"}}, ports={"8000/tcp": ("127.0.0.1", None)},
-        environment={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}, shm_size="1g", detach=True)
-    try:
-        t0 = time.monotonic()
-        port = None
-        while time.monotonic() - t0 < 600:
-            box.reload()
-            assert box.status in ("created", "running"), box.logs()[-3000:].decode(errors="replace")
-            port = port or (box.ports.get("8000/tcp") or [{}])[0].get("HostPort")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
-                    break
-            except Exception:  # not up yet
-                time.sleep(3)
-        else:
-            pytest.fail("vLLM did not become ready in the serving image within 600 s")
-        record("serve-cpu.ready_seconds", round(time.monotonic() - t0, 1))
-        body = json.dumps({"model": "tiny", "prompt": "12+34=", "max_tokens": 8, "temperature": 0,
-                           "ignore_eos": True}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
-                                     {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            out = json.load(r)
-        assert out["choices"][0]["text"] and out["usage"]["completion_tokens"] == 8
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
-            metrics = r.read().decode()
-        assert "vllm:spec_decode_num_draft_tokens_total" in metrics
-    finally:
-        box.remove(force=True)
+    return model
+
+
+def test_serve_image_push_remove_pull_by_digest_serves_like_the_venv(serve, tiny_glm4, tmp_path):
+    s, image_id = serve
+    record("serve-cpu.digest", publish_remove_pull(s, image_id, tmp_path))
+    in_image = serve_in_image(s.local_ref, tiny_glm4)
+    record("serve-cpu.ready_seconds", in_image.pop("ready_seconds"))
+    # The same stack in a venv, from the same hashed lock and the wheels the image was built from.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--no-deps", "--require-hashes", "--no-index",
+                    "--find-links", str(s.wheelhouse), "-r", str(images.PINNED / "serve-cpu.txt")], check=True)
+    in_venv = serve_in_venv(venv / "bin" / "python", tiny_glm4)
+    in_venv.pop("ready_seconds")
+    assert all(c["tokens"] and len(c["tokens"]) == 16 for c in in_image["completions"])
+    assert any("draft_tokens_total" in line and not line.endswith(" 0.0") for line in in_image["spec_decode"])
+    assert in_image == in_venv  # tokens, logprobs (4 decimals) and MTP draft/accept counters
