@@ -266,10 +266,12 @@ def _stream(lines: Iterator[dict], log) -> None:
             log(f"{chunk['status']} {chunk.get('id', '')}".strip())
 
 
-def build(s: BuildSpec, log=print, no_cache: bool = False, normalize: bool = True) -> str:
+def build(s: BuildSpec, log=print, no_cache: bool = False, normalize: bool = True,
+          keep_cache: bool = True) -> str:
     """Build the image (air-gapped when a wheelhouse is used: no network in RUN steps); returns its id.
     normalize: replace it by its canonical copy (mtpquant.reproducible), so that the same inputs give the
-    same image id and digest; the legacy builder's raw output differs in every timestamp."""
+    same image id and digest; the legacy builder's raw output differs in every timestamp.
+    keep_cache=False: drop the build's intermediate images after it (see drop_build_cache)."""
     unresolved = kernels.unresolved(kernels.load(PINNED / "kernels.lock", strict=False)) if "KERNELS" in \
         s.buildargs else []
     if unresolved:
@@ -294,7 +296,17 @@ def build(s: BuildSpec, log=print, no_cache: bool = False, normalize: bool = Tru
         canonical(s.local_ref, s.local_ref)
         if raw != c.images.get(s.local_ref).id:
             c.images.remove(raw, noprune=True)  # its parents stay: they are the build cache
+    if not keep_cache:
+        drop_build_cache(log)
     return c.images.get(s.local_ref).id
+
+
+def drop_build_cache(log=print) -> None:
+    """Remove untagged images: the legacy builder's intermediate steps, which hold the build stage's wheelhouse
+    and venv and the raw image under the normalized one (for the serving image, ~3x its size). The next build
+    starts cold; on a small disk that is the price of building at all."""
+    freed = client().images.prune(filters={"dangling": True}).get("SpaceReclaimed") or 0
+    log(f"build cache dropped: {freed / 2**30:.1f} GiB freed")
 
 
 def exists(ref: str) -> bool:
@@ -452,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="use this base (a mirror's name@sha256:...) instead of pinned/images.lock's")
     p.add_argument("--online", action="store_true", help="fetch wheels from the index instead of the wheelhouse")
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--drop-build-cache", action="store_true", help="build: remove the intermediate images "
+                   "after each build (disk: they hold the wheelhouse and a second venv)")
     p.add_argument("--raw", action="store_true", help="build: keep the legacy builder's output as it is (not "
                    "normalized: timestamps differ between builds)")
     p.add_argument("--registry", help="push: REGISTRY[/NAMESPACE] to publish to (recorded in images.lock)")
@@ -477,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             elif args.action == "build":
                 console.print(f"[bold]building[/] {s.local_ref}")
                 image_id = build(s, log=lambda line: console.print(line, markup=False, highlight=False),
-                                 no_cache=args.no_cache, normalize=not args.raw)
+                                 no_cache=args.no_cache, normalize=not args.raw,
+                                 keep_cache=not args.drop_build_cache)
                 print(f"{s.local_ref} {image_id}")
             elif args.action == "push":
                 if not args.registry:

@@ -18,6 +18,7 @@ import sys
 import tarfile
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +30,46 @@ BUILD_FIELDS = ("created", "container", "container_config", "docker_version")
 EPOCH_ISO = "2026-11-27T00:00:00Z"
 
 
+class _ChunkReader:
+    """A read-only file over an iterator of byte chunks (what the Docker SDK streams)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks, self._buf = iter(chunks), b""
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self._buf) < n:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buf += chunk
+        out, self._buf = (self._buf, b"") if n < 0 else (self._buf[:n], self._buf[n:])
+        return out
+
+
 def save(ref: str, dest: Path) -> tuple[dict[str, Any], list[Path]]:
-    """docker save REF into dest: (config, layer tars in order)."""
+    """docker save REF into dest, extracted as it streams (one copy on disk): (config, layer tars in order)."""
     dest.mkdir(parents=True, exist_ok=True)
-    archive = dest / "image.tar"
-    with archive.open("wb") as f:
-        for chunk in client().images.get(ref).save(named=False):
-            f.write(chunk)
-    with tarfile.open(archive) as tar:
+    with tarfile.open(fileobj=_ChunkReader(client().images.get(ref).save(named=False)), mode="r|") as tar:
         tar.extractall(dest, filter="data")
-    archive.unlink()
     manifest = json.loads((dest / "manifest.json").read_text())[0]
     config = json.loads((dest / manifest["Config"]).read_text())
     return config, [dest / layer for layer in manifest["Layers"]]
+
+
+def _tar_stream(files: list[tuple[str, Path]], chunk: int = 1 << 20) -> Iterator[bytes]:
+    """An uncompressed tar of `files` (name, path) as byte chunks, each file deleted once sent: an image the
+    size of the disk's free space can be loaded without a second copy of it."""
+    for name, path in files:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = path.stat().st_size, SOURCE_DATE_EPOCH, 0o644
+        yield info.tobuf(tarfile.PAX_FORMAT)
+        with path.open("rb") as f:
+            while block := f.read(chunk):
+                yield block
+        if info.size % tarfile.BLOCKSIZE:
+            yield tarfile.NUL * (tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE)
+        path.unlink()
+    yield tarfile.NUL * (2 * tarfile.BLOCKSIZE)
 
 
 def _sha256(fileobj) -> str:
@@ -133,6 +161,8 @@ def normalize(ref: str, tag: str | None = None, epoch: int = SOURCE_DATE_EPOCH) 
             name = f"layer{i:03d}.tar"
             diff_ids.append(normalize_layer(layer, out / name, epoch))
             names.append(name)
+            if layer not in layers[i + 1:]:  # (an empty layer may repeat)
+                layer.unlink()
         for k in BUILD_FIELDS:
             config.pop(k, None)
         config["created"] = EPOCH_ISO
@@ -146,12 +176,10 @@ def normalize(ref: str, tag: str | None = None, epoch: int = SOURCE_DATE_EPOCH) 
         repo_tags = [tag] if tag else []
         (out / "manifest.json").write_text(json.dumps([{"Config": f"{image_id[7:]}.json", "RepoTags": repo_tags,
                                                         "Layers": names}]))
-        archive = Path(tmp) / "image.tar"
-        with tarfile.open(archive, "w") as tar:
-            for p in sorted(out.iterdir()):
-                tar.add(p, arcname=p.name)
-        with archive.open("rb") as f:
-            c.images.load(f)
+        members = [(p.name, p) for p in sorted(out.iterdir())]
+        for chunk in c.api.load_image(_tar_stream(members), quiet=True):
+            if "error" in chunk:
+                raise MtpquantError(f"docker load of the normalized {ref}: {chunk['error'].strip()}")
     return image_id
 
 
