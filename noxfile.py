@@ -45,6 +45,12 @@ def install_locked(session: nox.Session, *locks: str) -> None:
     session.install("--no-deps", "--no-build-isolation", "-e", str(ROOT))
 
 
+def locked_stage(session: nox.Session, lock: str, *argv: str) -> None:
+    """`python -m mtpquant ARGV [posargs]` in this session's venv, installed from `lock`."""
+    install_locked(session, lock)
+    session.run("python", "-m", "mtpquant", *argv, *session.posargs)
+
+
 def run_dir(session: nox.Session, default: str) -> str:
     return os.environ.get("MTPQUANT_RUN", str(RUNS / default))
 
@@ -156,8 +162,7 @@ def verify(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def plan(session: nox.Session) -> None:
     """Predict GPU memory, RAM, disk and time of quantize: `nox -s plan -- --model glm-5.2 --calibration ...`."""
-    install_locked(session, "calibrate-cpu")
-    session.run("python", "-m", "mtpquant", "plan", *session.posargs)
+    locked_stage(session, "calibrate-cpu", "plan")
 
 
 @nox.session(python=PYTHON)
@@ -171,15 +176,13 @@ def artifact(session: nox.Session) -> None:
 @nox.session(name="train-tiny", python=PYTHON)
 def train_tiny(session: nox.Session) -> None:
     """Retrain the committed tiny arithmetic model (data/models/tiny-arith): `nox -s train-tiny`."""
-    install_locked(session, "calibrate-cpu")
-    session.run("python", "-m", "mtpquant", "train-tiny", *session.posargs)
+    locked_stage(session, "calibrate-cpu", "train-tiny")
 
 
 @nox.session(name="serve-cpu", python=PYTHON)
 def serve_cpu(session: nox.Session) -> None:
     """Serve an artifact with vLLM on this CPU (dequantized BF16 copy): `nox -s serve-cpu -- --run DIR`."""
-    install_locked(session, "serve-cpu")
-    session.run("python", "-m", "mtpquant", "serve", "--profile", "cpu", *session.posargs)
+    locked_stage(session, "serve-cpu", "serve", "--profile", "cpu")
 
 
 def serve_gpu(session: nox.Session, profile: str) -> None:
@@ -203,22 +206,19 @@ def serve_h200x4(session: nox.Session) -> None:
 @nox.session(name="eval", python=PYTHON)
 def eval_(session: nox.Session) -> None:
     """lm-eval against the served artifact: `nox -s eval -- --run DIR [--suite tiny|seed] [--base-url URL]`."""
-    install_locked(session, "serve-cpu")
-    session.run("python", "-m", "mtpquant", "eval", *session.posargs)
+    locked_stage(session, "serve-cpu", "eval")
 
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """`vllm bench serve` with and without MTP: `nox -s bench -- --run DIR [--grid tiny|seed]`."""
-    install_locked(session, "serve-cpu")
-    session.run("python", "-m", "mtpquant", "bench", *session.posargs)
+    locked_stage(session, "serve-cpu", "bench")
 
 
 @nox.session(python=PYTHON)
 def report(session: nox.Session) -> None:
     """Markdown report of an artifact (verify, eval, bench, commands): `nox -s report -- --run DIR`."""
-    install_locked(session, "serve-cpu")
-    session.run("python", "-m", "mtpquant", "report", *session.posargs)
+    locked_stage(session, "serve-cpu", "report")
 
 
 @nox.session(python=PYTHON)
