@@ -65,3 +65,20 @@ def test_refuses_targets_beyond_routed_experts(built, tmp_path, targets, hit):
                  tmp_path / "out", tmp_path / "rep.json")
     assert hit in str(exc.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family,refused", [("glm_moe_dsa", True), ("glm4_moe", False)])
+def test_per_linear_sequential_targets_refused_where_the_indexer_cannot_trace(built, tmp_path, family, refused):
+    from mtpquant import recipes
+    from mtpquant.quantize import refuse_untraceable_sequential_targets
+
+    text = (RECIPES_DIR / "quant" / "w4a16-asym-g128.yaml").read_text()
+    p = tmp_path / "r.yaml"
+    p.write_text(text.replace("sequential_targets: null", "sequential_targets: [Linear]"))
+    recipe = recipes.load("quant", p)
+    if not refused:
+        refuse_untraceable_sequential_targets(recipe, FAMILIES[family], str(p))
+        return
+    with pytest.raises(MtpquantError, match=r"r\.yaml: sequential_targets: 'Linear' splits the decoder layer"):
+        quantize(built[family]["base"], p, "tiny-local", tmp_path / "out", tmp_path / "rep.json")
+    assert not (tmp_path / "out").exists()

@@ -122,3 +122,24 @@ def test_build_launch_mtp_override_and_host_mapping():
     launch = build_launch(prof, Path(ART), "m", mtp_tokens=5)
     assert "'{\"method\":\"mtp\",\"num_speculative_tokens\":5}'" in launch.shell()
     assert launch.base_url == "http://127.0.0.1:8000"  # polls loopback while serving on 0.0.0.0
+
+
+def test_gpu_profile_without_expert_parallel_refused_for_asymmetric_int4(tmp_path):
+    """The seed's TP scale-sharding wall (vLLM #41511/#50196), encoded: TP without EP is refused."""
+    import dataclasses
+    import json
+
+    from mtpquant.errors import MtpquantError
+
+    art = tmp_path / "artifact"
+    art.mkdir()
+    weights = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 128}
+    config = {"quantization_config": {"config_groups": {"g": {"weights": weights}}}}
+    (art / "config.json").write_text(json.dumps(config))
+    tp_only = dataclasses.replace(recipes.load("serve", "h200x8"), enable_expert_parallel=False)
+    with pytest.raises(MtpquantError, match="enable_expert_parallel: must be true"):
+        build_launch(tp_only, art, "m")
+    assert "--enable-expert-parallel" in build_launch(recipes.load("serve", "h200x8"), art, "m").argv
+    weights["symmetric"] = True  # symmetric scales shard correctly: allowed
+    (art / "config.json").write_text(json.dumps(config))
+    assert "--enable-expert-parallel" not in build_launch(tp_only, art, "m").argv

@@ -31,6 +31,17 @@ def resolve_targets(recipe: QuantRecipe, fam: Family, config: dict[str, Any]) ->
     return [fam.routed_experts_target(config) if t == ROUTED_EXPERTS else t for t in recipe.gptq.targets]
 
 
+def refuse_untraceable_sequential_targets(recipe: QuantRecipe, fam: Family, where: str) -> None:
+    """GLM-5's sparse-attention indexer picks its top-k keys with data-dependent control flow: per-Linear
+    sequential targets cannot trace it (seed write-up). Subgraphs must be whole decoder layers."""
+    if not fam.has_indexer:
+        return
+    for t in recipe.sequential_targets or []:
+        if not t.endswith("DecoderLayer"):
+            raise MtpquantError(f"{where}: sequential_targets: {t!r} splits the decoder layer; {fam.model_type}'s "
+                                "indexer cannot be traced below a whole layer (use null or a *DecoderLayer class)")
+
+
 def refuse_non_expert_targets(targets: list[str], names: list[str], fam: Family, config: dict[str, Any],
                               where: str) -> int:
     """Every name a target matches must be a routed expert outside the MTP layers; returns the match count."""
@@ -196,6 +207,7 @@ def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path, rep
     targets = resolve_targets(recipe, fam, config)
     on_disk = [n.removesuffix(".weight") for n in source.tensors if n.endswith(".weight")]
     refuse_non_expert_targets(targets, on_disk, fam, config, str(qpath))
+    refuse_untraceable_sequential_targets(recipe, fam, str(qpath))
 
     from llmcompressor import oneshot
     from llmcompressor.modeling.moe.linearize import linearize_moe
