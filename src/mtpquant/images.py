@@ -289,6 +289,8 @@ def build(s: BuildSpec, log=print, no_cache: bool = False, normalize: bool = Tru
         _stream(c.api.build(fileobj=ctx, custom_context=True, dockerfile=s.dockerfile, tag=s.local_ref,
                             buildargs=s.buildargs, rm=True, forcerm=True, pull=False, nocache=no_cache,
                             network_mode="none" if offline else None, decode=True), log)
+    if not keep_cache:
+        drop_build_cache(log)  # before normalizing: the build stage's wheelhouse and venv are no longer needed
     if normalize:
         from mtpquant.reproducible import normalize as canonical
 
