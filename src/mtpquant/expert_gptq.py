@@ -244,8 +244,9 @@ class ExpertGPTQModifier(GPTQModifier):
             self._start_transfers(state.model)
 
     def _start_transfers(self, model: torch.nn.Module) -> None:
-        """Prefetch decoder layer 0 now and layer i+1 when layer i first runs in its calibration pass (the
-        sequential pipeline's subgraphs are the decoder layers: the model's `_no_split_modules`)."""
+        """Prefetch decoder layers 0 and 1 now (the embedding subgraph runs first) and layer i+1 when layer i
+        first runs in its calibration pass: one layer ahead, as GPU room allows (the sequential pipeline's
+        subgraphs are the decoder layers: the model's `_no_split_modules`)."""
         from mtpquant.weight_transfers import WeightTransfers
 
         self._transfers = WeightTransfers()
@@ -254,7 +255,8 @@ class ExpertGPTQModifier(GPTQModifier):
         decoder = [m for m in model.modules() if type(m).__name__ in kinds]
         if not decoder:
             return
-        self._transfers.prefetch(decoder[0])
+        for layer in decoder[:2]:
+            self._transfers.prefetch(layer)
         started: set[int] = set()
 
         def hook_for(i: int) -> Any:
