@@ -230,13 +230,12 @@ def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path, rep
     refuse_non_expert_targets(targets, on_disk, fam, config, str(qpath))
 
     from llmcompressor import oneshot
-    from llmcompressor.modeling.moe.linearize import linearize_moe
 
     from mtpquant.calibration import build_dataset
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.root)
     model = ranks.load_model(getattr(transformers, fam.architecture), source.root, torch.bfloat16)
-    linearize_moe(model)
+    ranks.linearize(model)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     expected = fam.routed_expert_linears(config)
     n_hits = refuse_non_expert_targets(targets, linears, fam, config, str(qpath))
