@@ -135,3 +135,21 @@ def test_recipe_refuses_unknown_activation_place(tmp_path):
     bad = recipe_with(tmp_path, activations="disk")
     with pytest.raises(MtpquantError, match="fast_experts.activations: 'disk' is not one of"):
         recipes.load("quant", bad)
+
+
+def test_failed_prefetch_falls_back_to_a_plain_onload(monkeypatch):
+    from compressed_tensors.offload.cache.cpu import CPUCache
+
+    from mtpquant.weight_transfers import WeightTransfers
+
+    lin = torch.nn.Linear(8, 4)
+    lin._parameters = CPUCache.from_mapping(lin._parameters, "cpu")
+    w0 = lin.weight.detach().clone()
+    with WeightTransfers(force=True) as wt:
+        def boom(cache, t):
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+        monkeypatch.setattr(wt, "_copy_in", boom)
+        assert wt.prefetch(lin)
+        torch.testing.assert_close(lin.weight, w0)
+        assert wt.stats["prefetch_failed"] == 1 and wt.stats["prefetch_hits"] == 0

@@ -43,7 +43,7 @@ class WeightTransfers:
         self._writes: dict[int, tuple[torch.Tensor, list[Future[Any]]]] = {}
         self._orig: dict[str, Any] = {}
         self._force = force  # tests: prefetch and queue CPU-to-CPU copies too
-        self.stats = {"prefetched_gb": 0.0, "prefetch_hits": 0, "prefetch_skipped_gb": 0.0,
+        self.stats = {"prefetched_gb": 0.0, "prefetch_hits": 0, "prefetch_skipped_gb": 0.0, "prefetch_failed": 0,
                       "prefetch_wait_s": 0.0, "written_back_gb": 0.0, "writeback_wait_s": 0.0}
 
     # ---- install / remove ---------------------------------------------------------------------------
@@ -74,7 +74,7 @@ class WeightTransfers:
         """Wait for every queued write, drop unused prefetched copies, put CPUCache back."""
         self.drain()
         for _, fut in self._prefetched.values():
-            fut.result()
+            fut.exception()  # wait; an unused copy's failure does not matter
         self._prefetched.clear()
         if self._orig:
             CPUCache.onload = self._orig["onload"]  # type: ignore[method-assign]
@@ -138,8 +138,13 @@ class WeightTransfers:
         if entry is None:
             return None
         t0 = time.perf_counter()
-        out, event = entry[1].result()
-        self.stats["prefetch_wait_s"] += time.perf_counter() - t0
+        try:
+            out, event = entry[1].result()
+        except RuntimeError:  # e.g. the GPU ran out of memory meanwhile: copy as compressed-tensors would
+            self.stats["prefetch_failed"] += 1
+            return None
+        finally:
+            self.stats["prefetch_wait_s"] += time.perf_counter() - t0
         if event is not None:
             current = torch.cuda.current_stream(out.device)
             current.wait_event(event)
@@ -161,7 +166,7 @@ class WeightTransfers:
             return
         stale = self._prefetched.pop(id(offloaded), None)  # the prefetched copy predates this write
         if stale is not None:
-            stale[1].result()
+            stale[1].exception()
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if distributed or not (data.device != offloaded.device or self._force):
             self._wait_writes(offloaded)
