@@ -42,7 +42,7 @@ def child(ckpt: Path, mode: str, out: Path) -> None:
     # every rank sees the source rank's values: a checksum of one expert's weights
     w = model.model.layers[1].mlp.experts[3].down_proj.weight
     rows = ranks.gather({"rank": rank, "load_s": t1 - t0, "linearize_s": t2 - t1,
-                         "checksum": float(w.float().sum()), "rss_gb": _rss_gb()})
+                         "checksum": float(w.detach().float().sum()), "rss_gb": _rss_gb()})
     if rank == 0:
         out.write_text(json.dumps(rows))
     if dist.is_initialized():
@@ -63,9 +63,22 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/dist-load")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dist_load.json"))
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--profile", action="store_true", help="cProfile each rank into WORK/profile-MODE-RANK.txt")
     args = ap.parse_args()
     if args.child:
-        return child(Path(args.child[0]), args.child[1], Path(args.child[2]))
+        if not args.profile:
+            return child(Path(args.child[0]), args.child[1], Path(args.child[2]))
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.runcall(child, Path(args.child[0]), args.child[1], Path(args.child[2]))
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(40)
+        rank = os.environ.get("RANK", "0")
+        (Path(args.child[2]).parent / f"profile-{args.child[1]}-{rank}.txt").write_text(buf.getvalue())
+        return None
     from mtpquant.shaped_fixture import glm5_config, write_shaped_checkpoint
 
     work = Path(args.work)
@@ -77,7 +90,8 @@ def main() -> None:
     for mode in args.modes.split(","):
         js = work / f"rows-{mode}.json"
         js.unlink(missing_ok=True)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(ckpt), mode, str(js)]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(ckpt), mode, str(js),
+               *(["--profile"] if args.profile else [])]
         if args.nproc > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                    *cmd[1:]]

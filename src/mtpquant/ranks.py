@@ -18,6 +18,12 @@ def init() -> int:
     if world() > 1 and not dist.is_initialized():
         import torch
 
+        # compressed-tensors' shared CPU offload (DistributedCPUCache.offload) calls share_memory_() and then
+        # _share_filename_cpu_() on every tensor: with the default file_descriptor strategy that copies each
+        # tensor into shared memory twice (fd-backed, then file-backed); with file_system, once
+        # (MTPQUANT_SHARING_STRATEGY=file_descriptor: torch's default, for comparison)
+        torch.multiprocessing.set_sharing_strategy(os.environ.get("MTPQUANT_SHARING_STRATEGY", "file_system"))
+
         if torch.accelerator.is_available():
             from compressed_tensors.offload import init_dist
 
