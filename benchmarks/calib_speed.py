@@ -10,7 +10,8 @@ process (clean CUDA context, clean peak-memory counters):
                   pipeline="sequential"), save_pretrained(save_compressed=True)
   baseline-tf32   the same with torch.backends.cuda.matmul.allow_tf32 = True
   fast            `mtpquant quantize` with the shipped recipe (its fast_experts section)
-  fast:K=V,...    the same with fast_experts fields overridden (e.g. fast:hessian_inputs=fp32)
+  fast:K=V+...    the same with fast_experts fields overridden (e.g. fast:hessian_inputs=fp32,
+                  fast:activations=gpu+overlap_weights=true; "+" because "," separates paths)
   stage-plain     `mtpquant quantize` with the shipped recipe minus fast_experts
 
 Each path reports wall time split into load / calibration / solve / save, peak GPU memory, GPTQ loss per
@@ -71,7 +72,7 @@ def write_inputs(work: Path, experts: int, samples: int, seq_len: int, small: bo
 
 
 def safe(path: str) -> str:
-    return path.replace(":", "_").replace(",", "_").replace("=", "-")
+    return path.replace(":", "_").replace(",", "_").replace("+", "_").replace("=", "-")
 
 
 def quant_recipe(work: Path, path: str) -> Path:
@@ -82,7 +83,7 @@ def quant_recipe(work: Path, path: str) -> Path:
     if path == "stage-plain":
         recipe.pop("fast_experts", None)
     elif ":" in path:
-        for kv in path.split(":", 1)[1].split(","):
+        for kv in path.split(":", 1)[1].split("+"):
             k, v = kv.split("=")
             recipe.setdefault("fast_experts", {})[k] = yaml.safe_load(v)
     out = work / f"quant-{safe(path)}.yaml"
@@ -186,7 +187,8 @@ def run_stage(ckpt: Path, quant_yaml: Path, calib_yaml: Path, out: Path) -> dict
     rep = quantize(ckpt, str(quant_yaml), str(calib_yaml), out, out.with_suffix(".json"))
     s = rep["seconds"]
     return {"load_s": s["load"], "oneshot_s": s["calibrate_and_solve"], "save_s": s["save"],
-            "per_linear": rep["per_linear"], "expert_gptq_s": s.get("expert_gptq", {})}
+            "per_linear": rep["per_linear"], "expert_gptq_s": s.get("expert_gptq", {}),
+            "activations_on": rep.get("activations_on", "cpu")}
 
 
 def child(args: argparse.Namespace) -> None:

@@ -26,12 +26,12 @@ def recipe_for(path: str, routed_default: str) -> Any:
     if path.startswith("baseline"):
         return dataclasses.replace(quant, fast_experts=None)
     fe = dataclasses.replace(quant.fast_experts, routed_forward=routed_default)
-    for kv in path.split(":", 1)[1].split(",") if ":" in path else []:
+    for kv in path.split(":", 1)[1].replace("+", ",").split(",") if ":" in path else []:
         k, v = kv.split("=")
         if k == "sorted_routing":  # the option's name in runs A and B
             k, v = "routed_forward", ("sorted" if v == "true" else "llm_compressor")
         typ = {f.name: f.type for f in dataclasses.fields(FastExperts)}[k]
-        fe = dataclasses.replace(fe, **{k: int(v) if typ == "int" else v})
+        fe = dataclasses.replace(fe, **{k: int(v) if typ == "int" else (v == "true") if typ == "bool" else v})
     return dataclasses.replace(quant, fast_experts=fe)
 
 

@@ -215,9 +215,11 @@ class ExpertGPTQModifier(GPTQModifier):
     token_chunk: int = 16384
     solve_rows: int = 131072
     routed_forward: str = "grouped_mm"  # grouped_mm | sorted | llm_compressor
+    overlap_weights: bool = False  # prefetch the next decoder layer, write back in the background
 
     _layers: list[ExpertLayer] = PrivateAttr(default_factory=list)
     _timings: dict[str, float] = PrivateAttr(default_factory=dict)
+    _transfers: Any = PrivateAttr(default=None)  # mtpquant.weight_transfers.WeightTransfers
 
     def on_initialize(self, state: State, **kwargs: Any) -> bool:
         ok = super().on_initialize(state, **kwargs)
@@ -238,12 +240,52 @@ class ExpertGPTQModifier(GPTQModifier):
                 layer.module.forward = functools.partial(self._routed, layer)
         if not handled and not self._hooks:
             raise ValueError("ExpertGPTQModifier found no modules to quantize")
+        if self.overlap_weights:
+            self._start_transfers(state.model)
+
+    def _start_transfers(self, model: torch.nn.Module) -> None:
+        """Prefetch decoder layers 0 and 1 now (the embedding subgraph runs first) and layer i+1 when layer i
+        first runs in its calibration pass: one layer ahead, as GPU room allows (the sequential pipeline's
+        subgraphs are the decoder layers: the model's `_no_split_modules`)."""
+        from mtpquant.weight_transfers import WeightTransfers
+
+        self._transfers = WeightTransfers()
+        self._transfers.install()
+        kinds = set(getattr(model, "_no_split_modules", None) or [])
+        decoder = [m for m in model.modules() if type(m).__name__ in kinds]
+        if not decoder:
+            return
+        for layer in decoder[:2]:
+            self._transfers.prefetch(layer)
+        started: set[int] = set()
+
+        def hook_for(i: int) -> Any:
+            def first_call(_module: torch.nn.Module, _args: tuple[Any, ...]) -> None:
+                if i not in started:
+                    started.add(i)
+                    if i + 1 < len(decoder):
+                        self._transfers.prefetch(decoder[i + 1])
+            return first_call
+
+        for i, layer in enumerate(decoder):
+            self.register_hook(layer, hook_for(i), "forward_pre")
+
+    def _stop_transfers(self) -> None:
+        if self._transfers is not None:
+            self._transfers.close()
+            self._timings.update(self._transfers.stats)
+            self._transfers = None
 
     def on_calibration_end(self, state: State, event: Event, **kwargs: Any) -> None:
         for layer in self._layers:
             layer.module.__dict__.pop("forward", None)  # back to the class's forward
             layer.stacked = None
         super().on_calibration_end(state, event, **kwargs)
+        self._stop_transfers()  # every write-back lands before oneshot returns (and the save reads)
+
+    def on_finalize(self, state: State, **kwargs: Any) -> bool:
+        self._stop_transfers()  # also when calibration ended early
+        return super().on_finalize(state, **kwargs)
 
     def _routed(self, layer: ExpertLayer, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -297,6 +339,8 @@ class ExpertGPTQModifier(GPTQModifier):
 
     def on_sequential_epoch_end(self, state: State, event: Event, modules: list[torch.nn.Module],
                                 **kwargs: Any) -> None:
+        if self._transfers is not None:
+            self._transfers.drain()  # the previous layer's write-backs: done, their GPU sources freed
         present = set(modules)
         here = [layer for layer in self._layers if layer.module in present]
         for layer in self._layers:

@@ -6,6 +6,10 @@ section for a hub model not downloaded yet), a calibration recipe (samples x tok
 kind of subgraph, host RAM, disk (source, offload, output) and wall time split into load / calibration /
 solve / save. Pure arithmetic on counts from mtpquant.calib_cost and rates measured on this workplace's
 H100 and H200 machines (benchmarks/CALIB_SPEED.md says which run gave each number).
+
+`fast_experts.activations` (on the GPU) and `overlap_weights` add their GPU memory (the activation cache;
+the next layer's weights). Their effect on time is not modelled, for it is not measured yet
+(CALIB_SPEED.md): the time predicted with them is the time measured without them.
 """
 
 from __future__ import annotations
@@ -208,13 +212,26 @@ def plan_for_shape(name: str, s: MoEShape, samples: int, seq_len: int, quant: Qu
     tok_rank = math.ceil(samples / world) * seq_len
     mem = moe_layer_memory(s, quant, seq_len, heads)
     phase = mem.pop("phase", "calibration")
+    fe = quant.fast_experts
+    act_gib = 0.0
+    if fe is not None and fe.activations != "cpu":  # the activation cache held on the GPU (quantize's rule)
+        from mtpquant.quantize import activation_bytes, activation_device
+
+        cache = activation_bytes({"hidden_size": s.hidden}, math.ceil(samples / world), seq_len)
+        if activation_device(quant, cache, ("cuda", gpu.memory_gib * GIB)) != "cpu":
+            act_gib = cache / GIB
+            mem["activations"] = act_gib
+    if fe is not None and fe.overlap_weights:  # the next layer's weights, prefetched while this one runs
+        mem["prefetch"] = BF16 * s.moe_layer_params / GIB
     moe_peak = sum(mem.values()) + RESERVED_GPU_GIB
     t = moe_layer_seconds(s, quant, r, samples, seq_len, world)
     moe = Subgraph(f"MoE decoder layer ({phase})", s.moe_layers, round(moe_peak, 2),
                    {k: round(v, 2) for k, v in mem.items()}, round(t["calibration"] + t["propagation"], 2),
                    round(t["solve"], 2))
     dense_w = BF16 * s.dense_layer_params / GIB
-    dense_peak = dense_w + attention_bytes(s, seq_len, heads) / GIB + RESERVED_GPU_GIB
+    dense_peak = dense_w + attention_bytes(s, seq_len, heads) / GIB + RESERVED_GPU_GIB + act_gib
+    if fe is not None and fe.overlap_weights:  # a dense layer prefetches the next (MoE) layer
+        dense_peak += BF16 * s.moe_layer_params / GIB
     t_dense = 2 * tok_rank * DENSE_FWD_S_PER_TOKEN
     dense = Subgraph("dense decoder layer", s.dense_layers, round(dense_peak, 2),
                      {"weights": round(dense_w, 2)}, round(t_dense, 2), 0.0)

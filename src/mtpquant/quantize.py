@@ -25,6 +25,9 @@ from mtpquant.measure import peak_memory
 from mtpquant.recipes import ROUTED_EXPERTS, QuantRecipe
 
 FEW_TOKENS_FRACTION = 0.1  # an expert routed < 10% of its uniform share is flagged in the report
+# fast_experts.activations: auto keeps the activation cache on the GPU when it takes at most this share of
+# the card (a GLM-5.2 layer's fast calibration peaks at ~43 GiB of an H100's 79: CALIB_SPEED.md run C)
+ACTIVATIONS_GPU_FRACTION = 0.15
 
 
 def resolve_targets(recipe: QuantRecipe, fam: Family, config: dict[str, Any]) -> list[str]:
@@ -81,18 +84,47 @@ def modifier_for(recipe: QuantRecipe, targets: list[str]) -> Any:
     from mtpquant.expert_gptq import ExpertGPTQModifier
 
     return ExpertGPTQModifier(**common, hessian_inputs=fast.hessian_inputs, token_chunk=fast.token_chunk,
-                              solve_rows=fast.solve_rows, routed_forward=fast.routed_forward)
+                              solve_rows=fast.solve_rows, routed_forward=fast.routed_forward,
+                              overlap_weights=fast.overlap_weights)
 
 
-def oneshot_options(recipe: QuantRecipe) -> dict[str, Any]:
+def activation_bytes(config: dict[str, Any], samples: int, seq_len: int) -> int:
+    """The sequential pipeline's activation cache: one bf16 hidden state per token (its largest entry; the
+    rotary tables and masks it also holds are counted by the 25% margin)."""
+    return int(1.25 * samples * seq_len * int(config["hidden_size"]) * 2)
+
+
+def activation_device(recipe: QuantRecipe, cache_bytes: int, gpu: Any = None) -> str:
+    """`sequential_offload_device` for oneshot: "cpu" (llm-compressor's default), or the execution device when
+    `fast_experts.activations` is "gpu", or "auto" and the cache takes at most ACTIVATIONS_GPU_FRACTION of
+    the card. `gpu`: (device name, total bytes); None asks torch (no accelerator: "cpu")."""
+    fast = recipe.fast_experts
+    mode = fast.activations if fast else "cpu"
+    if mode == "cpu":
+        return "cpu"
+    if gpu is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "cpu"
+        gpu = (f"cuda:{torch.cuda.current_device()}", torch.cuda.mem_get_info()[1])
+    name, total = gpu
+    if mode == "auto" and cache_bytes > ACTIVATIONS_GPU_FRACTION * total:
+        return "cpu"
+    return name
+
+
+def oneshot_options(recipe: QuantRecipe, offload_device: str = "cpu") -> dict[str, Any]:
     """Pipeline options for `oneshot`. With `fast_experts` the modifier itself runs every expert on every
     token for its Hessians, so the model's forward only routes (llm-compressor's all-experts forward would
-    compute the same expert outputs a second time and throw them away)."""
+    compute the same expert outputs a second time and throw them away). `offload_device`: where the
+    activations wait between subgraphs (activation_device)."""
     fast = recipe.fast_experts
     return dict(
         pipeline=recipe.pipeline, sequential_targets=recipe.sequential_targets,
         moe_calibrate_all_experts=recipe.moe_calibrate_all_experts and fast is None,
         sequential_prefetch=bool(fast and fast.sequential_prefetch),
+        sequential_offload_device=offload_device,
     )
 
 
@@ -210,13 +242,12 @@ def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path, rep
     refuse_untraceable_sequential_targets(recipe, fam, str(qpath))
 
     from llmcompressor import oneshot
-    from llmcompressor.modeling.moe.linearize import linearize_moe
 
     from mtpquant.calibration import build_dataset
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.root)
     model = ranks.load_model(getattr(transformers, fam.architecture), source.root, torch.bfloat16)
-    linearize_moe(model)
+    ranks.linearize(model)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     expected = fam.routed_expert_linears(config)
     n_hits = refuse_non_expert_targets(targets, linears, fam, config, str(qpath))
@@ -230,10 +261,12 @@ def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path, rep
                         TextColumn("{task.completed}/{task.total} Linears"), TimeElapsedColumn())
     task = progress.add_task(fam.architecture, total=len(expected))
     modifier = modifier_for(recipe, targets)
+    act_device = activation_device(recipe, activation_bytes(config, len(dataset), calib.max_seq_length))
     with progress, recording_gptq(model, lambda: progress.advance(task)) as rec, \
             routing_counts(model, fam, config) as counts:
         oneshot(
-            model=model, processor=tokenizer, dataset=dataset, recipe=modifier, **oneshot_options(recipe),
+            model=model, processor=tokenizer, dataset=dataset, recipe=modifier,
+            **oneshot_options(recipe, act_device),
             num_calibration_samples=len(dataset), max_seq_length=calib.max_seq_length,
             shuffle_calibration_samples=False,
         )
@@ -260,6 +293,7 @@ def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path, rep
         "model": str(source.root), "family": fam.model_type, "output": str(out_dir),
         "recipe": {"path": str(qpath), "sha256": recipes.recipe_sha256("quant", qpath), "targets": targets},
         "calibration": {"path": str(cpath), "sha256": recipes.recipe_sha256("calibration", cpath), **data_summary},
+        "activations_on": act_device,
         "quantized_linears": len(rows), "expected_linears": len(expected), "ranks": ranks.world(),
         "gptq_loss_median": statistics.median(losses) if losses else None,
         "gptq_loss_max": max(losses) if losses else None,

@@ -18,6 +18,12 @@ def init() -> int:
     if world() > 1 and not dist.is_initialized():
         import torch
 
+        # compressed-tensors' shared CPU offload (DistributedCPUCache.offload) calls share_memory_() and then
+        # _share_filename_cpu_() on every tensor: with the default file_descriptor strategy that copies each
+        # tensor into shared memory twice (fd-backed, then file-backed); with file_system, once
+        # (MTPQUANT_SHARING_STRATEGY=file_descriptor: torch's default, for comparison)
+        torch.multiprocessing.set_sharing_strategy(os.environ.get("MTPQUANT_SHARING_STRATEGY", "file_system"))
+
         if torch.accelerator.is_available():
             from compressed_tensors.offload import init_dist
 
@@ -37,6 +43,32 @@ def load_model(cls: Any, path: Any, dtype: Any) -> Any:
         return cls.from_pretrained(path, dtype=dtype)
     with load_offloaded_model(cls):
         return cls.from_pretrained(path, dtype=dtype, device_map="auto_offload")
+
+
+def linearize(model: Any) -> Any:
+    """llm-compressor's `linearize_moe` (fused 3-D experts -> one Linear per expert). Under torchrun only the
+    source rank copies the expert slices: every other rank's copy is thrown away unread when compressed-
+    tensors' shared CPU offload maps the source rank's shared memory over it (`DistributedCPUCache.offload`),
+    so those ranks skip the copy, leaving their new tensors untouched (unfaulted) memory. In run C two ranks
+    took 44 s to load and linearize against 11 s for one process and four did not finish in 130 s
+    (CALIB_SPEED.md, "The slow load under torchrun": rank 1's peak RSS 2.7 -> 0.5 GB at E = 16 on a CPU)."""
+    import contextlib
+
+    import torch.distributed as dist
+    from llmcompressor.modeling.moe import linear_experts
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return linearize_moe(model)
+    from compressed_tensors.distributed import is_source_process
+    from compressed_tensors.utils import patch_attr
+
+    if is_source_process():
+        return linearize_moe(model)
+    with contextlib.ExitStack() as stack:
+        for cls in (linear_experts.ExpertMLPWithGate, linear_experts.ExpertMLPWithoutGate):
+            stack.enter_context(patch_attr(cls, "copy_from_experts_module", lambda self, experts, index: None))
+        return linearize_moe(model)
 
 
 def gather(obj: Any) -> list[Any]:

@@ -125,6 +125,13 @@ class FastExperts:
     # the model's routed forward while calibrating: grouped GEMMs over tokens sorted by expert, a loop over
     # experts on the sorted tokens, or llm-compressor's own (one host sync per expert per call)
     routed_forward: Literal["grouped_mm", "sorted", "llm_compressor"] = "grouped_mm"
+    # where the sequential pipeline keeps the activations between subgraphs: llm-compressor's default (the
+    # CPU, copied to and from the GPU per sample in both passes), the GPU, or the GPU when they take at most
+    # ACTIVATIONS_GPU_FRACTION of the card (mtpquant.quantize.activation_device)
+    activations: Literal["cpu", "gpu", "auto"] = "cpu"
+    # prefetch the next decoder layer's weights to the GPU while this one calibrates, and write quantized
+    # weights back to the CPU copy in the background (mtpquant.weight_transfers)
+    overlap_weights: bool = False
 
     def check(self, where: str) -> None:
         for name in ("token_chunk", "solve_rows"):
