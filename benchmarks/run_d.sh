@@ -5,16 +5,7 @@
 #
 #   run(command="bash benchmarks/run_d.sh", carry=[".whl"])
 set -euo pipefail
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD/src
-else
-  export PYTHONPATH=$PWD/src
-fi
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/run_d}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+source benchmarks/device_env.sh /tmp/run_d
 python3 benchmarks/calib_speed.py --experts 64 --samples 64 --seq-len 2048 \
   --paths "baseline,fast,fast:activations=gpu,fast:activations=gpu+overlap_weights=true" \
   --out "$OUT/calib_speed_D_e64_64x2048.json" 2>&1 | tee "$OUT/run_d.log" | grep -v "it/s\]" || true

@@ -6,16 +6,7 @@
 #   run(command="bash benchmarks/run_d_x4.sh load", carry=[".whl"], kind="nvidia-h100-x4")
 #   run(command="bash benchmarks/run_d_x4.sh calib", carry=[".whl"], kind="nvidia-h100-x4")
 set -euo pipefail
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD/src
-else
-  export PYTHONPATH=$PWD/src
-fi
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/run_d_x4}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+source benchmarks/device_env.sh /tmp/run_d_x4
 case "${1:-load}" in
   load)
     for n in 1 2 4; do
