@@ -138,3 +138,28 @@ def test_no_engine_is_one_line(monkeypatch):
     with pytest.raises(MtpquantError, match="no Docker engine reachable"):
         images.client()
 
+
+
+def test_docker_save_stream_reader_gives_back_the_tar_across_chunk_boundaries():
+    """reproducible.save extracts `docker save` as it streams: the reader must hand out every byte once, in
+    order, whatever the SDK's chunking (2 MiB) and tarfile's read sizes."""
+    import io
+    import os
+    import tarfile
+
+    from mtpquant.reproducible import _ChunkReader
+
+    buf = io.BytesIO()
+    files = {f"layer{i}.tar": os.urandom(size) for i, size in enumerate((0, 1, 511, 2_100_000, 5_000_003))}
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    size = 2 << 20  # the SDK's chunk
+    chunks = [raw[i:i + size] for i in range(0, len(raw), size)]
+    assert io.BufferedReader(_ChunkReader(chunks), 1 << 20).read() == raw
+    with tarfile.open(fileobj=io.BufferedReader(_ChunkReader(chunks), 1 << 20), mode="r|") as tar:
+        got = {m.name: tar.extractfile(m).read() for m in tar}
+    assert got == files

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import sys
 import tarfile
@@ -30,26 +31,29 @@ BUILD_FIELDS = ("created", "container", "container_config", "docker_version")
 EPOCH_ISO = "2026-11-27T00:00:00Z"
 
 
-class _ChunkReader:
-    """A read-only file over an iterator of byte chunks (what the Docker SDK streams)."""
+class _ChunkReader(io.RawIOBase):
+    """A read-only stream over an iterator of byte chunks (what the Docker SDK streams). Each chunk is handed
+    out through a memoryview, so tarfile's many small reads copy each byte once."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks, self._buf = iter(chunks), b""
+        self._chunks, self._rest = iter(chunks), memoryview(b"")
 
-    def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self._buf) < n:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                break
-            self._buf += chunk
-        out, self._buf = (self._buf, b"") if n < 0 else (self._buf[:n], self._buf[n:])
-        return out
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if not self._rest:
+            self._rest = memoryview(next(self._chunks, b""))
+        n = min(len(b), len(self._rest))
+        b[:n], self._rest = self._rest[:n], self._rest[n:]
+        return n
 
 
 def save(ref: str, dest: Path) -> tuple[dict[str, Any], list[Path]]:
     """docker save REF into dest, extracted as it streams (one copy on disk): (config, layer tars in order)."""
     dest.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=_ChunkReader(client().images.get(ref).save(named=False)), mode="r|") as tar:
+    stream = io.BufferedReader(_ChunkReader(client().images.get(ref).save(named=False)), 1 << 20)
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
         tar.extractall(dest, filter="data")
     manifest = json.loads((dest / "manifest.json").read_text())[0]
     config = json.loads((dest / manifest["Config"]).read_text())
