@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from mtpquant import images
+from mtpquant.evaluate import spec_counters
 from mtpquant.serve import free_port
 from tests.docker_support import built_image, leave_no_images, publish_remove_pull, record
 
@@ -78,15 +79,8 @@ def query(port: int, alive, timeout: float = 600) -> dict:
             choice = json.load(r)["choices"][0]
         out["completions"].append({"text": choice["text"], "tokens": choice["logprobs"]["tokens"],
                                    "logprobs": [round(x, 4) for x in choice["logprobs"]["token_logprobs"]]})
-    out["spec_decode"] = spec_lines(port)
+    out["spec_decode"] = spec_counters(f"http://127.0.0.1:{port}")
     return out
-
-
-def spec_lines(port: int) -> list[str]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
-        return sorted(line for line in r.read().decode().splitlines()
-                      if line.startswith(("vllm:spec_decode_num_draft_tokens_total",
-                                          "vllm:spec_decode_num_accepted_tokens_total")))
 
 
 def evaluate(python: str, port: int, model: Path, run: Path, label: str) -> dict:
@@ -149,7 +143,7 @@ def test_serve_image_pulled_by_digest_serves_and_evaluates_like_the_venv(serve, 
     venv = in_venv(serve_python, model, tmp_path / "venv")
     venv.pop("ready_seconds")
     assert all(len(c["tokens"]) == 16 for c in image["completions"])
-    assert any("draft_tokens_total" in line and not line.endswith(" 0.0") for line in image["spec_decode"])
+    assert image["spec_decode"]["vllm:spec_decode_num_draft_tokens_total"] > 0
     ev = image["eval"]
     assert ev["tasks"][0]["n"] == 40 and ev["tasks"][0]["value"] >= 0.6, ev["tasks"]  # it knows its task
     assert ev["mtp_acceptance"] and ev["mtp_acceptance"]["rate"] >= 0.5, ev["mtp_acceptance"]
