@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mtpquant import images, kernels, runtime
+from mtpquant.checkpoint import file_sha256
 from mtpquant.errors import MtpquantError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,7 @@ def test_cuda_dry_run_prints_every_pinned_input(image, capsys):
     lock = tomllib.loads((PINNED / "images.lock").read_text())
     fl = images.FLAVOURS[image]["cuda"]
     assert lock["base"][fl.base]["ref"] in out
-    assert images.locks.file_sha256(PINNED / f"{fl.lock}.txt") in out
+    assert file_sha256(PINNED / f"{fl.lock}.txt") in out
     assert f"snapshot {images.UBUNTU_SNAPSHOT}" in out
     assert "torch==2.13.0" in out
     if fl.kernels:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from mtpquant import images, locks
+from mtpquant import images
 from mtpquant.checkpoint import file_sha256
 from mtpquant.errors import MtpquantError
 from tests.docker_support import REGISTRY, base, built_image, leave_no_images, log, publish_remove_pull, record
@@ -32,7 +32,7 @@ def test_calibrate_image_is_labelled_non_root_and_lean(calibrate):
     attrs = images.client().images.get(image_id).attrs
     labels = attrs["Config"]["Labels"]
     assert attrs["Config"]["User"] == "10001:10001"
-    assert labels["io.mtpquant.lock.sha256"] == locks.file_sha256(images.PINNED / "calibrate-cpu.txt")
+    assert labels["io.mtpquant.lock.sha256"] == file_sha256(images.PINNED / "calibrate-cpu.txt")
     assert labels["org.opencontainers.image.revision"] == images.revision()
     assert labels["org.opencontainers.image.base.name"] == base()
     # Runs as 10001; no compiler; nothing of the build stage (wheelhouse, lock copy, extra CAs) left in /tmp.

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from mtpquant import kernels, locks
+from mtpquant.checkpoint import file_sha256
 from mtpquant.errors import MtpquantError
 
 ROOT = locks.REPO_ROOT
@@ -142,7 +143,7 @@ def base_ref(key: str, overrides: dict[str, str], lock: dict[str, Any]) -> str:
 
 
 def hashed(files: list[tuple[str, Path]]) -> list[tuple[str, Path, str]]:
-    return [(arc, path, locks.file_sha256(path)) for arc, path in files]
+    return [(arc, path, file_sha256(path)) for arc, path in files]
 
 
 def content_tag(files: list[tuple[str, Path, str]], buildargs: dict[str, str]) -> str:
@@ -169,7 +170,7 @@ def spec(image: str, flavour: str, bases: dict[str, str] | None = None, online: 
     args = {
         "BASE_IMAGE": base_ref(fl.base, bases, images_lock),
         "LOCK": fl.lock,
-        "LOCK_SHA256": locks.file_sha256(lock_file),
+        "LOCK_SHA256": file_sha256(lock_file),
         "APT_PACKAGES": fl.apt_packages,
         "APT_SNAPSHOT": UBUNTU_SNAPSHOT if fl.python != "3.11" else "",
         "FLAVOUR": flavour,
@@ -180,7 +181,7 @@ def spec(image: str, flavour: str, bases: dict[str, str] | None = None, online: 
     }
     if fl.kernels:
         args |= {"BUILD_IMAGE": base_ref(fl.build_base, bases, images_lock), "KERNELS": "cuda",
-                 "KERNELS_LOCK_SHA256": locks.file_sha256(pinned / "kernels.lock"),
+                 "KERNELS_LOCK_SHA256": file_sha256(pinned / "kernels.lock"),
                  "BUILD_APT_PACKAGES": fl.build_apt_packages}
     files = hashed(context_files(image, root))
     house = root / "containers" / "wheelhouse" / fl.lock
@@ -399,7 +400,7 @@ def plan_lines(s: BuildSpec) -> list[str]:
     fl = FLAVOURS[s.image][s.flavour]
     a = s.buildargs
     lines = [f"image {s.image}/{s.flavour} -> {s.local_ref} (content tag from {len(s.files)} files + build args)",
-             f"dockerfile {s.dockerfile} sha256:{locks.file_sha256(ROOT / s.dockerfile)}",
+             f"dockerfile {s.dockerfile} sha256:{file_sha256(ROOT / s.dockerfile)}",
              f"base {a['BASE_IMAGE']}"]
     if "BUILD_IMAGE" in a:
         lines.append(f"build image {a['BUILD_IMAGE']}")

@@ -68,10 +68,6 @@ def uv_compile(lock: PyLock, torch_source: list[str]) -> list[str]:
             "--exclude-newer", EXCLUDE_NEWER, "--quiet", *(torch_source if lock.cpu_torch else []), *lock.extra]
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 # ---------------------------------------------------------------- kernels.lock
 
 def pypi_sdist(project: str, version: str, index: str = "https://pypi.org/simple") -> tuple[str, str]:
