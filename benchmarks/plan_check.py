@@ -16,16 +16,24 @@ RESULTS = ROOT / "benchmarks" / "results"
 # Measured from run C's logs (the JSON row was not written: the save outlived its timeout): 2 ranks, E=256,
 # 768 x 512, oneshot from "Compression lifecycle reset" 23:33:08.11 to "finalized" 23:33:42.76 on rank 0.
 TWO_RANKS = {"file": "logs/calib_speed_h100x4_C_x4-2.log", "experts": 256, "samples": 768, "seq_len": 512,
-             "path": "fast", "world_size": 2, "oneshot_s": 34.65, "routed_forward": "grouped_mm"}
+             "path": "fast", "world_size": 2, "oneshot_s": 34.65, "routed_forward": "grouped_mm", "gpu": "h100",
+             "activations": "cpu"}
 
 
-def recipe_for(path: str, routed_default: str) -> Any:
+def gpu_type(device: str) -> str:
+    """The planner's GPU type for a result's `device` (torch's device name; runs A-C were all H100)."""
+    return "h200" if "H200" in device else "h100"
+
+
+def recipe_for(path: str, routed_default: str, activations: str) -> Any:
+    """The quant recipe a measured path ran with; `activations`: where its activations were (the result's
+    `activations_on`), since the shipped recipe's `auto` was `cpu` when runs A-D's plain `fast` ran."""
     from mtpquant.recipes import FastExperts, load
 
     quant = load("quant", "w4a16-asym-g128")
     if path.startswith("baseline"):
         return dataclasses.replace(quant, fast_experts=None)
-    fe = dataclasses.replace(quant.fast_experts, routed_forward=routed_default)
+    fe = dataclasses.replace(quant.fast_experts, routed_forward=routed_default, activations=activations)
     for kv in path.split(":", 1)[1].replace("+", ",").split(",") if ":" in path else []:
         k, v = kv.split("=")
         if k == "sorted_routing":  # the option's name in runs A and B
@@ -38,7 +46,8 @@ def recipe_for(path: str, routed_default: str) -> Any:
 def points() -> list[dict[str, Any]]:
     out = []
     for f in sorted(RESULTS.glob("calib_speed_*.json")):
-        routed = "grouped_mm" if "grouped" in f.name else "sorted"  # runs A and B predate grouped_mm
+        run_letter = f.name.split("_")[3]  # calib_speed_<gpu>_<run>_...
+        routed = "sorted" if run_letter in ("A", "B") else "grouped_mm"  # runs A and B predate grouped_mm
         for run in json.loads(f.read_text())["runs"]:
             for path, r in run["paths"].items():
                 if "error" in r:
@@ -46,7 +55,9 @@ def points() -> list[dict[str, Any]]:
                 out.append({"file": f.name, "experts": run["experts"], "samples": run["samples"],
                             "seq_len": run["seq_len"], "path": path, "world_size": r["world_size"],
                             "oneshot_s": r["oneshot_s"], "gpu_peak_gib": r["gpu_peak_allocated_gb"],
-                            "routed_forward": routed})
+                            "routed_forward": routed, "gpu": gpu_type(r.get("device", "")),
+                            "load_save_s": r["load_s"] + r["save_s"],
+                            "activations": "cpu" if r.get("activations_on", "cpu") == "cpu" else "gpu"})
     return [*out, TWO_RANKS]
 
 
@@ -61,26 +72,31 @@ def main() -> None:
     rows = []
     for pt in points():
         shape = shape_from_config(glm5_config(num_experts=pt["experts"]).to_dict())
-        quant = recipe_for(pt["path"], pt["routed_forward"])
-        plan = plan_for_shape("bench", shape, pt["samples"], pt["seq_len"], quant, GPUSpec.of("h100", pt["world_size"]))
+        quant = recipe_for(pt["path"], pt["routed_forward"], pt["activations"])
+        plan = plan_for_shape("bench", shape, pt["samples"], pt["seq_len"], quant, GPUSpec.of(pt["gpu"], pt["world_size"]))
         pred_t = plan.seconds["calibration"] + plan.seconds["solve"]
         row = {**pt, "pred_oneshot_s": pred_t, "time_ratio": pred_t / pt["oneshot_s"]}
+        if "load_save_s" in pt:
+            row["pred_load_save_s"] = plan.seconds["load"] + plan.seconds["save"]
+            row["load_save_ratio"] = row["pred_load_save_s"] / pt["load_save_s"]
         if "gpu_peak_gib" in pt:
             row["pred_gpu_peak_gib"] = plan.subgraphs[1].gpu_peak_gib
             row["memory_ratio"] = row["pred_gpu_peak_gib"] / pt["gpu_peak_gib"]
         rows.append(row)
     (RESULTS / "plan_check.json").write_text(json.dumps(rows, indent=1))
-    t = Table(title="mtpquant plan vs measured (H100)")
-    for c in ("run", "E", "tokens", "path", "GPUs", "oneshot s", "predicted", "ratio", "peak GiB", "predicted",
-              "ratio"):
+    t = Table(title="mtpquant plan vs measured")
+    for c in ("run", "GPU", "E", "tokens", "path", "GPUs", "oneshot s", "predicted", "ratio", "peak GiB", "predicted",
+              "ratio", "load+save s", "predicted", "ratio"):
         t.add_column(c, justify="right")
     for r in rows:
-        t.add_row(r["file"].split("_")[3] if r["file"].startswith("calib") else "C", str(r["experts"]),
+        t.add_row(r["file"].split("_")[3] if r["file"].startswith("calib") else "C", r["gpu"], str(r["experts"]),
                   f"{r['samples']}x{r['seq_len']}", r["path"], str(r["world_size"]), f"{r['oneshot_s']:.1f}",
                   f"{r['pred_oneshot_s']:.1f}", f"{r['time_ratio']:.2f}",
                   f"{r['gpu_peak_gib']:.1f}" if "gpu_peak_gib" in r else "-",
                   f"{r['pred_gpu_peak_gib']:.1f}" if "pred_gpu_peak_gib" in r else "-",
-                  f"{r['memory_ratio']:.2f}" if "memory_ratio" in r else "-")
+                  f"{r['memory_ratio']:.2f}" if "memory_ratio" in r else "-",
+                  *((f"{r['load_save_s']:.1f}", f"{r['pred_load_save_s']:.1f}", f"{r['load_save_ratio']:.2f}")
+                    if "load_save_s" in r else ("-", "-", "-")))
     Console(width=160).print(t)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from mtpquant.calib_cost import shape_from_config
 from mtpquant.cli import main
 from mtpquant.errors import MtpquantError
-from mtpquant.plan import GPUSpec, make_plan, plan_for_shape, refuse
+from mtpquant.plan import GPUSpec, activation_copy_s, make_plan, plan_for_shape, refuse
 from mtpquant.recipes import RECIPES_DIR, load
 
 
@@ -102,3 +103,33 @@ def test_time_scales_with_tokens():
     b = plan_for_shape("x", shape, 1536, 512, quant, GPUSpec.of("h200", 8))
     assert b.seconds["calibration"] > 1.2 * a.seconds["calibration"]  # the layer onload does not scale
     assert b.seconds["solve"] == a.seconds["solve"]  # the solve does not depend on tokens
+
+
+def test_activations_on_gpu_trade_memory_for_the_copies():
+    """`fast_experts.activations: gpu` holds the activation cache on the card and drops one pageable copy
+    per MoE-layer pass, per dense layer and after the embeddings (run D); `cpu` keeps llm-compressor's."""
+    shape = shape_from_config({"model_type": "glm_moe_dsa", **load("models", "glm-5.2").config})
+    quant = load("quant", "w4a16-asym-g128")
+
+    def with_activations(mode: str):
+        q = dataclasses.replace(quant, fast_experts=dataclasses.replace(quant.fast_experts, activations=mode))
+        return plan_for_shape("x", shape, 768, 512, q, GPUSpec.of("h200", 8))
+
+    cpu, gpu = with_activations("cpu"), with_activations("gpu")
+    copy = activation_copy_s(shape, 96 * 512)
+    expected = (2 * shape.moe_layers + shape.dense_layers + 1) * copy
+    assert cpu.seconds["calibration"] - gpu.seconds["calibration"] == pytest.approx(expected, abs=0.2)
+    assert gpu.subgraphs[1].parts_gib["activations"] == pytest.approx(1.25 * 96 * 512 * 6144 * 2 / 2**30, rel=0.01)
+    assert "activations" not in cpu.subgraphs[1].parts_gib
+    assert gpu.gpu_peak_gib > cpu.gpu_peak_gib
+
+
+def test_plan_says_when_one_process_beats_torchrun():
+    """Measured in run D: under torchrun load and save are ~3x slower than in one process and do not speed up
+    with ranks; for the full model that outweighs 8 ranks' calibration, and the plan says so."""
+    p8 = make_plan("glm-5.2", "glm5-code-instruct", "w4a16-asym-g128", GPUSpec.of("h200", 8))
+    p1 = make_plan("glm-5.2", "glm5-code-instruct", "w4a16-asym-g128", GPUSpec.of("h200", 1))
+    assert p8.seconds["calibration"] < p1.seconds["calibration"] and p8.seconds["load"] > p1.seconds["load"]
+    assert p1.seconds["total"] < p8.seconds["total"]
+    assert len(p8.notes) == 1 and p8.notes[0].startswith("one process on one h200 is predicted faster")
+    assert not p1.notes

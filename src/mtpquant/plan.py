@@ -8,8 +8,8 @@ solve / save. Pure arithmetic on counts from mtpquant.calib_cost and rates measu
 H100 and H200 machines (benchmarks/CALIB_SPEED.md says which run gave each number).
 
 `fast_experts.activations` (on the GPU) and `overlap_weights` add their GPU memory (the activation cache;
-the next layer's weights). Their effect on time is not modelled, for it is not measured yet
-(CALIB_SPEED.md): the time predicted with them is the time measured without them.
+the next layer's weights). Activations on the GPU also remove the pageable activation copies from the time
+(run D, CALIB_SPEED.md); `overlap_weights` gained nothing on oneshot in run D, so its time is not modelled.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class GPUType:
     h2d_gbps: float = 2.2  # pageable layer onload and write-back (run B; the x4 host of run C did ~5)
 
 
-# H200: the H100's compute (H200.md); not measured here: the same rates are assumed.
+# H200: the H100's rates, fitted on H100 runs A-C, predicted run D's 12 H200 points within 0.87-1.08 (time).
 GPU_TYPES: dict[str, GPUType] = {"h100": GPUType(memory_gib=79.1), "h200": GPUType(memory_gib=139.7)}
 # Per-token and per-call costs of the sequential pipeline's forward passes (runs B and C, fitted in
 # CALIB_SPEED.md): activations to and from the CPU, attention, Python per call.
@@ -49,9 +49,19 @@ MOE_FWD_S_PER_CALL = 9.0e-3
 MOE_FWD_S_PER_EXPERT_CALL = 0.29e-3  # routed forward without grouped GEMMs: per expert, per call
 DENSE_FWD_S_PER_TOKEN = 14e-6  # one pass through a dense decoder layer
 EMBED_FWD_S_PER_TOKEN = 8e-6
-# Host side (runs A-C, 19.7 GB GLM-5.2-shaped checkpoint): load+linearize and compressed save
+# Activations kept on the GPU (fast_experts.activations) skip the pageable copies of each sample's hidden
+# states between the CPU cache and the GPU: per rank, one copy of tokens x hidden bf16 per MoE-layer pass
+# (calibration and propagation), one per dense layer and one after the embeddings. Run D (H200 x4 host):
+# a MoE pass lost 3.2-3.3 s for 4.8 GB at E=256, 768 x 512 (1.45 GB/s), and the counts match its oneshot
+# savings within 7% at three points (CALIB_SPEED.md); fitted there, so not a test of foresight.
+ACT_COPY_GBPS = 1.45
+# Host side (runs A-D, 20.6 GB GLM-5.2-shaped checkpoint): load+linearize and compressed save. Under torchrun
+# (run D, 2 and 4 ranks: load 67-75 s, save 26-28 s) rank 0 copies the model into shared memory once and every
+# tensor is broadcast, so both are slower than one process and do not speed up with ranks.
 LOAD_GBPS = 1.0
 SAVE_GBPS = 1.3
+DIST_LOAD_GBPS = 0.29
+DIST_SAVE_GBPS = 0.76
 RESERVED_GPU_GIB = 2.5  # beyond the counted tensors (allocator, small buffers), fitted on runs A-C
 HOST_RESERVED_GIB = 16.0  # Python, libraries, tokenizer, per process
 GIB_MARGIN = 0.95  # refuse a plan that needs more than this share of a card
@@ -98,6 +108,7 @@ class Plan:
     disk_gib: dict[str, float]
     seconds: dict[str, float]
     refusals: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -178,8 +189,13 @@ def make_plan(model_ref: str, calib_ref: str, quant_ref: str, gpu: GPUSpec, host
                           host_ram_gib, disk_gib, heads=int(config.get("num_attention_heads", 64)))
 
 
+def activation_copy_s(s: MoEShape, tokens_per_rank: int) -> float:
+    """One pageable copy of every calibration token's hidden state (bf16) between the CPU and a GPU."""
+    return tokens_per_rank * s.hidden * BF16 / (ACT_COPY_GBPS * 1e9)
+
+
 def moe_layer_seconds(s: MoEShape, quant: QuantRecipe, r: GPUType, samples: int, seq_len: int,
-                      world: int) -> dict[str, float]:
+                      world: int, activations_on_gpu: bool = False) -> dict[str, float]:
     """Per MoE decoder layer, per rank: calibration pass (onload, Hessians, forward), propagation pass,
     solve (GPTQ and the write-back of the quantized weights to the CPU copy)."""
     fe = quant.fast_experts
@@ -187,6 +203,8 @@ def moe_layer_seconds(s: MoEShape, quant: QuantRecipe, r: GPUType, samples: int,
     tokens = calls * seq_len
     onload = BF16 * s.moe_layer_params / (r.h2d_gbps * 1e9)
     fwd = tokens * MOE_FWD_S_PER_TOKEN + calls * MOE_FWD_S_PER_CALL
+    if activations_on_gpu:
+        fwd = max(0.0, fwd - activation_copy_s(s, tokens))
     if fe is None or fe.routed_forward != "grouped_mm":
         fwd += calls * s.experts * MOE_FWD_S_PER_EXPERT_CALL
     if fe is None:
@@ -221,10 +239,12 @@ def plan_for_shape(name: str, s: MoEShape, samples: int, seq_len: int, quant: Qu
         if activation_device(quant, cache, ("cuda", gpu.memory_gib * GIB)) != "cpu":
             act_gib = cache / GIB
             mem["activations"] = act_gib
-    if fe is not None and fe.overlap_weights:  # the next layer's weights, prefetched while this one runs
+    if fe is not None and fe.overlap_weights and s.moe_layers > 1:  # the next layer's, prefetched meanwhile
         mem["prefetch"] = BF16 * s.moe_layer_params / GIB
     moe_peak = sum(mem.values()) + RESERVED_GPU_GIB
-    t = moe_layer_seconds(s, quant, r, samples, seq_len, world)
+    on_gpu = act_gib > 0
+    t = moe_layer_seconds(s, quant, r, samples, seq_len, world, activations_on_gpu=on_gpu)
+    saved = activation_copy_s(s, tok_rank) if on_gpu else 0.0
     moe = Subgraph(f"MoE decoder layer ({phase})", s.moe_layers, round(moe_peak, 2),
                    {k: round(v, 2) for k, v in mem.items()}, round(t["calibration"] + t["propagation"], 2),
                    round(t["solve"], 2))
@@ -232,7 +252,7 @@ def plan_for_shape(name: str, s: MoEShape, samples: int, seq_len: int, quant: Qu
     dense_peak = dense_w + attention_bytes(s, seq_len, heads) / GIB + RESERVED_GPU_GIB + act_gib
     if fe is not None and fe.overlap_weights:  # a dense layer prefetches the next (MoE) layer
         dense_peak += BF16 * s.moe_layer_params / GIB
-    t_dense = 2 * tok_rank * DENSE_FWD_S_PER_TOKEN
+    t_dense = max(0.0, 2 * tok_rank * DENSE_FWD_S_PER_TOKEN - saved)
     dense = Subgraph("dense decoder layer", s.dense_layers, round(dense_peak, 2),
                      {"weights": round(dense_w, 2)}, round(t_dense, 2), 0.0)
 
@@ -242,12 +262,13 @@ def plan_for_shape(name: str, s: MoEShape, samples: int, seq_len: int, quant: Qu
     cache_gib = samples * seq_len * s.hidden * BF16 * 2 / GIB
     host = model_gib + cache_gib + HOST_RESERVED_GIB * world
     offload = max(0.0, host - host_ram_gib) if host_ram_gib else 0.0
+    load_gbps, save_gbps = (LOAD_GBPS, SAVE_GBPS) if world == 1 else (DIST_LOAD_GBPS, DIST_SAVE_GBPS)
     seconds = {
-        "load": s.bf16_bytes(with_mtp=False) / (LOAD_GBPS * 1e9),
+        "load": s.bf16_bytes(with_mtp=False) / (load_gbps * 1e9),
         "calibration": s.moe_layers * (t["calibration"] + t["propagation"]) + s.dense_layers * t_dense
-        + 2 * tok_rank * EMBED_FWD_S_PER_TOKEN,
+        + max(0.0, 2 * tok_rank * EMBED_FWD_S_PER_TOKEN - saved),
         "solve": s.moe_layers * t["solve"],
-        "save": s.bf16_bytes(with_mtp=False) / (SAVE_GBPS * 1e9),
+        "save": s.bf16_bytes(with_mtp=False) / (save_gbps * 1e9),
     }
     seconds["total"] = sum(seconds.values())
     fast = quant.fast_experts is not None
@@ -263,6 +284,13 @@ def plan_for_shape(name: str, s: MoEShape, samples: int, seq_len: int, quant: Qu
     if disk_gib is not None and sum(plan.disk_gib.values()) > disk_gib:
         plan.refusals.append(f"needs {sum(plan.disk_gib.values()):.0f} GiB of disk (source "
                              f"{src_gib:.0f}, offload {offload:.0f}, output {out_gib:.0f}) but {disk_gib:g} GiB given")
+    if world > 1:  # torchrun's load and save are slower than one process's: say when that outweighs the ranks
+        one = plan_for_shape(name, s, samples, seq_len, quant, GPUSpec(gpu.type, 1, gpu.memory_gib), host_ram_gib,
+                             disk_gib, heads)
+        if not one.refusals and one.seconds["total"] < plan.seconds["total"]:
+            plan.notes.append(f"one process on one {gpu.type} is predicted faster ({one.seconds['total'] / 3600:.2f} h "
+                              f"against {plan.seconds['total'] / 3600:.2f} h): under torchrun load and save run at "
+                              f"{DIST_LOAD_GBPS:g} / {DIST_SAVE_GBPS:g} GB/s against {LOAD_GBPS:g} / {SAVE_GBPS:g}")
     return plan
 
 
@@ -286,5 +314,5 @@ def render(plan: Plan) -> Any:
                  f"{plan.disk_gib['offload']:.0f} + output {plan.disk_gib['output']:.0f} GiB; wall time "
                  f"{sec['total'] / 3600:.2f} h (load {sec['load'] / 60:.0f} min, calibration "
                  f"{sec['calibration'] / 60:.0f} min, solve {sec['solve'] / 60:.0f} min, "
-                 f"save {sec['save'] / 60:.0f} min)")
+                 f"save {sec['save'] / 60:.0f} min)" + "".join(f"\nnote: {n}" for n in plan.notes))
     return t
