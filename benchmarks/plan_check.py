@@ -73,7 +73,8 @@ def main() -> None:
     for pt in points():
         shape = shape_from_config(glm5_config(num_experts=pt["experts"]).to_dict())
         quant = recipe_for(pt["path"], pt["routed_forward"], pt["activations"])
-        plan = plan_for_shape("bench", shape, pt["samples"], pt["seq_len"], quant, GPUSpec.of(pt["gpu"], pt["world_size"]))
+        gpus = GPUSpec.of(pt["gpu"], pt["world_size"])
+        plan = plan_for_shape("bench", shape, pt["samples"], pt["seq_len"], quant, gpus)
         pred_t = plan.seconds["calibration"] + plan.seconds["solve"]
         row = {**pt, "pred_oneshot_s": pred_t, "time_ratio": pred_t / pt["oneshot_s"]}
         if "load_save_s" in pt:
