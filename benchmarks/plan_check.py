@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 # Measured from run C's logs (the JSON row was not written: the save outlived its timeout): 2 ranks, E=256,
 # 768 x 512, oneshot from "Compression lifecycle reset" 23:33:08.11 to "finalized" 23:33:42.76 on rank 0.
-TWO_RANKS = {"file": "logs/calib_speed_h100x4_C_x4-2.log", "experts": 256, "samples": 768, "seq_len": 512,
+TWO_RANKS = {"file": "logs/calib_speed_h100x4_C_x4-2.log", "run": "C", "experts": 256, "samples": 768, "seq_len": 512,
              "path": "fast", "world_size": 2, "oneshot_s": 34.65, "routed_forward": "grouped_mm", "gpu": "h100",
              "activations": "cpu"}
 
@@ -52,7 +52,7 @@ def points() -> list[dict[str, Any]]:
             for path, r in run["paths"].items():
                 if "error" in r:
                     continue
-                out.append({"file": f.name, "experts": run["experts"], "samples": run["samples"],
+                out.append({"file": f.name, "run": run_letter, "experts": run["experts"], "samples": run["samples"],
                             "seq_len": run["seq_len"], "path": path, "world_size": r["world_size"],
                             "oneshot_s": r["oneshot_s"], "gpu_peak_gib": r["gpu_peak_allocated_gb"],
                             "routed_forward": routed, "gpu": gpu_type(r.get("device", "")),
@@ -90,7 +90,7 @@ def main() -> None:
               "ratio", "load+save s", "predicted", "ratio"):
         t.add_column(c, justify="right")
     for r in rows:
-        t.add_row(r["file"].split("_")[3] if r["file"].startswith("calib") else "C", r["gpu"], str(r["experts"]),
+        t.add_row(r["run"], r["gpu"], str(r["experts"]),
                   f"{r['samples']}x{r['seq_len']}", r["path"], str(r["world_size"]), f"{r['oneshot_s']:.1f}",
                   f"{r['pred_oneshot_s']:.1f}", f"{r['time_ratio']:.2f}",
                   f"{r['gpu_peak_gib']:.1f}" if "gpu_peak_gib" in r else "-",

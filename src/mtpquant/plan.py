@@ -195,16 +195,16 @@ def activation_copy_s(s: MoEShape, tokens_per_rank: int) -> float:
 
 
 def moe_layer_seconds(s: MoEShape, quant: QuantRecipe, r: GPUType, samples: int, seq_len: int,
-                      world: int, activations_on_gpu: bool = False) -> dict[str, float]:
+                      world: int, saved_copy_s: float = 0.0) -> dict[str, float]:
     """Per MoE decoder layer, per rank: calibration pass (onload, Hessians, forward), propagation pass,
-    solve (GPTQ and the write-back of the quantized weights to the CPU copy)."""
+    solve (GPTQ and the write-back of the quantized weights to the CPU copy). `saved_copy_s`: the activation
+    copy each pass skips when the activations stay on the GPU (activation_copy_s)."""
     fe = quant.fast_experts
     calls = math.ceil(samples / world)
     tokens = calls * seq_len
     onload = BF16 * s.moe_layer_params / (r.h2d_gbps * 1e9)
     fwd = tokens * MOE_FWD_S_PER_TOKEN + calls * MOE_FWD_S_PER_CALL
-    if activations_on_gpu:
-        fwd = max(0.0, fwd - activation_copy_s(s, tokens))
+    fwd = max(0.0, fwd - saved_copy_s)
     if fe is None or fe.routed_forward != "grouped_mm":
         fwd += calls * s.experts * MOE_FWD_S_PER_EXPERT_CALL
     if fe is None:
@@ -242,9 +242,8 @@ def plan_for_shape(name: str, s: MoEShape, samples: int, seq_len: int, quant: Qu
     if fe is not None and fe.overlap_weights and s.moe_layers > 1:  # the next layer's, prefetched meanwhile
         mem["prefetch"] = BF16 * s.moe_layer_params / GIB
     moe_peak = sum(mem.values()) + RESERVED_GPU_GIB
-    on_gpu = act_gib > 0
-    t = moe_layer_seconds(s, quant, r, samples, seq_len, world, activations_on_gpu=on_gpu)
-    saved = activation_copy_s(s, tok_rank) if on_gpu else 0.0
+    saved = activation_copy_s(s, tok_rank) if act_gib > 0 else 0.0
+    t = moe_layer_seconds(s, quant, r, samples, seq_len, world, saved_copy_s=saved)
     moe = Subgraph(f"MoE decoder layer ({phase})", s.moe_layers, round(moe_peak, 2),
                    {k: round(v, 2) for k, v in mem.items()}, round(t["calibration"] + t["propagation"], 2),
                    round(t["solve"], 2))
