@@ -25,20 +25,9 @@ ROOT = Path(__file__).parent
 PINNED = ROOT / "pinned"
 RUNS = ROOT / "runs"
 PYTHON = "3.11"
-# Where the CPU torch wheel comes from: this machine's wheel folder, else PyTorch's CPU index.
-TORCH_WHEELS = os.environ.get("MTPQUANT_TORCH_FIND_LINKS", "/opt/wheels")
-TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
-
-
-def _torch_source() -> list[str]:
-    if Path(TORCH_WHEELS).is_dir():
-        return ["--find-links", TORCH_WHEELS]
-    return ["--extra-index-url", TORCH_INDEX]
-
-
 def install_locked(session: nox.Session, *locks: str) -> None:
     """Install exactly the hashed lockfiles, then this package without touching its dependencies."""
-    args = ["--require-hashes", "--no-deps", *_torch_source()]
+    args = ["--require-hashes", "--no-deps", *locks.torch_source()]
     for lock in locks:
         args += ["-r", str(PINNED / f"{lock}.txt")]
     session.install(*args)
@@ -68,7 +57,7 @@ def serve_env(session: nox.Session) -> str:
         shutil.rmtree(venv, ignore_errors=True)
         session.run("python", "-m", "venv", str(venv))
         session.run(str(python), "-m", "pip", "install", "--quiet", "--require-hashes", "--no-deps",
-                    *_torch_source(), "-r", str(PINNED / "serve-cpu.txt"), external=True)
+                    *locks.torch_source(), "-r", str(PINNED / "serve-cpu.txt"), external=True)
         stamp.write_text(want)
     session.run(str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "-e",
                 str(ROOT), external=True)
@@ -223,13 +212,10 @@ def report(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lock(session: nox.Session) -> None:
-    """Regenerate every lockfile in pinned/ from its .in file (never edit a .txt by hand)."""
+    """Regenerate every lockfile in pinned/ (`-- --check [--strict]`: only report what would change today)."""
     session.install("-r", str(PINNED / "tools.txt"), "--require-hashes")
-    for spec in locks.PY_LOCKS:
-        session.run(*locks.uv_compile(spec, _torch_source()), env=locks.UV_ENV, external=False)
-    locks.write_kernels_lock(PINNED)
-    for note in locks.write_images_lock(PINNED):
-        session.warn(note)
+    argv = ["drift", *(a for a in session.posargs if a != "--check")] if "--check" in session.posargs else ["write"]
+    session.run("python", "-m", "mtpquant.locks", *argv, env={"PYTHONPATH": str(ROOT / "src")})
 
 
 @nox.session(python=PYTHON)

@@ -1,7 +1,9 @@
-"""Every lockfile in pinned/ is what its input generates today, byte for byte (so it is neither stale nor
-hand-edited, and `nox -s lock` is reproducible); the generators' parsing and validation."""
+"""The offline lock gate (every lock is what its recorded inputs make, unedited, and satisfies its .in), the
+drift report's table, and the generators' parsing and validation. Nothing here reads the package index: whether
+today's index still gives the same bytes is `nox -s lock -- --check`, a report."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,33 +16,15 @@ from mtpquant import locks
 
 ROOT = Path(__file__).resolve().parents[1]
 PINNED = ROOT / "pinned"
-
-
-def torch_source() -> list[str]:
-    folder = os.environ.get("MTPQUANT_TORCH_FIND_LINKS", "/opt/wheels")
-    return ["--find-links", folder] if Path(folder).is_dir() else ["--extra-index-url",
-                                                                    "https://download.pytorch.org/whl/cpu"]
-
-
-def uv() -> str:
-    exe = shutil.which("uv") or str(Path(sys.executable).parent / "uv")
-    assert Path(exe).exists(), "uv not found: it is in pinned/dev.txt and pinned/tools.txt"
-    return exe
-
-
-@pytest.fixture(scope="module")
-def regenerated(tmp_path_factory) -> Path:
-    """A copy of pinned/'s inputs, every Python lock regenerated into it with the lock session's commands."""
-    root = tmp_path_factory.mktemp("relock")
-    (root / "pinned").mkdir()
-    for p in PINNED.glob("*.in"):
-        shutil.copy(p, root / "pinned" / p.name)
-    for spec in locks.PY_LOCKS:
-        cmd = locks.uv_compile(spec, torch_source())
-        proc = subprocess.run([uv(), *cmd[1:]], cwd=root, env={**os.environ, **locks.UV_ENV},
-                              capture_output=True, text=True)
-        assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
-    return root / "pinned"
+CALIB = next(lock for lock in locks.PY_LOCKS if lock.name == "calibrate-cpu")
+# Any connection attempt fails: the gate must not need one (run in a subprocess with this prepended).
+NO_NETWORK = """
+import socket
+def _refuse(*a, **k):
+    raise OSError("network disabled for this test")
+socket.socket.connect = socket.socket.connect_ex = _refuse
+socket.create_connection = socket.getaddrinfo = _refuse
+"""
 
 
 def test_every_in_file_has_a_generator():
@@ -48,21 +32,108 @@ def test_every_in_file_has_a_generator():
     assert {p.stem for p in PINNED.glob("*.in")} == generated
 
 
-@pytest.mark.network
-@pytest.mark.parametrize("name", [s.name for s in locks.PY_LOCKS])
-def test_python_lock_is_fresh(regenerated, name):
-    fresh = (regenerated / f"{name}.txt").read_bytes()
-    assert fresh == (PINNED / f"{name}.txt").read_bytes(), (
-        f"pinned/{name}.txt is stale against pinned/{name}.in (or was edited): run `nox -s lock`")
+def test_committed_locks_pass_the_gate_with_the_network_disabled():
+    """Sockets refused in-process and the indexes pointed at a closed loopback port: the gate still passes."""
+    dead = "http://127.0.0.1:9/simple"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "UV_INDEX_URL": dead, "PIP_INDEX_URL": dead,
+           "UV_OFFLINE": "1", "PIP_NO_INDEX": "1"}
+    code = NO_NETWORK + "from mtpquant.locks import main; raise SystemExit(main(['check']))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"({len(locks.PY_LOCKS) + 1} checked)" in proc.stdout
 
 
-@pytest.mark.network
-def test_kernels_lock_is_fresh(tmp_path):
-    shutil.copy(PINNED / "kernels.in", tmp_path / "kernels.in")
-    # Tags resolve through GitHub where it answers; elsewhere the committed resolution is what we compare.
-    locks.write_kernels_lock(tmp_path, previous=PINNED / "kernels.lock")
-    assert (tmp_path / "kernels.lock").read_bytes() == (PINNED / "kernels.lock").read_bytes(), (
-        "pinned/kernels.lock is stale against pinned/kernels.in: run `nox -s lock`")
+@pytest.fixture
+def pinned(tmp_path) -> Path:
+    copy = tmp_path / "pinned"
+    shutil.copytree(PINNED, copy)
+    return copy
+
+
+def edit(path: Path, old: str, new: str, restamp: bool = False) -> None:
+    """A hand edit; with restamp, one that also forges the body's sha256 (so only the parse checks can see it)."""
+    text = path.read_text()
+    assert old in text
+    text = text.replace(old, new, 1)
+    if restamp:
+        fields, body = locks.split_stamp(text)
+        fields.pop("body-sha256")
+        text = locks.stamp(body, fields)
+    path.write_text(text)
+
+
+def one_hash(text: str, name: str) -> str:
+    return re.search(rf"^{name}==\S+ \\\n    (--hash=sha256:[0-9a-f]+)", text, re.M).group(1)
+
+
+def test_gate_passes_the_committed_locks(pinned):
+    assert locks.check_all(pinned) == []
+
+
+def test_gate_catches_a_changed_version(pinned):
+    lock = pinned / "calibrate-cpu.txt"
+    version = locks.pinned_version(lock.read_text(), "rich")
+    edit(lock, f"rich=={version} ", "rich==0.0.1 ")
+    problems = locks.check_lock(CALIB, pinned)
+    assert len(problems) == 1 and "pinned/calibrate-cpu.txt: edited by hand" in problems[0]
+
+
+def test_gate_catches_a_forged_pin_that_breaks_the_in(pinned):
+    edit(pinned / "calibrate-cpu.txt", "transformers==5.17.0 ", "transformers==5.16.0 ", restamp=True)
+    assert locks.check_lock(CALIB, pinned) == ["pinned/calibrate-cpu.txt: transformers==5.16.0 does not satisfy "
+                                               "transformers==5.17.0 (pinned/calibrate-cpu.in)"]
+
+
+def test_gate_catches_a_removed_hash(pinned):
+    lock = pinned / "calibrate-cpu.txt"
+    text = lock.read_text()
+    entry = re.search(r"^rich==\S+ \\\n(?:    --hash=\S+(?: \\)?\n)+", text, re.M).group(0)
+    first_hash_line = entry.splitlines(keepends=True)[1]
+    edit(lock, first_hash_line, "")
+    assert any("edited by hand" in p for p in locks.check_lock(CALIB, pinned))
+    lock.write_text(text)  # now every hash of the entry gone, and the body's sha256 forged to agree
+    edit(lock, entry, entry.split(" \\\n")[0] + "\n", restamp=True)
+    assert locks.check_lock(CALIB, pinned) == [
+        f"pinned/calibrate-cpu.txt: rich=={locks.pinned_version(text, 'rich')} has no --hash"]
+
+
+def test_gate_catches_a_changed_in_and_its_dependents(pinned):
+    (pinned / "calibrate-cpu.in").write_text((pinned / "calibrate-cpu.in").read_text() + "tqdm\n")
+    assert any(p.startswith("pinned/calibrate-cpu.txt: in is ") for p in locks.check_lock(CALIB, pinned))
+    (pinned / "calibrate-cpu.txt").write_text((pinned / "calibrate-cpu.txt").read_text() + "\n")
+    dev = next(lock for lock in locks.PY_LOCKS if lock.name == "dev")
+    assert any("constraint-0" in p for p in locks.check_lock(dev, pinned))  # dev.in is constrained by it
+
+
+def test_gate_catches_changed_settings_and_a_missing_header(pinned, monkeypatch):
+    monkeypatch.setattr(locks, "EXCLUDE_NEWER", "2030-01-01T00:00:00Z")
+    assert any("exclude-newer" in p for p in locks.check_lock(CALIB, pinned))
+    monkeypatch.undo()
+    edit(pinned / "tools.txt", "uv==", "uv==0.0.0\nxx==")  # a lock made by another uv than tools.txt pins
+    assert any(": uv is " in p for p in locks.check_lock(CALIB, pinned))
+    lock = pinned / "calibrate-cpu.txt"
+    lock.write_text(locks.split_stamp(lock.read_text())[1])
+    assert locks.check_lock(CALIB, pinned) == [
+        "pinned/calibrate-cpu.txt: no inputs header (made by an older lock session, or edited): run `nox -s lock`"]
+
+
+def test_gate_checks_the_kernels_lock(pinned):
+    assert locks.check_stamped(pinned / "kernels.lock", [pinned / "kernels.in"]) == []
+    edit(pinned / "kernels.in", 'gcc = "13"', 'gcc = "14"')
+    assert locks.check_stamped(pinned / "kernels.lock", [pinned / "kernels.in"]) == [
+        "pinned/kernels.lock: pinned/kernels.in changed since the lock was made: run `nox -s lock`"]
+
+
+def test_drift_rows_name_what_moved():
+    text = (PINNED / "serve-cuda.txt").read_text()
+    version = locks.pinned_version(text, "numpy")
+    moved = text.replace(f"numpy=={version} ", "numpy==99.0 ", 1)
+    moved = moved.replace(one_hash(text, "rich"), "--hash=sha256:" + "0" * 64)
+    rows = locks.drift_rows(text, moved)
+    assert rows == [("numpy", version, "99.0"), ("rich", locks.pinned_version(text, "rich"),
+                                                 f"{locks.pinned_version(text, 'rich')} (other files)")]
+    printed = locks.table([("serve-cuda", *r) for r in rows], ("lock", "package", "pinned", "today"))
+    assert printed.splitlines()[0].split() == ["lock", "package", "pinned", "today"] and "99.0" in printed
 
 
 def test_images_lock_is_fresh(tmp_path):

@@ -22,6 +22,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -35,7 +36,7 @@ CONTAINERS = ROOT / "containers"
 WHEELHOUSE = CONTAINERS / "wheelhouse"
 # Every file in a build context gets this mtime (the PyPI locks' date), so the context tar, the files COPY
 # writes into layers and the pyc files built from them do not depend on when a checkout was made.
-SOURCE_DATE_EPOCH = 1795737600  # 2026-11-27T00:00:00Z = locks.EXCLUDE_NEWER
+SOURCE_DATE_EPOCH = int(datetime.fromisoformat(locks.EXCLUDE_NEWER).timestamp())
 # Ubuntu's snapshot service: apt in the CUDA images resolves as of this date, so its packages are pinned too.
 UBUNTU_SNAPSHOT = "20261120T000000Z"
 NAMESPACE = "mtpquant"

@@ -1,6 +1,11 @@
 """How every lockfile in pinned/ is generated, shared by `nox -s lock` and the staleness test.
 
-Python locks: `uv pip compile --generate-hashes` of `<name>.in`, resolved against PyPI as of EXCLUDE_NEWER.
+Python locks: `uv pip compile --generate-hashes` of `<name>.in`, resolved against PyPI as of EXCLUDE_NEWER, each
+with a header naming what it was made from (the `.in`'s sha256 and those of the locks it is constrained by, the
+cut-off date, uv's version, the torch source) and the sha256 of its own body. `check_lock` compares that header
+with the inputs and settings here and parses both files, offline: that is the gate. Whether today's index still
+gives the same bytes is a report (`drift`), not a gate: the index changes under a fixed cut-off date (files are
+added to and yanked from old releases, mirrors are refreshed), so same bytes need same inputs *and* index state.
 `kernels.lock`: the git sources vLLM's CUDA build fetches, read from the hashed vLLM sdist named in `kernels.in`.
 `images.lock`: the audited base images of `images.in` (tag + digest; the lock session warns when a registry
 reachable from here resolves a tag elsewhere), plus the published images `nox -s images -- --push` recorded.
@@ -10,12 +15,17 @@ Stdlib only: the noxfile imports this module before any venv exists.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
+import os
 import re
+import shutil
 import subprocess
+import sys
 import tarfile
+import tempfile
 import tomllib
 import urllib.parse
 import urllib.request
@@ -25,8 +35,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PINNED = REPO_ROOT / "pinned"
-# Lockfiles resolve against PyPI as it was on this date: same inputs, same bytes.
-EXCLUDE_NEWER = "2026-11-27T00:00:00Z"
+# Lockfiles resolve against PyPI as it was on this date: same inputs and the same index state, same bytes.
+EXCLUDE_NEWER = "2026-12-01T00:00:00Z"
 PLATFORM = "x86_64-manylinux_2_28"
 COMPILE_COMMAND = "nox -s lock"
 UV_ENV = {"UV_CUSTOM_COMPILE_COMMAND": COMPILE_COMMAND}  # the header every lock carries
@@ -61,11 +71,256 @@ PY_LOCKS = (
 )
 
 
+TORCH_WHEELS_ENV = "MTPQUANT_TORCH_FIND_LINKS"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+TORCH_SOURCES = {"--find-links": "the local wheel folder ($MTPQUANT_TORCH_FIND_LINKS, default /opt/wheels)",
+                 "--extra-index-url": f"PyTorch's CPU index ({TORCH_CPU_INDEX})"}
+
+
+def torch_source() -> list[str]:
+    """Where the CPU torch wheel comes from: this machine's wheel folder, else PyTorch's CPU index."""
+    folder = os.environ.get(TORCH_WHEELS_ENV, "/opt/wheels")
+    return ["--find-links", folder] if Path(folder).is_dir() else ["--extra-index-url", TORCH_CPU_INDEX]
+
+
 def uv_compile(lock: PyLock, torch_source: list[str]) -> list[str]:
     """The command (run from the repository root, or a copy of pinned/'s parent) that writes pinned/<name>.txt."""
     return ["uv", "pip", "compile", f"pinned/{lock.name}.in", "-o", f"pinned/{lock.name}.txt",
             "--generate-hashes", "--python-version", lock.python, "--python-platform", PLATFORM,
             "--exclude-newer", EXCLUDE_NEWER, "--quiet", *(torch_source if lock.cpu_torch else []), *lock.extra]
+
+
+# ---------------------------------------------------------------- the inputs header and the offline gate
+
+HEADER = "# Inputs of this lock, checked offline by `python -m mtpquant.locks check` (`nox -s lock` writes them):\n"
+_FIELD = re.compile(r"^#   ([a-z0-9-]+): (.*)$")
+_ENTRY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==(\S+)")
+_HASH = re.compile(r"--hash=sha256:([0-9a-f]+)")
+_CONSTRAINT = re.compile(r"^\s*(?:-c|--constraint)\s+(\S+)", re.M)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def normalize_name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def constraints_of(in_text: str) -> list[str]:
+    """The files an .in constrains itself with (`-c calibrate-cpu.txt`), relative to pinned/."""
+    return _CONSTRAINT.findall(in_text)
+
+
+def pinned_version(lock_text: str, name: str) -> str | None:
+    return parse_entries(lock_text).get(normalize_name(name), (None, []))[0]
+
+
+def expected_fields(lock: PyLock, pinned: Path, source: list[str]) -> dict[str, str]:
+    """What a lock made here, now, from these inputs must record (its body's hash aside)."""
+    in_text = (pinned / f"{lock.name}.in").read_text()
+    fields = {"in": f"pinned/{lock.name}.in sha256={sha256_text(in_text)}"}
+    for i, c in enumerate(constraints_of(in_text)):
+        fields[f"constraint-{i}"] = f"pinned/{c} sha256={sha256_text((pinned / c).read_text())}"
+    fields |= {"exclude-newer": EXCLUDE_NEWER, "uv": pinned_version((pinned / "tools.txt").read_text(), "uv") or "?",
+               "python": f"{lock.python} {PLATFORM}",
+               "torch": TORCH_SOURCES[source[0]] if lock.cpu_torch else "PyPI's default build",
+               "args": " ".join(lock.extra) or "-"}
+    return fields
+
+
+def stamp(body: str, fields: dict[str, str]) -> str:
+    """The lock's text: the inputs header, its body's sha256 last, then the generator's output untouched."""
+    lines = [f"#   {k}: {v}\n" for k, v in {**fields, "body-sha256": sha256_text(body)}.items()]
+    return HEADER + "".join(lines) + body
+
+
+def split_stamp(text: str) -> tuple[dict[str, str], str] | None:
+    """(header fields, body) of a stamped lock; None when it has no inputs header."""
+    if not text.startswith(HEADER):
+        return None
+    fields, rest = {}, text[len(HEADER):]
+    while (m := _FIELD.match(rest.split("\n", 1)[0])) and "\n" in rest:
+        fields[m.group(1)] = m.group(2)
+        rest = rest.split("\n", 1)[1]
+        if m.group(1) == "body-sha256":
+            return fields, rest
+    return None
+
+
+def parse_entries(text: str) -> dict[str, tuple[str, list[str]]]:
+    """{normalized name: (version, [sha256, ...])} of a `uv pip compile --generate-hashes` output."""
+    entries: dict[str, tuple[str, list[str]]] = {}
+    current = None
+    for line in text.splitlines():
+        if m := _ENTRY.match(line):
+            current = normalize_name(m.group(1))
+            entries[current] = (m.group(3), [])
+        elif current and line.startswith("    --hash="):
+            entries[current][1].extend(_HASH.findall(line))
+        elif not line.startswith("    "):
+            current = None
+    return entries
+
+
+def unmet_requirements(in_text: str, entries: dict[str, tuple[str, list[str]]], left_out: set[str]) -> list[str]:
+    """Every requirement of the .in that the lock's pins do not satisfy."""
+    from packaging.requirements import Requirement  # nox's and the test venv's; not needed to make a lock
+    from packaging.version import Version
+
+    problems = []
+    for raw in in_text.splitlines():
+        line = raw.split(" #", 1)[0].strip()
+        if not line or line.startswith(("#", "-")):
+            continue
+        req = Requirement(line)
+        name = normalize_name(req.name)
+        if name in left_out:
+            continue
+        if name not in entries:
+            problems.append(f"{req} is not pinned")
+        elif not req.specifier.contains(Version(entries[name][0]), prereleases=True):
+            problems.append(f"{name}=={entries[name][0]} does not satisfy {req}")
+    return problems
+
+
+def check_lock(lock: PyLock, pinned: Path, source: list[str] | None = None) -> list[str]:
+    """One line per way pinned/<name>.txt is not what `nox -s lock` makes from its inputs; reads no network."""
+    where = f"pinned/{lock.name}.txt"
+    path = pinned / f"{lock.name}.txt"
+    if not path.is_file():
+        return [f"{where}: missing: run `nox -s lock`"]
+    parsed = split_stamp(path.read_text())
+    if parsed is None:
+        return [f"{where}: no inputs header (made by an older lock session, or edited): run `nox -s lock`"]
+    fields, body = parsed
+    problems = []
+    if (got := sha256_text(body)) != fields.get("body-sha256"):
+        problems.append(f"{where}: edited by hand: its body's sha256 {got[:12]}... is not the recorded "
+                        f"{fields.get('body-sha256', '')[:12]}...")
+    recorded_torch = fields.get("torch")
+    for key, want in expected_fields(lock, pinned, source or torch_source()).items():
+        if key == "torch" and lock.cpu_torch and recorded_torch in TORCH_SOURCES.values():
+            continue  # either CPU torch source gives the same torch==2.13.0+cpu pin; which one is recorded
+        if fields.get(key) != want:
+            problems.append(f"{where}: {key} is {fields.get(key)!r}, the inputs now give {want!r}: run `nox -s lock`")
+    entries = parse_entries(body)
+    problems += [f"{where}: {name}=={version} has no --hash" for name, (version, hashes) in entries.items()
+                 if not hashes or any(len(h) != 64 for h in hashes)]
+    left_out = {normalize_name(lock.extra[i + 1]) for i, a in enumerate(lock.extra) if a == "--no-emit-package"}
+    in_text = (pinned / f"{lock.name}.in").read_text()
+    problems += [f"{where}: {p} (pinned/{lock.name}.in)" for p in unmet_requirements(in_text, entries, left_out)]
+    return problems
+
+
+def check_stamped(path: Path, inputs: list[Path]) -> list[str]:
+    """The same gate for a non-Python lock (kernels.lock): its recorded inputs' and body's sha256."""
+    where = f"pinned/{path.name}"
+    parsed = split_stamp(path.read_text()) if path.is_file() else None
+    if parsed is None:
+        return [f"{where}: missing or without inputs header: run `nox -s lock`"]
+    fields, body = parsed
+    problems = [] if sha256_text(body) == fields.get("body-sha256") else [f"{where}: edited by hand (body sha256)"]
+    for i, p in enumerate(inputs):
+        want = f"pinned/{p.name} sha256={sha256_text(p.read_text())}"
+        if fields.get(f"in-{i}") != want:
+            problems.append(f"{where}: pinned/{p.name} changed since the lock was made: run `nox -s lock`")
+    return problems
+
+
+def check_all(pinned: Path = PINNED) -> list[str]:
+    problems = [p for lock in PY_LOCKS for p in check_lock(lock, pinned)]
+    return problems + check_stamped(pinned / "kernels.lock", [pinned / "kernels.in"])
+
+
+# ---------------------------------------------------------------- making locks, and drift against today's index
+
+def uv_executable() -> str:
+    exe = shutil.which("uv") or str(Path(sys.executable).parent / "uv")
+    if not Path(exe).exists():
+        raise FileNotFoundError("uv not found: it is in pinned/tools.txt (nox -s lock installs it)")
+    return exe
+
+
+def compile_locks(pinned: Path, source: list[str], out: Path) -> None:
+    """Every Python lock made from pinned/*.in into out/ (a fresh resolve, no preferences from old locks), in
+    dependency order so that a lock constrained by another (-c) sees the one just made."""
+    root = out.parent
+    if out != pinned:
+        out.mkdir(parents=True, exist_ok=True)
+        for p in pinned.glob("*.in"):
+            shutil.copy(p, out / p.name)
+        shutil.copy(pinned / "tools.txt", out / "tools.txt")  # the uv version the header records
+    for lock in PY_LOCKS:
+        txt = out / f"{lock.name}.txt"
+        tmp = root / f".{lock.name}.resolve"
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "pinned").mkdir(parents=True)
+        for p in out.glob("*.in"):
+            shutil.copy(p, tmp / "pinned" / p.name)
+        for c in constraints_of((out / f"{lock.name}.in").read_text()):
+            shutil.copy(out / c, tmp / "pinned" / c)
+        proc = subprocess.run([uv_executable(), *uv_compile(lock, source)[1:]], cwd=tmp, env={**os.environ, **UV_ENV},
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"pinned/{lock.name}.in: uv pip compile failed:\n{proc.stderr.strip()}")
+        body = (tmp / "pinned" / f"{lock.name}.txt").read_text()
+        new = txt.with_suffix(".txt.tmp")
+        new.write_text(stamp(body, expected_fields(lock, out, source)))
+        new.replace(txt)
+        shutil.rmtree(tmp)
+
+
+def drift_rows(old: str, new: str) -> list[tuple[str, str, str]]:
+    """(package, pinned, today) for every package whose pin or files differ between two lock texts."""
+    a, b = parse_entries(old), parse_entries(new)
+    rows = []
+    for name in sorted(set(a) | set(b)):
+        va, vb = a.get(name, ("-", []))[0], b.get(name, ("-", []))[0]
+        if va != vb:
+            rows.append((name, va, vb))
+        elif sorted(a[name][1]) != sorted(b[name][1]):
+            rows.append((name, va, f"{vb} (other files)"))
+    return rows
+
+
+def table(rows: list[tuple[str, ...]], head: tuple[str, ...]) -> str:
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)])
+
+
+def drift(pinned: Path = PINNED) -> list[tuple[str, str, str, str]]:
+    """(lock, package, pinned, today): what `nox -s lock` would change if run now against the live index."""
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "pinned"
+        compile_locks(pinned, torch_source(), out)
+        for lock in PY_LOCKS:
+            old = split_stamp((pinned / f"{lock.name}.txt").read_text())
+            new = split_stamp((out / f"{lock.name}.txt").read_text())
+            old_body = old[1] if old else (pinned / f"{lock.name}.txt").read_text()
+            changed = drift_rows(old_body, new[1])
+            rows += [(lock.name, *r) for r in changed]
+            if not changed and old_body != new[1]:
+                rows.append((lock.name, "(comments only)", "", ""))
+        write_kernels_lock(out, previous=pinned / "kernels.lock")
+        sources = {s["name"]: s["sha"] for s in read_toml(pinned / "kernels.lock").get("source", [])}
+        for s in read_toml(out / "kernels.lock").get("source", []):
+            if sources.get(s["name"]) != s["sha"]:
+                rows.append(("kernels", s["name"], sources.get(s["name"], "-"), s["sha"]))
+    return rows
+
+
+def write_all(pinned: Path = PINNED) -> list[str]:
+    """`nox -s lock`: every lock in pinned/ made anew; returns notes on moved base image tags."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "pinned"
+        compile_locks(pinned, torch_source(), out)
+        for lock in PY_LOCKS:
+            (pinned / f"{lock.name}.txt").write_text((out / f"{lock.name}.txt").read_text())
+    write_kernels_lock(pinned)
+    return write_images_lock(pinned)
 
 
 # ---------------------------------------------------------------- kernels.lock
@@ -202,7 +457,9 @@ def write_kernels_lock(pinned: Path, resolve: Callable[[str, str], str | None] =
     if missing:
         raise LookupError(f"pinned/kernels.in: vLLM {version}'s sdist declares no source named {sorted(missing)}")
     out = pinned / "kernels.lock"
-    out.write_text(kernels_lock_text(spec, url, sha, sources, resolve, read_toml(previous or out)))
+    text = kernels_lock_text(spec, url, sha, sources, resolve, read_toml(previous or out))
+    inputs = {"in-0": f"pinned/kernels.in sha256={sha256_text((pinned / 'kernels.in').read_text())}"}
+    out.write_text(stamp(text, inputs))
     return out
 
 
@@ -279,3 +536,32 @@ def record_published(pinned: Path, key: str, entry: dict) -> None:
     spec = tomllib.loads((pinned / "images.in").read_text())
     published = {**read_toml(path).get("published", {}), key: entry}
     path.write_text(images_lock_text(lock_bases(spec), published))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mtpquant.locks", description="Make and check pinned/'s locks.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("check", help="the offline gate: every lock is what its recorded inputs make, unedited")
+    sub.add_parser("write", help="regenerate every lock (nox -s lock)")
+    d = sub.add_parser("drift", help="what regenerating against today's index would change (nox -s lock -- --check)")
+    d.add_argument("--strict", action="store_true", help="exit 1 when anything would change")
+    args = parser.parse_args(argv)
+    if args.cmd == "check":
+        problems = check_all()
+        print("\n".join(problems) or f"every lock in pinned/ matches its inputs ({len(PY_LOCKS) + 1} checked)")
+        return 1 if problems else 0
+    if args.cmd == "write":
+        for note in write_all():
+            print(f"warning: {note}", file=sys.stderr)
+        return 0
+    rows = drift()
+    if not rows:
+        print(f"no drift: today's index gives the committed locks (cut-off {EXCLUDE_NEWER})")
+        return 0
+    print(f"Regenerated against today's index (cut-off {EXCLUDE_NEWER}), `nox -s lock` would change:")
+    print(table(rows, ("lock", "package", "pinned", "today")))
+    return 1 if args.strict else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

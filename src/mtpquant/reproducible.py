@@ -25,10 +25,11 @@ from typing import Any
 
 from mtpquant.errors import MtpquantError
 from mtpquant.images import SOURCE_DATE_EPOCH, client
+from mtpquant.locks import EXCLUDE_NEWER
 
 # Config fields the legacy builder fills with per-build values.
 BUILD_FIELDS = ("created", "container", "container_config", "docker_version")
-EPOCH_ISO = "2026-11-27T00:00:00Z"
+EPOCH_ISO = EXCLUDE_NEWER  # the image config times: the locks' date, like SOURCE_DATE_EPOCH
 
 
 class _ChunkReader(io.RawIOBase):
