@@ -25,10 +25,10 @@ ROOT = Path(__file__).parent
 PINNED = ROOT / "pinned"
 RUNS = ROOT / "runs"
 PYTHON = "3.11"
-def install_locked(session: nox.Session, *locks: str) -> None:
+def install_locked(session: nox.Session, *names: str) -> None:
     """Install exactly the hashed lockfiles, then this package without touching its dependencies."""
     args = ["--require-hashes", "--no-deps", *locks.torch_source()]
-    for lock in locks:
+    for lock in names:
         args += ["-r", str(PINNED / f"{lock}.txt")]
     session.install(*args)
     session.install("--no-deps", "--no-build-isolation", "-e", str(ROOT))
