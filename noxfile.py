@@ -25,6 +25,8 @@ ROOT = Path(__file__).parent
 PINNED = ROOT / "pinned"
 RUNS = ROOT / "runs"
 PYTHON = "3.11"
+
+
 def install_locked(session: nox.Session, *names: str) -> None:
     """Install exactly the hashed lockfiles, then this package without touching its dependencies."""
     args = ["--require-hashes", "--no-deps", *locks.torch_source()]
