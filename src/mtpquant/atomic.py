@@ -1,6 +1,8 @@
 """Write outputs so that a crash or Ctrl-C never leaves a half-written artifact that looks finished.
 
-Every output goes to a hidden sibling temp path first and is renamed into place only when complete.
+Every output goes to a hidden sibling temp path first and is renamed into place only when complete. The temp
+name carries its owner (`.NAME.tmp-HOST-PID-XXXX`), so that a stage starting after a killed one (SIGKILL runs no
+cleanup) removes what the dead process left, and never the temp of a process that still runs.
 """
 
 from __future__ import annotations
@@ -9,10 +11,46 @@ import contextlib
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+HOST = socket.gethostname().replace("-", "_")  # '-' separates the owner's fields in a temp name
+
+
+def _owner_prefix(final: Path) -> str:
+    return f".{final.name}.tmp-{HOST}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def remove_stale(final: Path) -> list[Path]:
+    """Remove the temp files and dirs of `final` that a dead process on this host left; say so, return them."""
+    final = Path(final)
+    removed = []
+    for p in sorted(final.parent.glob(f".{final.name}.tmp-*")):
+        host, _, rest = p.name.removeprefix(f".{final.name}.tmp-").partition("-")
+        pid = rest.partition("-")[0]
+        if host != HOST or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+        print(f"removed {p}: left by process {pid}, which is no longer running", file=sys.stderr)
+    return removed
 
 
 @contextlib.contextmanager
@@ -20,7 +58,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield an empty temp dir beside `final`; on success replace `final` with it, on error delete it."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_stale(final)
+    tmp = Path(tempfile.mkdtemp(prefix=_owner_prefix(final), dir=final.parent))
     try:
         yield tmp
     except BaseException:
@@ -31,7 +70,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the artifact is meant to be shared
     old = None
     if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        old = final.parent / f"{_owner_prefix(final)}old"  # removed below; if killed first, by the next run
         final.rename(old)
     tmp.rename(final)
     if old is not None:
@@ -41,7 +80,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remove_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=_owner_prefix(path), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -36,39 +36,101 @@ class TensorInfo:
     nbytes: int
 
 
+MAX_HEADER = 100 << 20  # the safetensors library's own limit on a header's JSON
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise MtpquantError(f"key {key!r} appears twice")
+        seen[key] = value
+    return seen
+
+
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file; a duplicate key, another JSON type or a bad file is one line naming it."""
     try:
-        return json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_bytes(), object_pairs_hook=_refuse_duplicate_keys)
     except FileNotFoundError:
         raise MtpquantError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise MtpquantError(f"{path}: is a directory, not a JSON file") from None
     except json.JSONDecodeError as exc:
         raise MtpquantError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise MtpquantError(f"{path}: not UTF-8 text") from None
+    except MtpquantError as exc:
+        raise MtpquantError(f"{path}: {exc}") from None
+    if not isinstance(obj, dict):
+        raise MtpquantError(f"{path}: a JSON object expected, found {type(obj).__name__}")
+    return obj
+
+
+def _tensor_info(path: Path, name: str, meta: Any, base: int, size: int) -> TensorInfo:
+    """One header entry, every field checked: dtype known, shape of non-negative ints, offsets in the file
+    and exactly as long as dtype x shape."""
+    where = f"{path}: tensor {name}"
+    if not isinstance(meta, dict):
+        raise MtpquantError(f"{where}: header entry is not an object")
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if dtype not in DTYPE_BYTES:
+        raise MtpquantError(f"{where}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise MtpquantError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise MtpquantError(f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    if base + end > size:
+        raise MtpquantError(f"{where} extends past the end of the file (truncated shard?)")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * DTYPE_BYTES[dtype] != end - begin:
+        raise MtpquantError(f"{where}: {dtype} {shape} needs {numel * DTYPE_BYTES[dtype]} bytes, "
+                            f"data_offsets give {end - begin}")
+    return TensorInfo(name, dtype, tuple(shape), path, base + begin, end - begin)
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse one shard's header into TensorInfo records (absolute offsets), validating its framing."""
+    """Parse one shard's header into TensorInfo records (absolute offsets), bounded and validated: the length
+    within the file and MAX_HEADER, a JSON object, valid entries whose data lie inside the file without
+    overlapping. Anything else is one line naming the file (and the tensor)."""
     path = Path(path)
     try:
+        size = path.stat().st_size
         with path.open("rb") as fh:
             raw_len = fh.read(8)
             if len(raw_len) != 8:
                 raise MtpquantError(f"{path}: not a safetensors file (shorter than 8 bytes)")
             (hlen,) = struct.unpack("<Q", raw_len)
-            header = json.loads(fh.read(hlen))
+            if hlen > min(size - 8, MAX_HEADER):
+                raise MtpquantError(f"{path}: not a safetensors file (header length {hlen} exceeds "
+                                    f"{'the file' if hlen > size - 8 else 'the 100 MiB limit'})")
+            header = json.loads(fh.read(hlen), object_pairs_hook=_refuse_duplicate_keys)
     except FileNotFoundError:
         raise MtpquantError(f"{path}: shard file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise MtpquantError(f"{path}: corrupt safetensors header") from None
-    size = path.stat().st_size
+    except IsADirectoryError:
+        raise MtpquantError(f"{path}: is a directory, not a shard") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise MtpquantError(f"{path}: corrupt safetensors header (not JSON)") from None
+    except MtpquantError as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise MtpquantError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise MtpquantError(f"{path}: corrupt safetensors header (a JSON object expected)")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise MtpquantError(f"{path}: __metadata__ must map strings to strings")
     base = 8 + hlen
-    out: dict[str, TensorInfo] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = meta["data_offsets"]
-        if base + end > size:
-            raise MtpquantError(f"{path}: tensor {name} extends past the end of the file (truncated shard?)")
-        out[name] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), path, base + begin, end - begin)
+    out = {name: _tensor_info(path, name, m, base, size) for name, m in header.items() if name != "__metadata__"}
+    spans = sorted((t.start, t.start + t.nbytes, t.name) for t in out.values() if t.nbytes)
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise MtpquantError(f"{path}: tensors {a} and {b} overlap in the file")
     return out
 
 
@@ -92,8 +154,12 @@ class Checkpoint:
     def index(self) -> dict[str, Any]:
         if self.index_path.exists():
             idx = read_json(self.index_path)
-            if not isinstance(idx.get("weight_map"), dict):
-                raise MtpquantError(f"{self.index_path}: missing 'weight_map'")
+            wm = idx.get("weight_map")
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise MtpquantError(f"{self.index_path}: 'weight_map' must map tensor names to shard files")
+            for shard in set(wm.values()):
+                if Path(shard).name != shard or not shard.endswith(".safetensors"):
+                    raise MtpquantError(f"{self.index_path}: shard {shard!r} is not a .safetensors file beside it")
             return idx
         if (self.root / SINGLE_SHARD).exists():
             names = read_safetensors_header(self.root / SINGLE_SHARD)

@@ -187,12 +187,7 @@ def check_config(art: Checkpoint, base: Checkpoint, fam: Family) -> tuple[Check,
     return c, group, asym
 
 
-def verify(artifact: Path, base_dir: Path, report_path: Path | None = None, workers: int = 8) -> list[Check]:
-    art, base = Checkpoint(artifact), Checkpoint(base_dir)
-    fam = family_for(base.config, str(base.root / "config.json"))
-    if art.config.get("model_type") != fam.model_type:
-        raise MtpquantError(f"{art.root / 'config.json'}: model_type {art.config.get('model_type')!r} does not "
-                            f"match the base's {fam.model_type!r}")
+def run_checks(art: Checkpoint, base: Checkpoint, fam: Family, workers: int) -> list[Check]:
     idx = check_index(art)
     checks = [idx]
     if idx.ok:  # the tensor checks need a consistent index
@@ -200,6 +195,20 @@ def verify(artifact: Path, base_dir: Path, report_path: Path | None = None, work
         checks += [check_experts(art, base, fam, group, asym), check_nothing_else(art, base, fam),
                    check_mtp(art, base, fam, workers), check_mtp_ignored(art, base, fam),
                    check_unquantized(art, base, fam), cfg]
+    return checks
+
+
+def verify(artifact: Path, base_dir: Path, report_path: Path | None = None, workers: int = 8) -> list[Check]:
+    art, base = Checkpoint(artifact), Checkpoint(base_dir)
+    fam = family_for(base.config, str(base.root / "config.json"))
+    base.tensors  # noqa: B018  (a base that cannot be read is the user's input: one line, exit 2)
+    if art.config.get("model_type") != fam.model_type:
+        raise MtpquantError(f"{art.root / 'config.json'}: model_type {art.config.get('model_type')!r} does not "
+                            f"match the base's {fam.model_type!r}")
+    try:
+        checks = run_checks(art, base, fam, workers)
+    except MtpquantError as exc:  # a truncated or corrupt artifact file fails verification like any other defect
+        checks = [Check("artifact files are readable safetensors", [str(exc)])]
     if report_path:
         atomic_write_json(report_path, {"stage": "verify", "artifact": str(art.root), "base": str(base.root),
                                         "ok": all(c.ok for c in checks),
