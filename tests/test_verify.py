@@ -16,7 +16,7 @@ def failures(art, base):
 def test_good_artifact_passes(built, family, tmp_path):
     checks = verify(built[family]["artifact"], built[family]["base"], tmp_path / "verify.json")
     assert all(c.ok for c in checks), [c.failures for c in checks]
-    assert len(checks) == 7
+    assert len(checks) == 8
     rep = json.loads((tmp_path / "verify.json").read_text())
     assert rep["ok"] is True
 
@@ -118,3 +118,71 @@ def test_config_disagrees(artifact_copy):
     (art / "config.json").write_text(json.dumps(cfg))
     f = failures(art, base)["config agrees with base and tensors"]
     assert f == ["config.json num_nextn_predict_layers=0, base has 1"]
+
+
+# ---------------------------------------------------------------- values: corruptions the format checks cannot see
+
+VALUES = "quantized weights dequantize to their base weights (within GPTQ's measured error)"
+PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+
+def xor_byte(art, name: str, offset: int, mask: int) -> None:
+    """Flip bits of one byte of a tensor, in place in its shard file (what a bad disk or copy does)."""
+    from mtpquant.checkpoint import Checkpoint
+
+    info = Checkpoint(art).tensors[name]
+    with info.shard.open("r+b") as fh:
+        fh.seek(info.start + offset)
+        b = fh.read(1)[0]
+        fh.seek(info.start + offset)
+        fh.write(bytes([b ^ mask]))
+
+
+def test_values_pass_and_say_how_close(built, family):
+    (values,) = [c for c in verify(built[family]["artifact"], built[family]["base"]) if c.name == VALUES]
+    assert values.ok and values.detail.startswith("48/48 Linears; worst: ")
+
+
+def test_swapped_experts_are_caught(artifact_copy):
+    art, base = artifact_copy
+    a, b = "model.layers.2.mlp.experts.0.down_proj", "model.layers.2.mlp.experts.1.down_proj"
+    swapped = {f"{a}.{p}": read_tensor(art, f"{b}.{p}") for p in PARTS} | {
+        f"{b}.{p}": read_tensor(art, f"{a}.{p}") for p in PARTS}
+    edit_tensors(art, remove=list(swapped), add=swapped)
+    f = failures(art, base)
+    assert set(f) == {VALUES}
+    assert sorted(m.split(":")[0] for m in f[VALUES]) == [a, b]
+    assert all("x its RTN error" in m for m in f[VALUES])
+
+
+@pytest.mark.parametrize("part,offset,mask,what", [
+    ("weight_scale", 1, 0x40, "x its RTN error"),             # the exponent's top bit of the first BF16 scale
+    ("weight_zero_point", 0, 0x88, "x that group's weight norm"),  # two zero points off by 8 steps
+])
+def test_one_flipped_byte_is_caught(artifact_copy, part, offset, mask, what):
+    art, base = artifact_copy
+    mod = "model.layers.1.mlp.experts.3.gate_proj"
+    xor_byte(art, f"{mod}.{part}", offset, mask)
+    f = failures(art, base)
+    assert set(f) == {VALUES} and len(f[VALUES]) == 1
+    assert f[VALUES][0].startswith(f"{mod}: ") and what in f[VALUES][0], f[VALUES]
+
+
+def test_swapped_weight_shape_is_caught(artifact_copy):
+    art, base = artifact_copy
+    mod = "model.layers.2.mlp.experts.4.up_proj"
+    shape = read_tensor(art, f"{mod}.weight_shape")
+    edit_tensors(art, remove=[f"{mod}.weight_shape"], add={f"{mod}.weight_shape": shape.flip(0).contiguous()})
+    f = failures(art, base)
+    assert [m.split(" ")[0].rstrip(":") for m in f[VALUES]] == [mod]
+
+
+def test_sample_checks_a_seeded_fraction(built, family):
+    from mtpquant.checkpoint import Checkpoint
+    from mtpquant.families import family_for
+    from mtpquant.verify import check_values
+
+    art, base = Checkpoint(built[family]["artifact"]), Checkpoint(built[family]["base"])
+    fam = family_for(base.config)
+    c = check_values(art, base, fam, 128, True, workers=2, sample=0.25, seed=1)
+    assert c.ok and c.detail.startswith("12/48 Linears (seeded sample 0.25, seed 1)")

@@ -26,6 +26,13 @@ def _run(args: argparse.Namespace, sub: str) -> Path:
     return Path(args.run) / sub
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: a fraction in (0, 1] expected")
+    return value
+
+
 def cmd_fixture(args: argparse.Namespace) -> int:
     from mtpquant.fixture import write_fixture
     from mtpquant.recipes import FixtureSpec
@@ -83,7 +90,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from mtpquant.verify import raise_on_failure, render, verify
 
     art = Path(args.artifact or _run(args, "artifact"))
-    checks = verify(art, Path(args.base or _run(args, "base")), _run(args, "verify.json") if args.run else None)
+    checks = verify(art, Path(args.base or _run(args, "base")), _run(args, "verify.json") if args.run else None,
+                    sample=args.sample)
     Console(width=None if sys.stdout.isatty() else 120).print(render(checks, f"verify {art}"))
     raise_on_failure(checks)
     return 0
@@ -218,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = stage("verify", cmd_verify, "prove the artifact is what it claims (exit 3 on failure)")
     s.add_argument("--artifact", help="default RUN/artifact")
     s.add_argument("--base", help="default RUN/base")
+    s.add_argument("--sample", type=_fraction, default=1.0,
+                   help="value-check a seeded fraction of the quantized Linears (default 1: all; coverage printed)")
     s = stage("manifest", cmd_manifest, "SHA256 of every artifact file plus provenance")
     s.add_argument("--artifact", help="default RUN/artifact")
     s = sub.add_parser("train-tiny", help="train the tiny GLM-4.5-layout arithmetic model with its MTP layer")

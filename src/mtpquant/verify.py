@@ -3,7 +3,8 @@
 Checks: the index and shards agree; every routed-expert Linear of every MoE layer is packed INT4 (and
 nothing else is); every MTP tensor is present, unquantized and byte-identical to the base; the MTP
 layers are covered by `quantization_config.ignore`; unquantized tensors keep the base's dtype and
-shape; config and tensors agree. Exit code 3 names the failing tensors.
+shape; config and tensors agree; every quantized Linear dequantizes (compressed-tensors' own decompressor) to
+its base weight within GPTQ's measured error. Exit code 3 names the failing tensors.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rich.console import Console
 
 from mtpquant.atomic import atomic_write_json
 from mtpquant.checkpoint import Checkpoint, TensorInfo, read_safetensors_header, tensor_sha256
@@ -187,18 +190,120 @@ def check_config(art: Checkpoint, base: Checkpoint, fam: Family) -> tuple[Check,
     return c, group, asym
 
 
-def run_checks(art: Checkpoint, base: Checkpoint, fam: Family, workers: int) -> list[Check]:
+# Value bounds of a GPTQ INT4 weight against its BF16 source, measured 2026-12-01 on the tests' tiny fixtures (both
+# families, 96 expert Linears, random weights) and on the trained tiny-arith model (48 expert Linears, planted
+# outlier channels, its own calibration): a module's relative Frobenius error is at most 1.45x (fixtures) and
+# 1.78x (tiny-arith) the same weight's round-to-nearest error (GPTQ trades weight error for output error), and
+# the worst group's error norm is at most 0.21x (fixtures) and 0.82x (tiny-arith) that group's weight norm.
+# GPTQ's error compensation legitimately moves single elements by up to 11.8 INT4 steps (tiny-arith), so no
+# per-element bound is sound; a single flipped nibble is found by hashes (`manifest`), not by values.
+# Bounds with margin: a swapped or foreign expert (~14x RTN), a scale off by orders of magnitude, a zero point
+# off by ~8 steps or garbage in a group lie far outside them.
+MAX_ERROR_VS_RTN = 3.0
+MAX_GROUP_RELATIVE = 2.0
+
+
+def _load(infos: list[TensorInfo]) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    out: dict[str, Any] = {}
+    for shard in sorted({i.shard for i in infos}):
+        with safe_open(str(shard), "pt") as fh:
+            out.update({i.name: fh.get_tensor(i.name) for i in infos if i.shard == shard})
+    return out
+
+
+def value_errors(mod: str, art: Checkpoint, base: Checkpoint, scheme: Any, group: int, asym: bool) -> dict[str, float]:
+    """Dequantize one module with compressed-tensors' own decompressor and measure it against the base weight."""
+    import torch
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+
+    from mtpquant.dequantize import rtn_weight
+
+    parts = _load([art.tensors[f"{mod}.{p}"] for p in QUANT_PARTS if f"{mod}.{p}" in art.tensors])
+    w = _load([base.tensors[f"{mod}.weight"]])[f"{mod}.weight"]
+    local = {k.rsplit(".", 1)[1]: v for k, v in parts.items()}
+    w_hat = PackedQuantizationCompressor.decompress(local, scheme)["weight"].float()
+    w32 = w.float()
+    if w_hat.shape != w32.shape:
+        return {"shape": 1.0}
+    err = w_hat - w32
+    norm = w32.norm().clamp_min(1e-12)
+    rtn = (rtn_weight(w, 4, group, not asym).float() - w32).norm() / norm
+    n, k = w32.shape
+    groups, e = w32.reshape(n, k // group, group), err.reshape(n, k // group, group)
+    return {"relative": float(err.norm() / norm), "rtn": float(rtn),
+            "group_relative": float((e.norm(dim=-1) / groups.norm(dim=-1).clamp_min(1e-12)).max()),
+            "finite": float(torch.isfinite(w_hat).all())}
+
+
+def check_values(art: Checkpoint, base: Checkpoint, fam: Family, group: int, asym: bool, workers: int,
+                 sample: float = 1.0, seed: int = 0) -> Check:
+    """Every quantized Linear (or a seeded `sample` of them) dequantized and compared with its base weight."""
+    import random
+
+    from rich.progress import Progress
+
+    from mtpquant.dequantize import _scheme
+
+    c = Check("quantized weights dequantize to their base weights (within GPTQ's measured error)")
+    qc = art.config.get("quantization_config") or {}
+    mods = [m for m in fam.routed_expert_linears(base.config)
+            if all(f"{m}.{p}" in art.tensors for p in ("weight_packed", "weight_scale", "weight_shape"))
+            and f"{m}.weight" in base.tensors]
+    chosen = sorted(random.Random(seed).sample(mods, max(1, round(len(mods) * sample)))) if sample < 1 else mods
+    scheme = _scheme(qc, chosen[0], str(art.root / "config.json")) if chosen else None
+    worst: dict[str, float] = {}
+    with Progress(console=Console(stderr=True), transient=True) as progress, ThreadPoolExecutor(workers) as pool:
+        task = progress.add_task("dequantizing and comparing", total=len(chosen))
+
+        def one(mod: str) -> tuple[str, dict[str, float] | str]:
+            try:
+                return mod, value_errors(mod, art, base, scheme, group, asym)
+            except Exception as exc:  # noqa: BLE001  (a corrupt packed tensor fails this check, named)
+                return mod, f"cannot be dequantized ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+            finally:
+                progress.advance(task)
+
+        for mod, r in pool.map(one, chosen):
+            if isinstance(r, str):
+                c.failures.append(f"{mod} {r}")
+                continue
+            if "shape" in r or not r["finite"]:
+                c.failures.append(f"{mod}: dequantizes to a {'wrong shape' if 'shape' in r else 'non-finite'} weight")
+                continue
+            ratio = r["relative"] / max(r["rtn"], 1e-12)
+            worst["vs_rtn"] = max(worst.get("vs_rtn", 0.0), ratio)
+            worst["group"] = max(worst.get("group", 0.0), r["group_relative"])
+            if ratio > MAX_ERROR_VS_RTN:
+                c.failures.append(f"{mod}: relative error {r['relative']:.3f} is {ratio:.2f}x its RTN error "
+                                  f"{r['rtn']:.3f} (bound {MAX_ERROR_VS_RTN}x)")
+            elif r["group_relative"] > MAX_GROUP_RELATIVE:
+                c.failures.append(f"{mod}: a group's error is {r['group_relative']:.2f}x that group's weight norm "
+                                  f"(bound {MAX_GROUP_RELATIVE}x)")
+    coverage = f"{len(chosen)}/{len(mods)} Linears" + (f" (seeded sample {sample:g}, seed {seed})"
+                                                       if sample < 1 else "")
+    c.detail = coverage + (f"; worst: {worst['vs_rtn']:.2f}x its RTN error, a group's error "
+                           f"{worst['group']:.2f}x its weight" if worst else "")
+    return c
+
+
+def run_checks(art: Checkpoint, base: Checkpoint, fam: Family, workers: int, sample: float = 1.0) -> list[Check]:
     idx = check_index(art)
     checks = [idx]
     if idx.ok:  # the tensor checks need a consistent index
         cfg, group, asym = check_config(art, base, fam)
-        checks += [check_experts(art, base, fam, group, asym), check_nothing_else(art, base, fam),
+        experts = check_experts(art, base, fam, group, asym)
+        checks += [experts, check_nothing_else(art, base, fam),
                    check_mtp(art, base, fam, workers), check_mtp_ignored(art, base, fam),
                    check_unquantized(art, base, fam), cfg]
+        if experts.ok:  # values need the tensors the format check found
+            checks.insert(2, check_values(art, base, fam, group, asym, workers, sample))
     return checks
 
 
-def verify(artifact: Path, base_dir: Path, report_path: Path | None = None, workers: int = 8) -> list[Check]:
+def verify(artifact: Path, base_dir: Path, report_path: Path | None = None, workers: int = 8,
+           sample: float = 1.0) -> list[Check]:
     art, base = Checkpoint(artifact), Checkpoint(base_dir)
     fam = family_for(base.config, str(base.root / "config.json"))
     base.tensors  # noqa: B018  (a base that cannot be read is the user's input: one line, exit 2)
@@ -206,7 +311,7 @@ def verify(artifact: Path, base_dir: Path, report_path: Path | None = None, work
         raise MtpquantError(f"{art.root / 'config.json'}: model_type {art.config.get('model_type')!r} does not "
                             f"match the base's {fam.model_type!r}")
     try:
-        checks = run_checks(art, base, fam, workers)
+        checks = run_checks(art, base, fam, workers, sample)
     except MtpquantError as exc:  # a truncated or corrupt artifact file fails verification like any other defect
         checks = [Check("artifact files are readable safetensors", [str(exc)])]
     if report_path:
