@@ -106,6 +106,16 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from mtpquant.manifest import check_manifest, raise_on_mismatch
+
+    result = check_manifest(Path(args.artifact))
+    raise_on_mismatch(result, Path(args.artifact))
+    console.print(f"[green]intact[/] {result['files']} files ({result['bytes'] / 2**30:.2f} GiB) match "
+                  f"{Path(args.artifact) / 'manifest.json'}")
+    return 0
+
+
 def cmd_preflight(args: argparse.Namespace) -> int:
     from mtpquant.preflight import preflight
 
@@ -230,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="value-check a seeded fraction of the quantized Linears (default 1: all; coverage printed)")
     s = stage("manifest", cmd_manifest, "SHA256 of every artifact file plus provenance")
     s.add_argument("--artifact", help="default RUN/artifact")
+    s = sub.add_parser("check", help="re-hash an artifact against its manifest.json (exit 3 on any difference)")
+    s.add_argument("artifact", help="the artifact directory (with manifest.json)")
+    s.set_defaults(fn=cmd_check)
     s = sub.add_parser("train-tiny", help="train the tiny GLM-4.5-layout arithmetic model with its MTP layer")
     s.add_argument("--out", default="data/models/tiny-arith")
     s.add_argument("--steps", type=int, default=None, help="training steps (default: the committed model's)")

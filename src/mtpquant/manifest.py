@@ -1,4 +1,5 @@
-"""`manifest`: SHA256 of every artifact file, plus what produced it, in `manifest.json`."""
+"""`manifest`: SHA256 of every artifact file, plus what produced it, in `manifest.json`; `check`: a downloaded
+or copied artifact re-hashed against it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 
 from mtpquant.atomic import atomic_write_json
 from mtpquant.checkpoint import file_sha256, read_json
-from mtpquant.errors import MtpquantError
+from mtpquant.errors import MtpquantError, VerificationFailed
+from mtpquant.progress import byte_progress
 from mtpquant.recipes import REPO_ROOT
 
 MANIFEST = "manifest.json"
@@ -21,8 +23,48 @@ PACKAGES = ("mtpquant", "llmcompressor", "compressed-tensors", "transformers", "
 
 
 def hash_files(paths: list[Path], workers: int = 8) -> dict[Path, str]:
-    with ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL on large buffers
-        return dict(zip(paths, pool.map(file_sha256, paths), strict=True))
+    with byte_progress("hashing", sum(p.stat().st_size for p in paths)) as advance, \
+            ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL on large buffers
+        def one(p: Path) -> str:
+            digest = file_sha256(p)
+            advance(p.stat().st_size)
+            return digest
+
+        return dict(zip(paths, pool.map(one, paths), strict=True))
+
+
+def artifact_files(artifact: Path) -> list[Path]:
+    return sorted(p for p in Path(artifact).rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def check_manifest(artifact: Path, workers: int = 8) -> dict[str, Any]:
+    """Every file of `artifact` against its manifest.json: missing, extra and changed files (size, then sha256)."""
+    artifact = Path(artifact)
+    if not artifact.is_dir():
+        raise MtpquantError(f"{artifact}: artifact directory not found")
+    files = read_json(artifact / MANIFEST).get("files")
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("sha256"), str)
+                                              for e in files.values()):
+        raise MtpquantError(f"{artifact / MANIFEST}: 'files' must map each file to its sha256 and bytes")
+    present = {str(p.relative_to(artifact)): p for p in artifact_files(artifact)}
+    missing = sorted(set(files) - set(present))
+    extra = sorted(set(present) - set(files))
+    both = sorted(set(files) & set(present))
+    changed = [n for n in both if present[n].stat().st_size != files[n].get("bytes", present[n].stat().st_size)]
+    same_size = [n for n in both if n not in changed]
+    hashes = hash_files([present[n] for n in same_size], workers)
+    changed += [n for n in same_size if hashes[present[n]] != files[n]["sha256"]]
+    return {"files": len(files), "missing": missing, "extra": extra, "changed": sorted(changed),
+            "bytes": sum(p.stat().st_size for p in present.values())}
+
+
+def raise_on_mismatch(result: dict[str, Any], artifact: Path) -> None:
+    problems = ([f"{n} is missing" for n in result["missing"]]
+                + [f"{n} is not in the manifest" for n in result["extra"]]
+                + [f"{n} differs from the manifest" for n in result["changed"]])
+    if problems:
+        raise VerificationFailed(f"{artifact / MANIFEST}: {len(problems)} problem(s): " + "; ".join(problems[:5])
+                                 + (" ..." if len(problems) > 5 else ""))
 
 
 def consumed(paths: list[Path]) -> dict[str, str]:
@@ -44,7 +86,7 @@ def write_manifest(artifact: Path, run: Path, workers: int = 8) -> dict[str, Any
     artifact = Path(artifact)
     if not artifact.is_dir():
         raise MtpquantError(f"{artifact}: artifact directory not found")
-    files = sorted(p for p in artifact.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = artifact_files(artifact)
     hashes = hash_files(files, workers)
     stages = {}
     for stage in ("prepare", "quantize", "inject-mtp", "verify"):
