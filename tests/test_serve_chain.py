@@ -176,20 +176,27 @@ def test_bench_with_and_without_mtp_and_report(chain, serve_python, evals):
              "--grid", "tiny", "--name", "w4a16")
     out = chain["root"] / "bench"
     summary = json.loads((out / "bench.json").read_text())
-    assert sorted((p["mtp"], p["concurrency"]) for p in summary["points"]) == [
-        (False, 1), (False, 8), (False, 32), (True, 1), (True, 8), (True, 32)]
+    assert sorted((p["mtp"], p["concurrency"], p["repeat"]) for p in summary["points"]) == [
+        (mtp, c, r) for mtp in (False, True) for c in (1, 8, 32) for r in range(3)]
+    # interleaved: the two settings alternate which goes first at every concurrency
+    assert summary["order"][:4] == ["mtp-c1-r0", "nomtp-c1-r0", "mtp-c8-r0", "nomtp-c8-r0"]
+    assert summary["order"][6:8] == ["nomtp-c1-r1", "mtp-c1-r1"]
     for p in summary["points"]:
         assert p["result"]["completed"] >= 16 and p["result"]["output_throughput"] > 0
         assert p["command"].startswith("vllm bench serve --backend openai")
         if p["mtp"]:
             assert p["result"]["spec_decode_acceptance_rate"] > 50
-    assert all(r.get("mtp_speedup") for r in summary["table"])
+    for r in summary["table"]:
+        assert r["mtp_speedup_min"] <= r["mtp_speedup"] * 1.5 and r["mtp_speedup_max"] >= r["mtp_speedup"] / 1.5
+        assert r["verdict"] != "-" and r["acceptance_length"] > 1
+        if r["verdict"] == "measured":  # a finding is inside the physical bound
+            assert r["mtp_speedup"] <= r["acceptance_length"]
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| Concurrency |" in (out / "bench.md").read_text()
     evals("w4a16")
     mtpquant(serve_python, "manifest", "--run", str(chain["root"]), "--artifact", str(chain["artifact"]))
     mtpquant(serve_python, "report", "--run", str(chain["root"]), "--artifact", str(chain["artifact"]))
     report = (chain["root"] / "report.md").read_text()
-    for needle in ("## Verify", "Overall: **PASS**", "## Eval", "tiny_arith", "## Bench", "MTP gives **",
+    for needle in ("## Verify", "Overall: **PASS**", "## Eval", "tiny_arith", "## Bench", "paired repetitions",
                    "vllm bench serve", "DEQUANTIZED", "## Artifact"):
         assert needle in report, needle

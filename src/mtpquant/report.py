@@ -109,10 +109,17 @@ def section_bench(run: Path) -> list[str]:
     md = (run / "bench" / "bench.md").read_text() if (run / "bench" / "bench.md").is_file() else ""
     out += [md.strip(), "", "![output tokens/s](bench/bench.png)", ""]
     for row in b["table"]:
-        if row.get("mtp_speedup") is not None:
-            rate = _fmt(row.get("acceptance_rate"), ".1f")
+        if row.get("mtp_speedup") is None:
+            continue
+        rate = _fmt(row.get("acceptance_rate"), ".1f")
+        spread = f"{row['mtp_speedup_min']:.2f}-{row['mtp_speedup_max']:.2f}" if row.get("mtp_speedup_min") else "-"
+        if row.get("verdict") == "measured":
             out.append(f"- concurrency {row['concurrency']}: MTP gives **{row['mtp_speedup']:.2f}x** the output "
-                       f"tokens/s of the same server without MTP (acceptance {rate}%)")
+                       f"tokens/s of the same server without MTP (paired repetitions {spread}; acceptance {rate}%)")
+        else:  # no sentence states noise or an impossible ratio as a speedup
+            out.append(f"- concurrency {row['concurrency']}: MTP / no MTP {row['mtp_speedup']:.2f} "
+                       f"(paired repetitions {spread}) is no finding: {row.get('verdict', 'unchecked')} "
+                       f"(acceptance {rate}%)")
     return out + [""]
 
 

@@ -131,10 +131,14 @@ def build_launch(profile: ServeProfile, model_dir: Path, served_name: str, host:
     return Launch(argv, dict(profile.env), Path(model_dir), served_name, host, port, k, notes)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(avoid: int | None = None) -> int:
+    """A loopback port nothing listens on now (and not `avoid`, one already handed out but not yet bound)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port != avoid:
+            return port
 
 
 def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
