@@ -200,3 +200,23 @@ def test_a_running_process_keeps_its_temp_dir(tmp_path):
         live.wait()
     assert remove_stale(final) == [mine]
     assert other_host.is_dir()  # another host's process cannot be asked: never removed from here
+
+
+def test_chat_calibration_without_a_chat_template_fails_before_the_model_loads(built, tmp_path, capsys,
+                                                                                monkeypatch):
+    base = tmp_path / "base"
+    shutil.copytree(built["glm4_moe"]["base"], base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    tc = json.loads((base / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(tc))
+    from mtpquant import ranks
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the calibration set was checked")
+
+    monkeypatch.setattr(ranks, "load_model", no_load)
+    code, err = run_cli(capsys, "quantize", "--run", tmp_path, "--model", base, "--calibration", "tiny-local")
+    assert code == 2
+    line = one_line(err)
+    assert "tiny-local.yaml: sources[1].messages_field needs a chat template" in line

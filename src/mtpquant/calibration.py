@@ -41,19 +41,37 @@ def _rows(src: CalibrationSource, where: str) -> list[dict[str, Any]]:
     return list(ds)
 
 
-def _render(row: dict[str, Any], src: CalibrationSource, tokenizer: Any, where: str) -> str:
+def _render(row: Any, src: CalibrationSource, tokenizer: Any, where: str) -> str:
     key = src.text_field or src.messages_field
+    if not isinstance(row, dict):
+        raise MtpquantError(f"{where}: a row is a {type(row).__name__}, not an object")
     if key not in row:
         raise MtpquantError(f"{where}: row has no field {key!r} (fields: {', '.join(row)})")
     if src.text_field:
-        return str(row[key])
-    return tokenizer.apply_chat_template(row[key], tokenize=False)
+        if not isinstance(row[key], str):
+            raise MtpquantError(f"{where}: field {key!r} is a {type(row[key]).__name__}, not text")
+        return row[key]
+    messages = row[key]
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)):
+        raise MtpquantError(f"{where}: field {key!r} must be a list of {{role, content}} messages")
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def check_tokenizer(recipe: CalibrationRecipe, tokenizer: Any, recipe_path: str) -> None:
+    """Chat sources need the model's chat template: say so before anything heavy loads."""
+    for i, src in enumerate(recipe.sources):
+        if src.messages_field and not getattr(tokenizer, "chat_template", None):
+            raise MtpquantError(f"{recipe_path}: sources[{i}].messages_field needs a chat template, and this "
+                                "model's tokenizer has none (use text_field, or a tokenizer with chat_template)")
 
 
 def build_dataset(recipe: CalibrationRecipe, tokenizer: Any, recipe_path: str) -> tuple[Any, dict[str, Any]]:
     """A `datasets.Dataset` of input_ids/attention_mask, and a summary (counts, token hash) for the report."""
     import datasets
 
+    check_tokenizer(recipe, tokenizer, recipe_path)
     rng = random.Random(recipe.seed)
     texts: list[str] = []
     per_source = []

@@ -246,6 +246,8 @@ def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path, rep
     from mtpquant.calibration import build_dataset
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.root)
+    # the calibration set before the model: a mismatch with the tokenizer costs seconds, not a model load
+    dataset, data_summary = build_dataset(calib, tokenizer, str(cpath))
     model = ranks.load_model(getattr(transformers, fam.architecture), source.root, torch.bfloat16)
     ranks.linearize(model)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -253,7 +255,6 @@ def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path, rep
     n_hits = refuse_non_expert_targets(targets, linears, fam, config, str(qpath))
     if n_hits != len(expected):
         raise MtpquantError(f"{qpath}: targets match {n_hits} Linears, expected {len(expected)} routed experts")
-    dataset, data_summary = build_dataset(calib, tokenizer, str(cpath))
     dataset = ranks.my_samples(dataset)
     t_load = time.perf_counter()
 
