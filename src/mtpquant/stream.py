@@ -107,12 +107,15 @@ class Journal:
                 raise MtpquantError(
                     f"quantize --engine stream: cannot resume {work}: {', '.join(changed)} changed since it "
                     "started; re-run with --restart to start over")
-            for entry in old["layers"]:  # a layer whose files are gone or differ is not finished
-                if not all((work / f).exists() and file_sha256(work / f) == h for f, h in
-                           ((entry["shard"], entry["shard_sha256"]),
-                            (entry["activations"], entry["activations_sha256"]))):
+            for entry in old["layers"]:  # a layer whose shard is gone or differs is not finished
+                if not _intact(work, entry["shard"], entry["shard_sha256"]):
                     break
                 self.layers.append(entry)
+            # resuming needs the activations after the last finished layer (earlier ones are deleted as the
+            # run goes): without them intact, back off to an earlier boundary, down to a fresh start
+            while self.layers and not _intact(work, self.layers[-1]["activations"],
+                                              self.layers[-1]["activations_sha256"]):
+                self.layers.pop()
         self.fp = fp
         self._write()
 
@@ -124,6 +127,10 @@ class Journal:
         self._write()
         if os.environ.get("MTPQUANT_STREAM_KILL_AFTER") == str(entry["layer"]):  # tests: die like SIGKILL
             os.kill(os.getpid(), 9)
+
+
+def _intact(work: Path, name: str, sha256: str) -> bool:
+    return (work / name).is_file() and file_sha256(work / name) == sha256
 
 
 def _atomic_save(path: Path, write: Any) -> str:
