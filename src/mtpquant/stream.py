@@ -191,12 +191,11 @@ def fuse_experts(tensors: dict[str, Any], prefix: str) -> dict[str, Any]:
     return out
 
 
-def build_layer(skeleton: Any, i: int, source: Checkpoint) -> Any:
-    """Decoder layer i with its real weights (dtypes as the skeleton's, as from_pretrained gives them),
-    experts linearized with llm-compressor's classes."""
+def build_layer(skeleton: Any, i: int, source: Checkpoint, device: Any) -> Any:
+    """Decoder layer i with its real weights on `device` (dtypes as the skeleton's, as from_pretrained gives
+    them), experts linearized with llm-compressor's classes."""
     import copy
 
-    import torch
     from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
     from llmcompressor.modeling.moe.linearize import get_non_linearized_moes
 
@@ -208,7 +207,7 @@ def build_layer(skeleton: Any, i: int, source: Checkpoint) -> Any:
     if missing or extra:
         raise MtpquantError(f"{source.root}: layer {i}: tensors do not match the model "
                             f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    state = {k: v.to(expected[k].dtype) for k, v in state.items()}
+    state = {k: v.to(device=device, dtype=expected[k].dtype) for k, v in state.items()}
     layer = copy.deepcopy(meta_layer, {id(skeleton.config): skeleton.config})  # one config: contexts that
     # switch the attention implementation (llm-compressor's eager attention) must reach the layer too
     layer.load_state_dict(state, assign=True, strict=True)
@@ -218,7 +217,7 @@ def build_layer(skeleton: Any, i: int, source: Checkpoint) -> Any:
     left = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers()) if t.is_meta]
     if left:
         raise MtpquantError(f"layer {i}: tensors still on the meta device after loading: {left[:3]}")
-    return layer.to(torch.device("cpu"))
+    return layer
 
 
 def meta_skeleton(cls: Any, config: Any) -> Any:
@@ -274,19 +273,33 @@ def _split_output(out: Any) -> tuple[Any, Any]:
     return out, None
 
 
-def _call(layer: Any, hidden: Any, kwargs: dict[str, Any], prev: Any) -> Any:
+def _to(obj: Any, device: Any) -> Any:
+    """Tensors in (nested tuples, lists, dicts of) `obj` moved to `device` (the same objects where they are)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _call(layer: Any, hidden: Any, kwargs: dict[str, Any], prev: Any, device: Any) -> Any:
+    """The layer on its execution device; what it returns back on the CPU, where activations wait between
+    layers (on a CPU-only machine every move is a no-op)."""
     if "prev_topk_indices" in kwargs:
         kwargs = {**kwargs, "prev_topk_indices": prev}
-    return layer(hidden, **kwargs)
+    return _to(layer(_to(hidden, device), **_to(kwargs, device)), "cpu")
 
 
 def calibrate_layer(skeleton: Any, i: int, layer: Any, recipe: QuantRecipe, targets: list[str],
                     hidden: list[Any], prev: list[Any], kwargs: list[dict[str, Any]], fam: Any,
-                    config_dict: dict[str, Any]) -> tuple[list[Any], list[Any], list[Any], Any, dict[str, Any]]:
+                    config_dict: dict[str, Any], device: Any) -> tuple[list[Any], list[Any], list[Any], Any, dict]:
     """One subgraph of llm-compressor's SequentialPipeline for decoder layer i: calibration pass, solve,
     propagation pass through the quantized layer. Returns (hidden out, topk out, GPTQ rows, routing counts,
     modifier fields the solve resolved)."""
-    import torch
     from llmcompressor.core import LifecycleCallbacks, active_session
     from llmcompressor.modeling.moe.context import moe_calibration_context
     from llmcompressor.modeling.offset_norm import norm_calibration_context
@@ -297,7 +310,7 @@ def calibrate_layer(skeleton: Any, i: int, layer: Any, recipe: QuantRecipe, targ
     if not any(n.startswith(f"model.layers.{i}.") for n in fam.routed_expert_linears(config_dict)):
         # nothing to quantize here (a dense layer): the pipeline's two passes give the same outputs
         with calibration_forward_context(skeleton):
-            pairs = [_split_output(_call(layer, hidden[b], kwargs[b], prev[b])) for b in range(len(hidden))]
+            pairs = [_split_output(_call(layer, hidden[b], kwargs[b], prev[b], device)) for b in range(len(hidden))]
         return [h for h, _ in pairs], [t for _, t in pairs], [], None, {}
     opts = oneshot_options(recipe)
     modifier = modifier_for(recipe, targets)
@@ -316,16 +329,15 @@ def calibrate_layer(skeleton: Any, i: int, layer: Any, recipe: QuantRecipe, targ
         with calibration_forward_context(skeleton), DisableQuantization(skeleton):
             for b in range(len(hidden)):
                 session.state.current_batch_idx = b
-                _call(layer, hidden[b], kwargs[b], prev[b])
+                _call(layer, hidden[b], kwargs[b], prev[b], device)
             LifecycleCallbacks.sequential_epoch_end(list(layer.modules()))
             with HooksMixin.disable_hooks():
                 for b in range(len(hidden)):
-                    h, t = _split_output(_call(layer, hidden[b], kwargs[b], prev[b]))
+                    h, t = _split_output(_call(layer, hidden[b], kwargs[b], prev[b], device))
                     outs.append(h)
                     tops.append(t)
         LifecycleCallbacks.calibration_end()
     session.finalize()
-    del torch
     layer_state = {"batched_quantization": getattr(modifier, "batched_quantization", None)}
     return outs, tops, rec.rows, counts.get(i), layer_state
 
@@ -406,6 +418,7 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
     import transformers
     from llmcompressor.args import DatasetArguments
     from llmcompressor.datasets.utils import format_calibration_data
+    from llmcompressor.utils.dev import get_main_device
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from safetensors.torch import save_file
@@ -456,6 +469,7 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
         hidden, prev = acts["hidden"], acts["topk"]
     t_load = time.perf_counter()
 
+    device = get_main_device()  # llm-compressor's execution device: the GPU when there is one
     console = Console(stderr=True)
     progress = Progress(TextColumn("[bold]stream[/] {task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total} layers"), TimeElapsedColumn(), console=console)
@@ -465,10 +479,10 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
         for i in range(start, n_layers):
             tl = time.perf_counter()
             meta_layer = skeleton.model.layers[i]
-            layer = build_layer(skeleton, i, source)
+            layer = build_layer(skeleton, i, source, device)
             tr = time.perf_counter()
             hidden, prev, rows, counts, mod_state = calibrate_layer(
-                skeleton, i, layer, recipe, targets, hidden, prev, kwargs, fam, config_dict)
+                skeleton, i, layer, recipe, targets, hidden, prev, kwargs, fam, config_dict, device)
             tc = time.perf_counter()
             tensors = pack_layer(skeleton, layer, i)
             restored = restore_source_dtypes(tensors, source)
