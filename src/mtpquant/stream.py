@@ -125,21 +125,29 @@ class Journal:
     def finish(self, entry: dict[str, Any]) -> None:
         self.layers.append(entry)
         self._write()
-        if os.environ.get("MTPQUANT_STREAM_KILL_AFTER") == str(entry["layer"]):  # tests: die like SIGKILL
-            os.kill(os.getpid(), 9)
+        _kill_point("after", entry["layer"])
 
 
 def _intact(work: Path, name: str, sha256: str) -> bool:
     return (work / name).is_file() and file_sha256(work / name) == sha256
 
 
-def _atomic_save(path: Path, write: Any) -> str:
+def _kill_point(phase: str, layer: int) -> None:
+    """Tests: MTPQUANT_STREAM_KILL=PHASE:LAYER SIGKILLs this process there ("write": layer's shard written to
+    its temp file, not yet renamed; "after": right after the layer's journal entry)."""
+    if os.environ.get("MTPQUANT_STREAM_KILL") == f"{phase}:{layer}":
+        os.kill(os.getpid(), 9)
+
+
+def _atomic_save(path: Path, write: Any, layer: int | None = None) -> str:
     """`write(tmp)` then fsync and rename to `path`; returns the file's sha256."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         with tmp.open("rb+") as fh:
             os.fsync(fh.fileno())
+        if layer is not None:
+            _kill_point("write", layer)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -490,7 +498,7 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
             del layer
             name = shard_name(i + 1, n_shards)
             shard_sha = _atomic_save(work / name, lambda tmp, t=tensors: save_file(t, str(tmp),
-                                                                                  metadata={"format": "pt"}))
+                                                                                  metadata={"format": "pt"}), i)
             acts_name = f"activations-after-{i:05d}.pt"
             acts_sha = _save_acts(work / acts_name, hidden, prev)
             prev_acts = journal.layers[-1]["activations"] if journal.layers else None
