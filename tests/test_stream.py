@@ -139,3 +139,19 @@ def test_journal_keeps_only_intact_layers_and_restart_starts_over(tmp_path):
         Journal(work, {**fp, "token_ids": "t2"}, restart=False)
     j = Journal(work, {**fp, "token_ids": "t2"}, restart=True)
     assert j.layers == [] and not (work / "s0").exists()
+
+
+def test_two_mtp_layers_are_left_to_inject_mtp(tmp_path):
+    """GLM-4.5 layout with 2 MTP layers: the stream engine reads only decoder layers 0..n-1 (the MTP layers,
+    like from_pretrained's, are skipped), and inject-mtp + verify accept the result."""
+    from mtpquant.fixture import write_fixture
+    from mtpquant.recipes import FixtureSpec
+
+    base = write_fixture("glm4_moe", FixtureSpec(num_nextn_predict_layers=2), tmp_path / "base")
+    quantize_stream(base, "w4a16-asym-g128", "tiny-local", tmp_path / "q", tmp_path / "q.json")
+    n = Checkpoint(base).config["num_hidden_layers"]
+    names = Checkpoint(tmp_path / "q").weight_map
+    assert not any(k.startswith((f"model.layers.{n}.", f"model.layers.{n + 1}.")) for k in names)
+    inject_mtp(base, tmp_path / "q", tmp_path / "artifact")
+    checks = verify(tmp_path / "artifact", base)
+    assert all(c.ok for c in checks), [c.failures for c in checks if c.failures]

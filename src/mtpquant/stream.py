@@ -515,7 +515,8 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
     t_calib = time.perf_counter()
 
     # the rest: every tensor outside the decoder layers (MTP layers are dropped, as the memory engine does)
-    rest_names = [n for n in source.weight_map if not n.startswith("model.layers.")]
+    in_model = set(skeleton.state_dict())
+    rest_names = [n for n in source.weight_map if not n.startswith("model.layers.") and n in in_model]
     rest = read_tensors(source, rest_names)
     modifier = modifier_for(recipe, targets)
     for e in journal.layers:  # fields the solve resolved (e.g. batched_quantization "auto"), as recipe.yaml
