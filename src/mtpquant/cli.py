@@ -63,7 +63,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     model = Path(args.model or _run(args, "base"))
     out = Path(args.out or _run(args, "quantized"))
     report_path = _run(args, "quantize.json")
-    rep = quantize(model, args.recipe, args.calibration, out, report_path)
+    if args.engine == "stream":
+        from mtpquant.stream import quantize_stream
+
+        rep = quantize_stream(model, args.recipe, args.calibration, out, report_path, restart=args.restart)
+    else:
+        rep = quantize(model, args.recipe, args.calibration, out, report_path)
     if rep["rank"] != 0:  # torchrun: rank 0 reports
         return 0
     rep["consumed"] = consumed([Path(rep["recipe"]["path"]), Path(rep["calibration"]["path"]),
@@ -228,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipe", default="w4a16-asym-g128", help="quant recipe name or YAML path")
     s.add_argument("--calibration", default="tiny-local", help="calibration recipe name or YAML path")
     s.add_argument("--out", help="default RUN/quantized")
+    s.add_argument("--engine", choices=["memory", "stream"], default="memory",
+                   help="memory: load the whole model, llm-compressor oneshot (the reference); stream: one decoder "
+                   "layer at a time from the shards, resumable (OUT.work/journal.json)")
+    s.add_argument("--restart", action="store_true", help="stream: discard a previous run's journal, start over")
     s = stage("inject-mtp", cmd_inject, "copy the MTP layer(s) from the base into the quantized checkpoint")
     s.add_argument("--base", help="default RUN/base")
     s.add_argument("--quantized", help="default RUN/quantized")

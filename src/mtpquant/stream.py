@@ -1,0 +1,567 @@
+"""`quantize --engine stream`: GPTQ one decoder layer at a time, straight from the source shards, resumable.
+
+The memory engine (mtpquant.quantize) loads the whole BF16 model and hands it to `oneshot`. This engine never
+holds more than one decoder layer with real weights:
+
+1. The model skeleton is built on the meta device from config.json; only the embedding (read alone from its
+   shard) and the rotary tables get real values. The model's own forward runs up to layer 0, where a catcher
+   records what it passes to every decoder layer (hidden states, mask, position embeddings) per batch.
+2. For each decoder layer in order: exactly that layer's tensors are read from the shards the index names
+   (`safetensors.safe_open`), the layer is built with them and its experts linearized (llm-compressor's
+   classes), and the project's modifier (`quantize.modifier_for`: llm-compressor's GPTQModifier or
+   ExpertGPTQModifier) runs its lifecycle on it as llm-compressor's SequentialPipeline does for one subgraph:
+   a calibration pass with the hooks on, `sequential_epoch_end` (the solve), a propagation pass through the
+   quantized layer with the hooks off, under `calibration_forward_context` and `DisableQuantization`.
+   The batches are llm-compressor's own (`format_calibration_data`: its sampler and collator).
+   compressed-tensors' `ModelCompressor` packs the layer; its shard is written to a temp file and renamed.
+3. The embedding, final norm and lm_head are copied from the source; config.json gets `quantization_config`
+   from compressed-tensors' own code (`ModelCompressor.update_config` of a meta model carrying the schemes).
+
+Resume: `<out>.work/journal.json` records per finished layer its shard and sha256 and the activations saved
+at that boundary (file and sha256), under a fingerprint of every input. A layer counts as finished only once
+its journal entry is written (after its shard and activations were renamed into place) and its files still
+hash as recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from mtpquant import recipes
+from mtpquant.atomic import atomic_dir, atomic_write_json
+from mtpquant.checkpoint import INDEX_NAME, Checkpoint, file_sha256
+from mtpquant.errors import MtpquantError
+from mtpquant.families import family_for
+from mtpquant.measure import peak_memory
+from mtpquant.quantize import (
+    few_token_experts,
+    modifier_for,
+    oneshot_options,
+    recording_gptq,
+    refuse_non_expert_targets,
+    refuse_untraceable_sequential_targets,
+    resolve_targets,
+    routing_counts,
+)
+from mtpquant.recipes import QuantRecipe
+
+ENGINE_VERSION = "stream-1"
+JOURNAL = "journal.json"
+PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors", "safetensors")
+
+
+def work_dir_for(out_dir: Path) -> Path:
+    return Path(out_dir).with_name(Path(out_dir).name + ".work")
+
+
+def shard_name(k: int, n: int) -> str:
+    return f"model-{k:05d}-of-{n:05d}.safetensors"
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(source: Checkpoint, qpath: Path, cpath: Path, token_ids_sha256: str) -> dict[str, str]:
+    """Everything the output depends on; a resume is refused when any of it changed."""
+    from importlib.metadata import version
+
+    index = source.index_path if source.index_path.exists() else source.root / "model.safetensors"
+    fp = {
+        "source_index": file_sha256(index) if index.name == INDEX_NAME else
+        _sha256_bytes(json.dumps(source.index, sort_keys=True).encode()),
+        "source_config": file_sha256(source.root / "config.json"),
+        "recipe": recipes.recipe_sha256("quant", qpath),
+        "calibration": recipes.recipe_sha256("calibration", cpath),
+        "token_ids": token_ids_sha256,
+        "engine": ENGINE_VERSION,
+    }
+    for pkg in PACKAGES:
+        fp[f"version:{pkg}"] = version(pkg)
+    return fp
+
+
+class Journal:
+    """`journal.json` in the work dir: the fingerprint and the finished layers, rewritten atomically."""
+
+    def __init__(self, work: Path, fp: dict[str, str], restart: bool):
+        self.work = work
+        self.path = work / JOURNAL
+        if restart and work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        self.layers: list[dict[str, Any]] = []
+        if self.path.exists():
+            old = json.loads(self.path.read_text())
+            changed = [k for k in sorted(set(fp) | set(old["fingerprint"]))
+                       if fp.get(k) != old["fingerprint"].get(k)]
+            if changed:
+                raise MtpquantError(
+                    f"quantize --engine stream: cannot resume {work}: {', '.join(changed)} changed since it "
+                    "started; re-run with --restart to start over")
+            for entry in old["layers"]:  # a layer whose shard is gone or differs is not finished
+                if not _intact(work, entry["shard"], entry["shard_sha256"]):
+                    break
+                self.layers.append(entry)
+            # resuming needs the activations after the last finished layer (earlier ones are deleted as the
+            # run goes): without them intact, back off to an earlier boundary, down to a fresh start
+            while self.layers and not _intact(work, self.layers[-1]["activations"],
+                                              self.layers[-1]["activations_sha256"]):
+                self.layers.pop()
+        self.fp = fp
+        self._write()
+
+    def _write(self) -> None:
+        atomic_write_json(self.path, {"engine": ENGINE_VERSION, "fingerprint": self.fp, "layers": self.layers})
+
+    def finish(self, entry: dict[str, Any]) -> None:
+        self.layers.append(entry)
+        self._write()
+        _kill_point("after", entry["layer"])
+
+
+def _intact(work: Path, name: str, sha256: str) -> bool:
+    return (work / name).is_file() and file_sha256(work / name) == sha256
+
+
+def _kill_point(phase: str, layer: int) -> None:
+    """Tests: MTPQUANT_STREAM_KILL=PHASE:LAYER SIGKILLs this process there ("write": layer's shard written to
+    its temp file, not yet renamed; "after": right after the layer's journal entry)."""
+    if os.environ.get("MTPQUANT_STREAM_KILL") == f"{phase}:{layer}":
+        os.kill(os.getpid(), 9)
+
+
+def _atomic_save(path: Path, write: Any, layer: int | None = None) -> str:
+    """`write(tmp)` then fsync and rename to `path`; returns the file's sha256."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with tmp.open("rb+") as fh:
+            os.fsync(fh.fileno())
+        if layer is not None:
+            _kill_point("write", layer)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return file_sha256(path)
+
+
+def read_tensors(source: Checkpoint, names: list[str]) -> dict[str, Any]:
+    """Exactly these tensors, each read from the shard the index names."""
+    from safetensors import safe_open
+
+    by_shard: dict[str, list[str]] = {}
+    for n in names:
+        by_shard.setdefault(source.weight_map[n], []).append(n)
+    out = {}
+    for shard, group in sorted(by_shard.items()):
+        with safe_open(str(source.root / shard), "pt") as fh:
+            for n in group:
+                out[n] = fh.get_tensor(n)
+    return out
+
+
+def layer_names(source: Checkpoint, i: int) -> list[str]:
+    prefix = f"model.layers.{i}."
+    return sorted(n for n in source.weight_map if n.startswith(prefix))
+
+
+def fuse_experts(tensors: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """On-disk per-expert 2-D tensors -> the fused 3-D parameters the transformers module holds (the inverse
+    of fixture.unfuse_experts, as transformers' load conversion does). Names relative to the layer."""
+    import re
+
+    import torch
+
+    pat = re.compile(r"^(.*mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+    out, experts = {}, {}
+    for name, t in tensors.items():
+        rel = name.removeprefix(prefix)
+        m = pat.match(rel)
+        if m:
+            experts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = t
+        else:
+            out[rel] = t
+    for base, parts in experts.items():
+        n = 1 + max(e for e, _ in parts)
+        out[f"{base}.gate_up_proj"] = torch.stack([torch.cat([parts[(e, "gate")], parts[(e, "up")]])
+                                                   for e in range(n)])
+        out[f"{base}.down_proj"] = torch.stack([parts[(e, "down")] for e in range(n)])
+    return out
+
+
+def build_layer(skeleton: Any, i: int, source: Checkpoint, device: Any) -> Any:
+    """Decoder layer i with its real weights on `device` (dtypes as the skeleton's, as from_pretrained gives
+    them), experts linearized with llm-compressor's classes."""
+    import copy
+
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+    from llmcompressor.modeling.moe.linearize import get_non_linearized_moes
+
+    meta_layer = skeleton.model.layers[i]
+    prefix = f"model.layers.{i}."
+    state = fuse_experts(read_tensors(source, layer_names(source, i)), prefix)
+    expected = meta_layer.state_dict()
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise MtpquantError(f"{source.root}: layer {i}: tensors do not match the model "
+                            f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    state = {k: v.to(device=device, dtype=expected[k].dtype) for k, v in state.items()}
+    layer = copy.deepcopy(meta_layer, {id(skeleton.config): skeleton.config})  # one config: contexts that
+    # switch the attention implementation (llm-compressor's eager attention) must reach the layer too
+    layer.load_state_dict(state, assign=True, strict=True)
+    for name, mod in get_non_linearized_moes(layer):
+        cls = LinearExperts2D.get_linear_experts_cls(mod.__class__)
+        layer.set_submodule(name, cls.from_experts_module(mod, getattr(mod, "config", skeleton.config)))
+    left = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers()) if t.is_meta]
+    if left:
+        raise MtpquantError(f"layer {i}: tensors still on the meta device after loading: {left[:3]}")
+    return layer
+
+
+def meta_skeleton(cls: Any, config: Any) -> Any:
+    import torch
+
+    with torch.device("meta"):
+        model = cls._from_config(config, dtype=torch.bfloat16)
+    model.eval()
+    return model
+
+
+class _Caught(Exception):
+    pass
+
+
+def layer_inputs(skeleton: Any, config: Any, source: Checkpoint, batches: list[dict[str, Any]]) -> tuple[
+        list[Any], list[dict[str, Any]]]:
+    """Per batch: (hidden states entering layer 0, the other arguments the model passes every decoder layer),
+    from the model's own forward with a real embedding and rotary table and a catcher at layer 0."""
+    import torch
+    from llmcompressor.utils.helpers import calibration_forward_context
+
+    inner = skeleton.model
+    emb = read_tensors(source, ["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+    embed = torch.nn.Embedding(emb.shape[0], emb.shape[1], padding_idx=inner.embed_tokens.padding_idx,
+                               dtype=inner.embed_tokens.weight.dtype, device="cpu")
+    embed.load_state_dict({"weight": emb.to(embed.weight.dtype)})
+    rotary = type(inner.rotary_emb)(config=config)
+    first = inner.layers[0]
+    caught: list[tuple[Any, dict[str, Any]]] = []
+
+    class Catcher(torch.nn.Module):
+        def forward(self, hidden_states: Any, **kwargs: Any) -> Any:
+            caught.append((hidden_states, kwargs))
+            raise _Caught
+
+    saved = (inner.embed_tokens, inner.rotary_emb)
+    inner.embed_tokens, inner.rotary_emb, inner.layers[0] = embed, rotary, Catcher()
+    try:
+        with calibration_forward_context(skeleton):
+            for b in batches:
+                with contextlib.suppress(_Caught):
+                    inner(**b)
+    finally:
+        (inner.embed_tokens, inner.rotary_emb), inner.layers[0] = saved, first
+    return [h for h, _ in caught], [kw for _, kw in caught]
+
+
+def _split_output(out: Any) -> tuple[Any, Any]:
+    """(hidden states, what the next layer gets as prev_topk_indices): GLM-5's layers return both."""
+    if isinstance(out, tuple):
+        return out[0], out[1] if len(out) > 1 else None
+    return out, None
+
+
+def _to(obj: Any, device: Any) -> Any:
+    """Tensors in (nested tuples, lists, dicts of) `obj` moved to `device` (the same objects where they are)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _call(layer: Any, hidden: Any, kwargs: dict[str, Any], prev: Any, device: Any) -> Any:
+    """The layer on its execution device; what it returns back on the CPU, where activations wait between
+    layers (on a CPU-only machine every move is a no-op)."""
+    if "prev_topk_indices" in kwargs:
+        kwargs = {**kwargs, "prev_topk_indices": prev}
+    return _to(layer(_to(hidden, device), **_to(kwargs, device)), "cpu")
+
+
+def calibrate_layer(skeleton: Any, i: int, layer: Any, recipe: QuantRecipe, targets: list[str],
+                    hidden: list[Any], prev: list[Any], kwargs: list[dict[str, Any]], fam: Any,
+                    config_dict: dict[str, Any], device: Any) -> tuple[list[Any], list[Any], list[Any], Any, dict]:
+    """One subgraph of llm-compressor's SequentialPipeline for decoder layer i: calibration pass, solve,
+    propagation pass through the quantized layer. Returns (hidden out, topk out, GPTQ rows, routing counts,
+    modifier fields the solve resolved)."""
+    from llmcompressor.core import LifecycleCallbacks, active_session
+    from llmcompressor.modeling.moe.context import moe_calibration_context
+    from llmcompressor.modeling.offset_norm import norm_calibration_context
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+    from llmcompressor.utils.helpers import DisableQuantization, calibration_forward_context
+
+    skeleton.model.layers[i] = layer
+    if not any(n.startswith(f"model.layers.{i}.") for n in fam.routed_expert_linears(config_dict)):
+        # nothing to quantize here (a dense layer): the pipeline's two passes give the same outputs
+        with calibration_forward_context(skeleton):
+            pairs = [_split_output(_call(layer, hidden[b], kwargs[b], prev[b], device)) for b in range(len(hidden))]
+        return [h for h, _ in pairs], [t for _, t in pairs], [], None, {}
+    opts = oneshot_options(recipe)
+    modifier = modifier_for(recipe, targets)
+    session = active_session()
+    session.reset()
+    outs: list[Any] = []
+    tops: list[Any] = []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(norm_calibration_context(skeleton))
+        if opts["moe_calibrate_all_experts"]:
+            stack.enter_context(moe_calibration_context())
+        rec = stack.enter_context(recording_gptq(skeleton))
+        counts = stack.enter_context(routing_counts(skeleton, fam, config_dict))
+        session.initialize(model=skeleton, start=-1, recipe=modifier, sequential_targets=opts["sequential_targets"])
+        LifecycleCallbacks.calibration_start()
+        with calibration_forward_context(skeleton), DisableQuantization(skeleton):
+            for b in range(len(hidden)):
+                session.state.current_batch_idx = b
+                _call(layer, hidden[b], kwargs[b], prev[b], device)
+            LifecycleCallbacks.sequential_epoch_end(list(layer.modules()))
+            with HooksMixin.disable_hooks():
+                for b in range(len(hidden)):
+                    h, t = _split_output(_call(layer, hidden[b], kwargs[b], prev[b], device))
+                    outs.append(h)
+                    tops.append(t)
+        LifecycleCallbacks.calibration_end()
+    session.finalize()
+    layer_state = {"batched_quantization": getattr(modifier, "batched_quantization", None)}
+    return outs, tops, rec.rows, counts.get(i), layer_state
+
+
+def pack_layer(skeleton: Any, layer: Any, i: int) -> dict[str, Any]:
+    """compressed-tensors' own compression of the layer's quantized modules; its tensors by checkpoint name."""
+    from compressed_tensors.compressors import ModelCompressor
+
+    compressor = ModelCompressor.from_pretrained_model(skeleton)
+    compressor.compress_model(layer, skip_compressed=True)
+    return {f"model.layers.{i}.{k}": v.contiguous() for k, v in layer.state_dict().items()}
+
+
+def restore_source_dtypes(tensors: dict[str, Any], source: Checkpoint) -> list[str]:
+    """What quantize.restore_dtypes does after the memory engine's save: an unquantized tensor whose dtype
+    differs from the source's is written with the source's bytes."""
+    names = []
+    src = source.tensors
+    changed = [n for n, t in tensors.items() if n in src and _st_dtype(t) != src[n].dtype]
+    if changed:
+        tensors.update(read_tensors(source, changed))
+        names = changed
+    return names
+
+
+def _st_dtype(t: Any) -> str:
+    import torch
+
+    return {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16", torch.int32: "I32",
+            torch.int64: "I64", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}[t.dtype]
+
+
+def final_config(cls: Any, config: Any, modifier: Any, out: Path, source_root: Path) -> Any:
+    """config.json as llm-compressor's save writes it: transformers' config, `resave_config`, then
+    compressed-tensors' `update_config` from the schemes the modifier attaches to a meta model of all layers."""
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationStatus
+    from compressed_tensors.utils import patch_attr
+    from llmcompressor.core import active_session
+    from llmcompressor.modeling.moe import linear_experts
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+    from llmcompressor.transformers.compression.compressed_tensors_utils import (
+        resave_config,
+        update_and_save_recipe,
+    )
+
+    model = meta_skeleton(cls, config)
+    with contextlib.ExitStack() as stack, torch.device("meta"):  # names and schemes only: no weights to copy
+        for c in (linear_experts.ExpertMLPWithGate, linear_experts.ExpertMLPWithoutGate):
+            stack.enter_context(patch_attr(c, "copy_from_experts_module", lambda self, experts, index: None))
+        stack.enter_context(patch_attr(linear_experts, "offload_module", lambda module, **kw: None))
+        linearize_moe(model)
+    session = active_session()
+    session.reset()
+    session.initialize(model=model, start=-1, recipe=modifier)
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.quantization_config.quantization_status = QuantizationStatus.COMPRESSED
+    config.save_pretrained(out)
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+    resave_config(config, out)
+    compressor.update_config(out)
+    update_and_save_recipe(str(source_root), str(out))
+    session.reset()
+    return compressor
+
+
+def _save_acts(path: Path, hidden: list[Any], tops: list[Any]) -> str:
+    import torch
+
+    return _atomic_save(path, lambda tmp: torch.save({"hidden": hidden, "topk": tops}, tmp))
+
+
+def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path, report_path: Path,
+                    restart: bool = False) -> dict[str, Any]:
+    import torch
+    import transformers
+    from llmcompressor.args import DatasetArguments
+    from llmcompressor.datasets.utils import format_calibration_data
+    from llmcompressor.utils.dev import get_main_device
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from safetensors.torch import save_file
+
+    from mtpquant import ranks
+    from mtpquant.calibration import build_dataset
+
+    if ranks.world() > 1:
+        raise MtpquantError("quantize --engine stream: torchrun is not supported yet (use --engine memory)")
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    source = Checkpoint(model_dir)
+    config_dict = source.config
+    fam = family_for(config_dict, str(source.root / "config.json"))
+    qpath, cpath = recipes.resolve_path("quant", quant_ref), recipes.resolve_path("calibration", calib_ref)
+    recipe: QuantRecipe = recipes.load("quant", qpath)
+    calib = recipes.load("calibration", cpath)
+    targets = resolve_targets(recipe, fam, config_dict)
+    on_disk = [n.removesuffix(".weight") for n in source.tensors if n.endswith(".weight")]
+    refuse_non_expert_targets(targets, on_disk, fam, config_dict, str(qpath))
+    refuse_untraceable_sequential_targets(recipe, fam, str(qpath))
+    if recipe.pipeline != "sequential" or recipe.sequential_targets:
+        raise MtpquantError(f"{qpath}: the stream engine runs whole decoder layers with the sequential pipeline "
+                            "(pipeline: sequential, sequential_targets: null)")
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source.root)
+    dataset, data_summary = build_dataset(calib, tokenizer, str(cpath))
+    loader = format_calibration_data(
+        DatasetArguments(num_calibration_samples=len(dataset), max_seq_length=calib.max_seq_length,
+                         shuffle_calibration_samples=False), dataset, tokenizer)
+    batches = list(loader)
+    journal = Journal(work_dir_for(out_dir), fingerprint(source, qpath, cpath, data_summary["token_ids_sha256"]),
+                      restart)
+    work = journal.work
+
+    config = transformers.AutoConfig.from_pretrained(source.root)
+    cls = getattr(transformers, fam.architecture)
+    skeleton = meta_skeleton(cls, config)
+    n_layers = int(config_dict["num_hidden_layers"])
+    n_shards = n_layers + 1
+    expected = fam.routed_expert_linears(config_dict)
+
+    hidden, kwargs = layer_inputs(skeleton, config, source, batches)
+    prev = [None] * len(hidden)
+    start = len(journal.layers)
+    if start:  # resume: the activations saved after the last finished layer
+        acts = torch.load(work / journal.layers[-1]["activations"], weights_only=True)
+        hidden, prev = acts["hidden"], acts["topk"]
+    t_load = time.perf_counter()
+
+    device = get_main_device()  # llm-compressor's execution device: the GPU when there is one
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("[bold]stream[/] {task.description}"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total} layers"), TimeElapsedColumn(), console=console)
+    task = progress.add_task(fam.architecture, total=n_layers, completed=start)
+    per_layer_s = []
+    with progress:
+        for i in range(start, n_layers):
+            tl = time.perf_counter()
+            meta_layer = skeleton.model.layers[i]
+            layer = build_layer(skeleton, i, source, device)
+            tr = time.perf_counter()
+            hidden, prev, rows, counts, mod_state = calibrate_layer(
+                skeleton, i, layer, recipe, targets, hidden, prev, kwargs, fam, config_dict, device)
+            tc = time.perf_counter()
+            tensors = pack_layer(skeleton, layer, i)
+            restored = restore_source_dtypes(tensors, source)
+            skeleton.model.layers[i] = meta_layer  # the real layer is dropped: its weights are freed
+            del layer
+            name = shard_name(i + 1, n_shards)
+            shard_sha = _atomic_save(work / name, lambda tmp, t=tensors: save_file(t, str(tmp),
+                                                                                  metadata={"format": "pt"}), i)
+            acts_name = f"activations-after-{i:05d}.pt"
+            acts_sha = _save_acts(work / acts_name, hidden, prev)
+            prev_acts = journal.layers[-1]["activations"] if journal.layers else None
+            journal.finish({"layer": i, "shard": name, "shard_sha256": shard_sha, "activations": acts_name,
+                            "activations_sha256": acts_sha, "tensors": sorted(tensors), "per_linear": rows,
+                            "routing_counts": counts.tolist() if counts is not None else None,
+                            "dtype_restored": restored, "modifier": mod_state,
+                            "seconds": {"read": round(tr - tl, 3), "calibrate_and_solve": round(tc - tr, 3),
+                                        "pack_and_write": round(time.perf_counter() - tc, 3)}})
+            if prev_acts:  # only the newest boundary is needed to resume
+                (work / prev_acts).unlink(missing_ok=True)
+            per_layer_s.append(journal.layers[-1]["seconds"])
+            progress.advance(task)
+    t_calib = time.perf_counter()
+
+    # the rest: every tensor outside the decoder layers (MTP layers are dropped, as the memory engine does)
+    in_model = set(skeleton.state_dict())
+    rest_names = [n for n in source.weight_map if not n.startswith("model.layers.") and n in in_model]
+    rest = read_tensors(source, rest_names)
+    modifier = modifier_for(recipe, targets)
+    for e in journal.layers:  # fields the solve resolved (e.g. batched_quantization "auto"), as recipe.yaml
+        for k, v in e["modifier"].items():  # of the memory engine records them
+            setattr(modifier, k, v)
+    with atomic_dir(out_dir) as tmp:
+        weight_map: dict[str, str] = {}
+        total = 0
+        for entry in journal.layers:
+            os.link(work / entry["shard"], tmp / entry["shard"])
+            weight_map.update(dict.fromkeys(entry["tensors"], entry["shard"]))
+        last = shard_name(n_shards, n_shards)
+        save_file(rest, str(tmp / last), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(rest, last))
+        for f in set(weight_map.values()):
+            total += (tmp / f).stat().st_size
+        atomic_write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total},
+                                             "weight_map": dict(sorted(weight_map.items()))})
+        final_config(cls, config, modifier, tmp, source.root)
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(work, ignore_errors=True)
+    t_save = time.perf_counter()
+
+    rows = [r for e in journal.layers for r in e["per_linear"]]
+    counts = {e["layer"]: torch.tensor(e["routing_counts"]) for e in journal.layers if e["routing_counts"]}
+    losses = [r["loss"] for r in rows if r["loss"] is not None]
+    report = {
+        "stage": "quantize", "engine": "stream", "engine_version": ENGINE_VERSION,
+        "model": str(source.root), "family": fam.model_type, "output": str(out_dir),
+        "recipe": {"path": str(qpath), "sha256": recipes.recipe_sha256("quant", qpath), "targets": targets},
+        "calibration": {"path": str(cpath), "sha256": recipes.recipe_sha256("calibration", cpath), **data_summary},
+        "activations_on": "cpu", "resumed_after_layers": start,
+        "quantized_linears": len(rows), "expected_linears": len(expected), "ranks": 1,
+        "gptq_loss_median": statistics.median(losses) if losses else None,
+        "gptq_loss_max": max(losses) if losses else None,
+        "few_token_experts": few_token_experts(counts, int(config_dict.get("num_experts_per_tok", 1))),
+        "routing_counts": {str(k): v.tolist() for k, v in counts.items()},
+        "dtype_restored": sorted(n for e in journal.layers for n in e["dtype_restored"]),
+        "seconds": {"load": round(t_load - t0, 2), "calibrate_and_solve": round(t_calib - t_load, 2),
+                    "save": round(t_save - t_calib, 2), "total": round(t_save - t0, 2), "per_layer": per_layer_s},
+        "memory": peak_memory(),
+        "per_linear": rows,
+        "rank": 0,
+    }
+    if len(rows) != len(expected):
+        raise MtpquantError(f"GPTQ compressed {len(rows)} Linears, expected {len(expected)}")
+    atomic_write_json(report_path, report)
+    return report

@@ -1,0 +1,157 @@
+"""`quantize --engine stream` against the memory engine (the reference), on both tiny families.
+
+The two engines run the same llm-compressor pieces on the same batches in the same order (the stream engine
+drives the modifier's lifecycle one decoder layer at a time, as the sequential pipeline does per subgraph),
+on CPU, so bit-equality is expected and asserted: every tensor, config.json, recipe.yaml, every GPTQ loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mtpquant.checkpoint import Checkpoint
+from mtpquant.cli import main
+from mtpquant.errors import MtpquantError
+from mtpquant.inject_mtp import inject_mtp
+from mtpquant.recipes import RECIPES_DIR
+from mtpquant.stream import JOURNAL, Journal, quantize_stream, work_dir_for
+from mtpquant.verify import verify
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def streamed(built) -> dict[str, dict[str, Path]]:
+    out = {}
+    for fam, paths in built.items():
+        root = paths["root"]
+        quantize_stream(paths["base"], "w4a16-asym-g128", "tiny-local", root / "streamed", root / "stream.json")
+        out[fam] = {"quantized": root / "streamed", "report": root / "stream.json"}
+    return out
+
+
+def all_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(set(Checkpoint(ckpt).weight_map.values())):
+        out.update(load_file(str(ckpt / shard)))
+    return out
+
+
+def file_hashes(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+
+def test_stream_equals_memory(built, streamed, family):
+    mem, st = built[family]["quantized"], streamed[family]["quantized"]
+    a, b = all_tensors(mem), all_tensors(st)
+    assert sorted(a) == sorted(b)
+    differ = [n for n in a if a[n].dtype != b[n].dtype or a[n].shape != b[n].shape or not torch.equal(a[n], b[n])]
+    assert differ == []
+    assert json.loads((mem / "config.json").read_text()) == json.loads((st / "config.json").read_text())
+    for f in ("recipe.yaml", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (mem / f).read_bytes() == (st / f).read_bytes(), f
+    ra = json.loads(built[family]["quantize_report"].read_text())
+    rb = json.loads(streamed[family]["report"].read_text())
+    assert {r["module"]: r["loss"] for r in ra["per_linear"]} == {r["module"]: r["loss"] for r in rb["per_linear"]}
+    assert ra["routing_counts"] == rb["routing_counts"]
+    assert rb["quantized_linears"] == rb["expected_linears"] == 48 and rb["engine"] == "stream"
+    assert not work_dir_for(st).exists(), "the work dir is removed once the artifact is complete"
+    # one shard per decoder layer plus one for the rest, and an index
+    assert len(set(Checkpoint(st).weight_map.values())) == Checkpoint(st).config["num_hidden_layers"] + 1
+
+
+def test_stream_artifact_passes_verify_after_inject(built, streamed, family, tmp_path):
+    inject_mtp(built[family]["base"], streamed[family]["quantized"], tmp_path / "artifact")
+    checks = verify(tmp_path / "artifact", built[family]["base"])
+    assert all(c.ok for c in checks), [c.failures for c in checks if c.failures]
+
+
+def _cli(run: Path, base: Path, out: Path, *extra: str, env: dict[str, str] | None = None):
+    e = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "mtpquant", "quantize", "--run", str(run), "--model", str(base),
+                           "--out", str(out), "--engine", "stream", *extra], capture_output=True, text=True, env=e,
+                          cwd=REPO)
+
+
+def test_sigkill_then_resume_gives_the_same_files(built, streamed, tmp_path):
+    base = built["glm4_moe"]["base"]
+    out, run = tmp_path / "out", tmp_path / "run"
+    work = work_dir_for(out)
+    layers = lambda: [e["layer"] for e in json.loads((work / JOURNAL).read_text())["layers"]]  # noqa: E731
+    # killed while layer 1's shard was being written: the temp file is left, layer 1 is not finished
+    proc = _cli(run, base, out, env={"MTPQUANT_STREAM_KILL": "write:1"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert layers() == [0] and any(p.name.startswith(".model-00002-of-") for p in work.iterdir())
+    # resumed, then killed right after layer 1's journal entry
+    proc = _cli(run, base, out, env={"MTPQUANT_STREAM_KILL": "after:1"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert layers() == [0, 1]
+    assert not out.exists()
+
+    # a changed recipe refuses to resume, in one line naming what changed (exit 2)
+    changed = tmp_path / "changed.yaml"
+    changed.write_text((RECIPES_DIR / "quant" / "w4a16-asym-g128.yaml").read_text()
+                       .replace("dampening_frac: 0.01", "dampening_frac: 0.02"))
+    with pytest.raises(MtpquantError) as exc:
+        quantize_stream(base, changed, "tiny-local", out, tmp_path / "r.json")
+    msg = str(exc.value)
+    assert "\n" not in msg and "recipe changed" in msg and "--restart" in msg
+    assert main(["quantize", "--run", str(run), "--model", str(base), "--out", str(out), "--engine", "stream",
+                 "--recipe", str(changed)]) == 2
+
+    proc = _cli(run, base, out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rep = json.loads((run / "quantize.json").read_text())
+    assert rep["resumed_after_layers"] == 2 and rep["quantized_linears"] == 48
+    assert file_hashes(out) == file_hashes(streamed["glm4_moe"]["quantized"])
+
+
+def _fake_layer(work: Path, i: int) -> dict:
+    (work / f"s{i}").write_bytes(b"shard %d" % i)
+    (work / f"a{i}").write_bytes(b"acts %d" % i)
+    h = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    return {"layer": i, "shard": f"s{i}", "shard_sha256": h(work / f"s{i}"), "activations": f"a{i}",
+            "activations_sha256": h(work / f"a{i}")}
+
+
+def test_journal_keeps_only_intact_layers_and_restart_starts_over(tmp_path):
+    work = tmp_path / "out.work"
+    fp = {"recipe": "r1", "token_ids": "t1", "engine": "e"}
+    j = Journal(work, fp, restart=False)
+    for i in range(3):
+        j.layers.append(_fake_layer(work, i))
+    j._write()
+    assert len(Journal(work, fp, restart=False).layers) == 3
+    (work / "s2").write_bytes(b"torn")  # layer 2's shard differs from its journal entry: not finished
+    assert [e["layer"] for e in Journal(work, fp, restart=False).layers] == [0, 1]
+    (work / "a1").unlink()  # no activations after layer 1: back off to layer 0's boundary
+    assert [e["layer"] for e in Journal(work, fp, restart=False).layers] == [0]
+    with pytest.raises(MtpquantError, match=r"token_ids changed since it started; re-run with --restart"):
+        Journal(work, {**fp, "token_ids": "t2"}, restart=False)
+    j = Journal(work, {**fp, "token_ids": "t2"}, restart=True)
+    assert j.layers == [] and not (work / "s0").exists()
+
+
+def test_two_mtp_layers_are_left_to_inject_mtp(tmp_path):
+    """GLM-4.5 layout with 2 MTP layers: the stream engine reads only decoder layers 0..n-1 (the MTP layers,
+    like from_pretrained's, are skipped), and inject-mtp + verify accept the result."""
+    from mtpquant.fixture import write_fixture
+    from mtpquant.recipes import FixtureSpec
+
+    base = write_fixture("glm4_moe", FixtureSpec(num_nextn_predict_layers=2), tmp_path / "base")
+    quantize_stream(base, "w4a16-asym-g128", "tiny-local", tmp_path / "q", tmp_path / "q.json")
+    n = Checkpoint(base).config["num_hidden_layers"]
+    names = Checkpoint(tmp_path / "q").weight_map
+    assert not any(k.startswith((f"model.layers.{n}.", f"model.layers.{n + 1}.")) for k in names)
+    inject_mtp(base, tmp_path / "q", tmp_path / "artifact")
+    checks = verify(tmp_path / "artifact", base)
+    assert all(c.ok for c in checks), [c.failures for c in checks if c.failures]
