@@ -74,7 +74,7 @@ def _tensor_info(path: Path, name: str, meta: Any, base: int, size: int) -> Tens
     if not isinstance(meta, dict):
         raise MtpquantError(f"{where}: header entry is not an object")
     dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise MtpquantError(f"{where}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):

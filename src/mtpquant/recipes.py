@@ -377,9 +377,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise RecipeError(f"{where}: must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted((k for k in data if k not in fields), key=str)
     if unknown:
-        raise RecipeError(f"{where}: unknown key '{unknown[0]}' (allowed: {', '.join(fields)})")
+        raise RecipeError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(fields)})")
     kwargs = {}
     for name, f in fields.items():
         key_ = key(where, name)
