@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mtpquant.run import RECORDS, Run
+from mtpquant.run import RECORDS, Run, manifest_of
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "mtpquant"
 OWNER = SRC / "run.py"
@@ -144,3 +144,24 @@ def test_record_writes_once_and_reads_back(tmp_path):
     assert {run.record_path(s).name for s in RECORDS} == {f"{s}.json" for s in RECORDS}
     with pytest.raises(ValueError, match="no record for stage 'bench'"):
         run.record_path("bench")
+
+
+def test_the_layout_is_the_one_the_readme_and_users_know():
+    run = Run("/r")
+    got = {
+        "base": run.base, "quantized": run.quantized, "artifact": run.artifact,
+        "quantize": run.record_path("quantize"), "serve": run.record_path("serve"),
+        "copy": run.serve_copy(Path("/elsewhere/artifact")), "serve_log": run.serve_log("m", False),
+        "eval": run.eval_result("bf16"), "eval_log": run.eval_log("bf16"),
+        "bench": run.bench_summary, "table": run.bench_table, "plot": run.bench_plot,
+        "point": run.bench_point("mtp", 4), "bench_log": run.bench_log("nomtp"), "report": run.report,
+    }
+    assert {k: str(v) for k, v in got.items()} == {
+        "base": "/r/base", "quantized": "/r/quantized", "artifact": "/r/artifact",
+        "quantize": "/r/quantize.json", "serve": "/r/serve.json",
+        "copy": "/r/serve-bf16-artifact", "serve_log": "/r/serve-m-nomtp.log",
+        "eval": "/r/eval/bf16.json", "eval_log": "/r/serve-bf16.log",
+        "bench": "/r/bench/bench.json", "table": "/r/bench/bench.md", "plot": "/r/bench/bench.png",
+        "point": "/r/bench/mtp-c4.json", "bench_log": "/r/bench/serve-nomtp.log", "report": "/r/report.md",
+    }
+    assert str(manifest_of(run.artifact)) == "/r/artifact/manifest.json"
