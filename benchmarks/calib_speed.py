@@ -182,9 +182,12 @@ def run_baseline(ckpt: Path, calib_yaml: Path, out: Path, tf32: bool) -> dict[st
 
 
 def run_stage(ckpt: Path, quant_yaml: Path, calib_yaml: Path, out: Path) -> dict[str, Any]:
+    from mtpquant.atomic import atomic_write_json
     from mtpquant.quantize import quantize
 
-    rep = quantize(ckpt, str(quant_yaml), str(calib_yaml), out, out.with_suffix(".json"))
+    rep = quantize(ckpt, str(quant_yaml), str(calib_yaml), out)
+    if rep["rank"] == 0:
+        atomic_write_json(out.with_suffix(".json"), rep)
     s = rep["seconds"]
     return {"load_s": s["load"], "oneshot_s": s["calibrate_and_solve"], "save_s": s["save"],
             "per_linear": rep["per_linear"], "expert_gptq_s": s.get("expert_gptq", {}),

@@ -58,7 +58,7 @@ def big_base(work: Path, gb: float) -> tuple[Path, Path, int]:
     from mtpquant.recipes import FixtureSpec
 
     base = write_fixture("glm4_moe", FixtureSpec(), work / "base")
-    quantize(base, "w4a16-asym-g128", "tiny-local", work / "quantized", work / "quantize.json")
+    quantize(base, "w4a16-asym-g128", "tiny-local", work / "quantized")
     index_path = base / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     mtp = sorted(n for n in index["weight_map"] if n.startswith("model.layers.3."))

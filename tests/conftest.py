@@ -14,6 +14,7 @@ from mtpquant.fixture import write_fixture
 from mtpquant.inject_mtp import inject_mtp
 from mtpquant.quantize import quantize
 from mtpquant.recipes import FixtureSpec
+from mtpquant.run import Run
 
 FAMILIES = ["glm_moe_dsa", "glm4_moe"]
 
@@ -23,12 +24,12 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]
     """family -> {base, quantized, artifact, quantize_report} for the default tiny spec."""
     out = {}
     for fam in FAMILIES:
-        root = tmp_path_factory.mktemp(fam)
-        base = write_fixture(fam, FixtureSpec(), root / "base")
-        quantize(base, "w4a16-asym-g128", "tiny-local", root / "quantized", root / "quantize.json")
-        inject_mtp(base, root / "quantized", root / "artifact", root / "inject-mtp.json")
-        out[fam] = {"base": base, "quantized": root / "quantized", "artifact": root / "artifact",
-                    "quantize_report": root / "quantize.json", "root": root}
+        run = Run(tmp_path_factory.mktemp(fam))
+        base = write_fixture(fam, FixtureSpec(), run.base)
+        quantize_report = run.record("quantize", quantize(base, "w4a16-asym-g128", "tiny-local", run.quantized))
+        run.record("inject-mtp", inject_mtp(base, run.quantized, run.artifact))
+        out[fam] = {"base": base, "quantized": run.quantized, "artifact": run.artifact,
+                    "quantize_report": quantize_report, "root": run.root}
     return out
 
 

@@ -154,8 +154,11 @@ def test_add_gram_is_exact_for_bf16_activations(inputs):
 DP_CHILD = """
 import sys
 from pathlib import Path
+from mtpquant.atomic import atomic_write_json
 from mtpquant.quantize import quantize
-rep = quantize(Path(sys.argv[1]), sys.argv[2], "tiny-local", Path(sys.argv[3]), Path(sys.argv[4]))
+rep = quantize(Path(sys.argv[1]), sys.argv[2], "tiny-local", Path(sys.argv[3]))
+if rep["rank"] == 0:
+    atomic_write_json(Path(sys.argv[4]), rep)
 """
 
 

@@ -7,13 +7,14 @@ import pytest
 
 from mtpquant import cli
 from mtpquant.manifest import write_manifest
+from mtpquant.run import Run
 
 
 @pytest.fixture
 def with_manifest(built, tmp_path):
     art = tmp_path / "artifact"
     shutil.copytree(built["glm4_moe"]["artifact"], art)
-    write_manifest(art, tmp_path)
+    write_manifest(art, Run(tmp_path))
     return art
 
 

@@ -62,7 +62,7 @@ def recipe_with_targets(tmp_path, targets: str):
 def test_refuses_targets_beyond_routed_experts(built, tmp_path, targets, hit):
     with pytest.raises(MtpquantError) as exc:
         quantize(built["glm_moe_dsa"]["base"], recipe_with_targets(tmp_path, targets), "tiny-local",
-                 tmp_path / "out", tmp_path / "rep.json")
+                 tmp_path / "out")
     assert hit in str(exc.value)
     assert not (tmp_path / "out").exists()
 
@@ -80,5 +80,5 @@ def test_per_linear_sequential_targets_refused_where_the_indexer_cannot_trace(bu
         refuse_untraceable_sequential_targets(recipe, FAMILIES[family], str(p))
         return
     with pytest.raises(MtpquantError, match=r"r\.yaml: sequential_targets: 'Linear' splits the decoder layer"):
-        quantize(built[family]["base"], p, "tiny-local", tmp_path / "out", tmp_path / "rep.json")
+        quantize(built[family]["base"], p, "tiny-local", tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -20,8 +20,9 @@ import pytest
 from mtpquant.fixture import write_fixture
 from mtpquant.inject_mtp import inject_mtp
 from mtpquant.quantize import quantize
+from mtpquant.run import Run
 from mtpquant.train_tiny import TrainConfig, spec_for
-from mtpquant.verify import verify
+from mtpquant.verify import verify, verify_record
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = Path(os.environ.get("MTPQUANT_TINY_MODEL", ROOT / "data" / "models" / "tiny-arith"))
@@ -48,14 +49,16 @@ def mtpquant(python: str, *args: str, check: bool = True) -> subprocess.Complete
 def chain(tmp_path_factory, serve_python) -> dict[str, Path]:
     """base (the committed BF16 model), quantized (no MTP), artifact (+ injected MTP), rtn, foreign-MTP artifact."""
     root = tmp_path_factory.mktemp("arith")
-    quantize(MODEL, "w4a16-asym-g128", "tiny-arith", root / "quantized", root / "quantize.json")
-    inject_mtp(MODEL, root / "quantized", root / "artifact", root / "inject-mtp.json")
-    checks = verify(root / "artifact", MODEL, root / "verify.json")
+    run = Run(root)
+    run.record("quantize", quantize(MODEL, "w4a16-asym-g128", "tiny-arith", run.quantized))
+    run.record("inject-mtp", inject_mtp(MODEL, run.quantized, run.artifact))
+    checks = verify(run.artifact, MODEL)
+    run.record("verify", verify_record(run.artifact, MODEL, checks))
     assert all(c.ok for c in checks), [c.failures for c in checks if not c.ok]
     mtpquant(serve_python, "rtn", "--base", str(MODEL), "--out", str(root / "rtn"))
     # A model of the same shape but other weights: its MTP layer is "foreign" to the artifact.
     other = write_fixture("glm4_moe", spec_for(TrainConfig()), root / "other")
-    inject_mtp(other, root / "quantized", root / "foreign", root / "inject-foreign.json")
+    inject_mtp(other, run.quantized, root / "foreign")
     return {"root": root, "base": MODEL, "quantized": root / "quantized", "artifact": root / "artifact",
             "rtn": root / "rtn", "foreign": root / "foreign"}
 

@@ -34,8 +34,8 @@ def streamed(built) -> dict[str, dict[str, Path]]:
     out = {}
     for fam, paths in built.items():
         root = paths["root"]
-        quantize_stream(paths["base"], "w4a16-asym-g128", "tiny-local", root / "streamed", root / "stream.json")
-        out[fam] = {"quantized": root / "streamed", "report": root / "stream.json"}
+        report = quantize_stream(paths["base"], "w4a16-asym-g128", "tiny-local", root / "streamed")
+        out[fam] = {"quantized": root / "streamed", "report": report}
     return out
 
 
@@ -60,7 +60,7 @@ def test_stream_equals_memory(built, streamed, family):
     for f in ("recipe.yaml", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (mem / f).read_bytes() == (st / f).read_bytes(), f
     ra = json.loads(built[family]["quantize_report"].read_text())
-    rb = json.loads(streamed[family]["report"].read_text())
+    rb = streamed[family]["report"]
     assert {r["module"]: r["loss"] for r in ra["per_linear"]} == {r["module"]: r["loss"] for r in rb["per_linear"]}
     assert ra["routing_counts"] == rb["routing_counts"]
     assert rb["quantized_linears"] == rb["expected_linears"] == 48 and rb["engine"] == "stream"
@@ -102,7 +102,7 @@ def test_sigkill_then_resume_gives_the_same_files(built, streamed, tmp_path):
     changed.write_text((RECIPES_DIR / "quant" / "w4a16-asym-g128.yaml").read_text()
                        .replace("dampening_frac: 0.01", "dampening_frac: 0.02"))
     with pytest.raises(MtpquantError) as exc:
-        quantize_stream(base, changed, "tiny-local", out, tmp_path / "r.json")
+        quantize_stream(base, changed, "tiny-local", out)
     msg = str(exc.value)
     assert "\n" not in msg and "recipe changed" in msg and "--restart" in msg
     assert main(["quantize", "--run", str(run), "--model", str(base), "--out", str(out), "--engine", "stream",
@@ -148,7 +148,7 @@ def test_two_mtp_layers_are_left_to_inject_mtp(tmp_path):
     from mtpquant.recipes import FixtureSpec
 
     base = write_fixture("glm4_moe", FixtureSpec(num_nextn_predict_layers=2), tmp_path / "base")
-    quantize_stream(base, "w4a16-asym-g128", "tiny-local", tmp_path / "q", tmp_path / "q.json")
+    quantize_stream(base, "w4a16-asym-g128", "tiny-local", tmp_path / "q")
     n = Checkpoint(base).config["num_hidden_layers"]
     names = Checkpoint(tmp_path / "q").weight_map
     assert not any(k.startswith((f"model.layers.{n}.", f"model.layers.{n + 1}.")) for k in names)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mtpquant.errors import VerificationFailed
-from mtpquant.verify import raise_on_failure, verify
+from mtpquant.verify import raise_on_failure, verify, verify_record
 from tests.conftest import edit_tensors, read_tensor
 
 
@@ -14,11 +14,12 @@ def failures(art, base):
 
 
 def test_good_artifact_passes(built, family, tmp_path):
-    checks = verify(built[family]["artifact"], built[family]["base"], tmp_path / "verify.json")
+    checks = verify(built[family]["artifact"], built[family]["base"])
     assert all(c.ok for c in checks), [c.failures for c in checks]
     assert len(checks) == 8
-    rep = json.loads((tmp_path / "verify.json").read_text())
-    assert rep["ok"] is True
+    rep = verify_record(built[family]["artifact"], built[family]["base"], checks)
+    assert rep["ok"] is True and rep["artifact"] == str(built[family]["artifact"])
+    assert [c["name"] for c in rep["checks"]] == [c.name for c in checks]
 
 
 def test_quantized_without_mtp_fails(built, family):

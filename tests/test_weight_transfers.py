@@ -41,7 +41,7 @@ def test_overlap_and_gpu_activations_change_nothing(base, tmp_path, monkeypatch)
     from mtpquant import weight_transfers
     from mtpquant.quantize import quantize
 
-    plain = quantize(base, str(recipe_with(tmp_path)), "tiny-local", tmp_path / "a", tmp_path / "a.json")
+    plain = quantize(base, str(recipe_with(tmp_path)), "tiny-local", tmp_path / "a")
     used: list[weight_transfers.WeightTransfers] = []
     init = weight_transfers.WeightTransfers.__init__
 
@@ -51,7 +51,7 @@ def test_overlap_and_gpu_activations_change_nothing(base, tmp_path, monkeypatch)
 
     monkeypatch.setattr(weight_transfers.WeightTransfers, "__init__", forced)
     fast = quantize(base, str(recipe_with(tmp_path, overlap_weights=True, activations="gpu")), "tiny-local",
-                    tmp_path / "b", tmp_path / "b.json")
+                    tmp_path / "b")
     assert fast["activations_on"] == "cpu"  # no GPU here: "gpu" falls back to where the pipeline runs
     (wt,) = used
     # decoder layers 0-2 prefetched (layer 0 at calibration start); every quantized weight queued

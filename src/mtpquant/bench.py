@@ -28,6 +28,7 @@ from mtpquant import recipes
 from mtpquant.atomic import atomic_write_bytes, atomic_write_json
 from mtpquant.errors import MtpquantError
 from mtpquant.recipes import REPO_ROOT, BenchGrid
+from mtpquant.run import Run
 
 KEEP = ("completed", "failed", "duration", "total_output_tokens", "output_throughput", "request_throughput",
         "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "median_itl_ms", "mean_tpot_ms",
@@ -183,13 +184,13 @@ def schedule(grid: BenchGrid) -> list[tuple[int, int, bool]]:
     return [(r, c, mtp) for mtp in grid.mtp for r in range(grid.repeats) for c in grid.concurrency]
 
 
-def bench(grid_ref: str, launches: dict[bool, Any], out_dir: Path, timeout_s: float, log: Any = print) -> dict:
+def bench(grid_ref: str, launches: dict[bool, Any], run: Run, timeout_s: float, log: Any = print) -> dict:
     """`launches`: MTP on/off -> a serve.Launch (on different ports when the grid runs them together)."""
     from mtpquant.serve import running
 
     grid: BenchGrid = recipes.load("bench", grid_ref)
     gpath = recipes.resolve_path("bench", grid_ref)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run.bench_dir.mkdir(parents=True, exist_ok=True)
     points = []
     order = schedule(grid)
     with contextlib.ExitStack() as stack:
@@ -201,7 +202,7 @@ def bench(grid_ref: str, launches: dict[bool, Any], out_dir: Path, timeout_s: fl
                     stack.close()  # one at a time: the previous server stops first
                     servers.clear()
                 tag = "mtp" if mtp else "nomtp"
-                servers[mtp] = stack.enter_context(running(launches[mtp], out_dir / f"serve-{tag}.log", timeout_s))
+                servers[mtp] = stack.enter_context(running(launches[mtp], run.bench_log(tag), timeout_s))
                 log(f"[bold]{tag}[/]: server ready in {servers[mtp].ready_seconds:.0f} s")
             return servers[mtp]
 
@@ -211,9 +212,9 @@ def bench(grid_ref: str, launches: dict[bool, Any], out_dir: Path, timeout_s: fl
         for i, (rep, c, mtp) in enumerate(order, 1):
             server_for(mtp)
             launch, tag = launches[mtp], "mtp" if mtp else "nomtp"
-            name = f"{tag}-c{c}-r{rep}.json"
-            argv = bench_argv(grid, launch.base_url, launch.served_name, str(launch.model_dir), c, out_dir,
-                              name, chat=grid.api == "chat")
+            point = run.bench_point(tag, c, rep)
+            argv = bench_argv(grid, launch.base_url, launch.served_name, str(launch.model_dir), c, point.parent,
+                              point.name, chat=grid.api == "chat")
             log(f"[{i}/{len(order)}] vllm bench serve {tag} concurrency {c} repetition {rep + 1}/{grid.repeats}")
             t0 = time.perf_counter()
             res = run_point(argv)
@@ -225,12 +226,12 @@ def bench(grid_ref: str, launches: dict[bool, Any], out_dir: Path, timeout_s: fl
                            "server_command": launch.shell(), "result": {k: res.get(k) for k in KEEP}})
     rows = summarize(points)
     summary = {"grid": grid.name, "grid_sha256": recipes.recipe_sha256("bench", gpath), "repeats": grid.repeats,
-               "together": grid.together, "order": [f"{'mtp' if m else 'nomtp'}-c{c}-r{r}" for r, c, m in order],
-               "points": points, "table": rows}
-    atomic_write_json(out_dir / "bench.json", summary)
+               "together": grid.together, "points": points, "table": rows,
+               "order": [run.bench_point("mtp" if m else "nomtp", c, r).stem for r, c, m in order]}
+    atomic_write_json(run.bench_summary, summary)
     title = f"{launches[grid.mtp[0]].served_name}: vllm bench serve, {grid.dataset} prompts"
-    atomic_write_bytes(out_dir / "bench.md", markdown(rows, title).encode())
-    plot(rows, out_dir / "bench.png", title)
+    atomic_write_bytes(run.bench_table, markdown(rows, title).encode())
+    plot(rows, run.bench_plot, title)
     return summary
 
 
@@ -247,8 +248,8 @@ def bench_command(args: argparse.Namespace, console: Any) -> int:
     launches = {mtp: launch_for(args, console, port=ports[mtp], mtp=mtp) for mtp in (True, False)}
     for launch in launches.values():
         print_launch(launch, console)
-    out = Path(args.run) / "bench"
-    summary = bench(args.grid, launches, out, profile.ready_timeout_s, console.print)
+    run = Run(args.run)
+    summary = bench(args.grid, launches, run, profile.ready_timeout_s, console.print)
     console.print(markdown(summary["table"], "bench"), highlight=False)
-    console.print(f"[green]bench[/] -> {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+    console.print(f"[green]bench[/] -> {run.bench_summary}, {run.bench_table}, {run.bench_plot}")
     return 0

@@ -6,6 +6,7 @@ Stages read and write a run directory (default layout below) and record what the
     RUN/artifact/      inject-mtp   quantized + MTP layer(s) in BF16            + RUN/inject-mtp.json
                        verify                                                   + RUN/verify.json
     RUN/artifact/manifest.json      manifest
+The whole layout: mtpquant.run.
 """
 
 from __future__ import annotations
@@ -18,12 +19,9 @@ from rich.console import Console
 
 from mtpquant.atomic import atomic_write_json
 from mtpquant.errors import MtpquantError
+from mtpquant.run import Run, manifest_of
 
 console = Console(stderr=True)
-
-
-def _run(args: argparse.Namespace, sub: str) -> Path:
-    return Path(args.run) / sub
 
 
 def _fraction(text: str) -> float:
@@ -49,9 +47,10 @@ def cmd_fixture(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from mtpquant.prepare import prepare
 
-    Path(args.run).mkdir(parents=True, exist_ok=True)
-    rec = prepare(args.model, _run(args, "base"))
-    atomic_write_json(_run(args, "prepare.json"), rec)
+    run = Run(args.run)
+    run.root.mkdir(parents=True, exist_ok=True)
+    rec = prepare(args.model, run.base)
+    run.record("prepare", rec)
     console.print(f"[green]prepared[/] {rec['recipe']} -> {rec['output']}")
     return 0
 
@@ -60,20 +59,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from mtpquant.manifest import consumed
     from mtpquant.quantize import quantize
 
-    model = Path(args.model or _run(args, "base"))
-    out = Path(args.out or _run(args, "quantized"))
-    report_path = _run(args, "quantize.json")
+    run = Run(args.run)
+    model = Path(args.model or run.base)
+    out = Path(args.out or run.quantized)
     if args.engine == "stream":
         from mtpquant.stream import quantize_stream
 
-        rep = quantize_stream(model, args.recipe, args.calibration, out, report_path, restart=args.restart)
+        rep = quantize_stream(model, args.recipe, args.calibration, out, restart=args.restart)
     else:
-        rep = quantize(model, args.recipe, args.calibration, out, report_path)
+        rep = quantize(model, args.recipe, args.calibration, out)
     if rep["rank"] != 0:  # torchrun: rank 0 reports
         return 0
     rep["consumed"] = consumed([Path(rep["recipe"]["path"]), Path(rep["calibration"]["path"]),
                                 model / "config.json", model / "model.safetensors.index.json"])
-    atomic_write_json(report_path, rep)
+    run.record("quantize", rep)
     console.print(f"[green]quantized[/] {rep['quantized_linears']} Linears in {rep['seconds']['total']} s "
                   f"(median GPTQ loss {rep['gptq_loss_median']:.4g}, {len(rep['few_token_experts'])} experts "
                   f"routed few tokens) -> {out}")
@@ -83,20 +82,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_inject(args: argparse.Namespace) -> int:
     from mtpquant.inject_mtp import inject_mtp
 
-    rep = inject_mtp(Path(args.base or _run(args, "base")), Path(args.quantized or _run(args, "quantized")),
-                     Path(args.out or _run(args, "artifact")), _run(args, "inject-mtp.json"),
-                     max_shard_bytes=args.max_shard_bytes)
+    run = Run(args.run)
+    rep = inject_mtp(Path(args.base or run.base), Path(args.quantized or run.quantized),
+                     Path(args.out or run.artifact), max_shard_bytes=args.max_shard_bytes)
+    run.record("inject-mtp", rep)
     console.print(f"[green]injected[/] {rep['tensors']} MTP tensors ({rep['bytes'] / 2**20:.1f} MiB, layers "
                   f"{rep['mtp_layers']}) at {rep['throughput_mb_s']} MB/s -> {rep['output']}")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from mtpquant.verify import raise_on_failure, render, verify
+    from mtpquant.verify import raise_on_failure, render, verify, verify_record
 
-    art = Path(args.artifact or _run(args, "artifact"))
-    checks = verify(art, Path(args.base or _run(args, "base")), _run(args, "verify.json") if args.run else None,
-                    sample=args.sample)
+    run = Run(args.run)
+    art, base = Path(args.artifact or run.artifact), Path(args.base or run.base)
+    checks = verify(art, base, sample=args.sample)
+    run.record("verify", verify_record(art, base, checks))
     Console(width=None if sys.stdout.isatty() else 120).print(render(checks, f"verify {art}"))
     raise_on_failure(checks)
     return 0
@@ -105,9 +106,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_manifest(args: argparse.Namespace) -> int:
     from mtpquant.manifest import write_manifest
 
-    art = Path(args.artifact or _run(args, "artifact"))
-    m = write_manifest(art, Path(args.run))
-    console.print(f"[green]manifest[/] {len(m['files'])} files -> {art / 'manifest.json'}")
+    run = Run(args.run)
+    art = Path(args.artifact or run.artifact)
+    m = write_manifest(art, run)
+    console.print(f"[green]manifest[/] {len(m['files'])} files -> {manifest_of(art)}")
     return 0
 
 
@@ -117,7 +119,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     result = check_manifest(Path(args.artifact))
     raise_on_mismatch(result, Path(args.artifact))
     console.print(f"[green]intact[/] {result['files']} files ({result['bytes'] / 2**30:.2f} GiB) match "
-                  f"{Path(args.artifact) / 'manifest.json'}")
+                  f"{manifest_of(Path(args.artifact))}")
     return 0
 
 
@@ -199,7 +201,7 @@ def cmd_rtn(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from mtpquant.report import write_report
 
-    path = write_report(Path(args.run), Path(args.artifact) if args.artifact else None)
+    path = write_report(Run(args.run), Path(args.artifact) if args.artifact else None)
     console.print(f"[green]report[/] -> {path}")
     return 0
 
@@ -249,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="value-check a seeded fraction of the quantized Linears (default 1: all; coverage printed)")
     s = stage("manifest", cmd_manifest, "SHA256 of every artifact file plus provenance")
     s.add_argument("--artifact", help="default RUN/artifact")
-    s = sub.add_parser("check", help="re-hash an artifact against its manifest.json (exit 3 on any difference)")
-    s.add_argument("artifact", help="the artifact directory (with manifest.json)")
+    s = sub.add_parser("check", help="re-hash an artifact against its manifest (exit 3 on any difference)")
+    s.add_argument("artifact", help="the artifact directory, with the manifest `mtpquant manifest` wrote")
     s.set_defaults(fn=cmd_check)
     s = sub.add_parser("train-tiny", help="train the tiny GLM-4.5-layout arithmetic model with its MTP layer")
     s.add_argument("--out", default="data/models/tiny-arith")

@@ -23,6 +23,7 @@ from mtpquant.atomic import atomic_dir
 from mtpquant.checkpoint import INDEX_NAME, Checkpoint, file_sha256, read_json
 from mtpquant.errors import MtpquantError
 from mtpquant.families import family_for, matches
+from mtpquant.run import MANIFEST
 
 RECORD = "dequantized.json"
 PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
@@ -41,7 +42,7 @@ def _scheme(qc: dict[str, Any], module: str, where: str) -> Any:
 def _copy_side_files(src: Path, dst: Path) -> None:
     for p in sorted(src.iterdir()):
         if p.is_file() and not p.name.endswith(".safetensors") and p.name not in (INDEX_NAME, "config.json",
-                                                                                   "manifest.json", RECORD):
+                                                                                   MANIFEST, RECORD):
             shutil.copy2(p, dst / p.name)
 
 

@@ -26,7 +26,8 @@ import yaml
 from mtpquant import recipes
 from mtpquant.atomic import atomic_write_json
 from mtpquant.errors import MtpquantError
-from mtpquant.recipes import RECIPES_DIR, REPO_ROOT, EvalSuite, EvalTask
+from mtpquant.recipes import REPO_ROOT, EvalSuite, EvalTask
+from mtpquant.run import Run
 
 Z = 1.96
 
@@ -59,7 +60,7 @@ def resolve_task(task: EvalTask, workdir: Path) -> tuple[str, str | None]:
     """(task name, include_path): a local task YAML is copied with data paths made absolute."""
     if not task.task.endswith((".yaml", ".yml")):
         return task.task, None
-    src = RECIPES_DIR / "eval" / task.task
+    src = recipes.kind_dir("eval") / task.task
     if not src.is_file():
         raise MtpquantError(f"recipes/eval: task file not found: {task.task}")
     cfg = yaml.safe_load(src.read_text())
@@ -200,18 +201,17 @@ def eval_command(args: argparse.Namespace, console: Any) -> int:
     from mtpquant.serve import free_port, running
     from mtpquant.serve_cli import launch_for, load_profile, print_launch
 
-    run = Path(args.run)
-    artifact = Path(args.artifact or run / "artifact")
+    run = Run(args.run)
+    artifact = Path(args.artifact or run.artifact)
     label = args.label or (artifact.name + ("-nomtp" if args.no_mtp else ""))
-    out = run / "eval" / f"{label}.json"
+    out = run.eval_result(label)
     if args.base_url:
         res = evaluate(args.suite, args.base_url.rstrip("/"), args.name or artifact.name,
                        args.tokenizer or str(artifact), out, label, log=console.print)
     else:
         launch = launch_for(args, console, port=args.port or free_port())
         print_launch(launch, console)
-        log = run / f"serve-{label}.log"
-        with running(launch, log, load_profile(args.profile).ready_timeout_s) as server:
+        with running(launch, run.eval_log(label), load_profile(args.profile).ready_timeout_s) as server:
             res = evaluate(args.suite, launch.base_url, launch.served_name,
                            args.tokenizer or str(launch.model_dir), out, label,
                            extra={"server": {"command": launch.shell(), "ready_seconds": server.ready_seconds,

@@ -74,7 +74,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def inject_mtp(base_dir: Path, quantized_dir: Path, out_dir: Path, report_path: Path | None = None,
+def inject_mtp(base_dir: Path, quantized_dir: Path, out_dir: Path,
                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, Any]:
     t0 = time.perf_counter()
     base, target = Checkpoint(base_dir), Checkpoint(quantized_dir)
@@ -116,13 +116,10 @@ def inject_mtp(base_dir: Path, quantized_dir: Path, out_dir: Path, report_path: 
         config["num_nextn_predict_layers"] = fam.num_mtp(base.config)
         atomic_write_json(tmp / "config.json", config)
     seconds = time.perf_counter() - t0
-    report = {
+    return {
         "stage": "inject-mtp", "base": str(base.root), "quantized": str(target.root), "output": str(out_dir),
         "mtp_layers": fam.mtp_layers(base.config), "tensors": len(mtp), "bytes": copied,
         "shards": len(shards), "seconds": round(seconds, 3),
         "throughput_mb_s": round(copied / 2**20 / seconds, 1) if seconds else None,
         "memory": peak_memory(),
     }
-    if report_path:
-        atomic_write_json(report_path, report)
-    return report

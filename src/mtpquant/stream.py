@@ -420,7 +420,7 @@ def _save_acts(path: Path, hidden: list[Any], tops: list[Any]) -> str:
     return _atomic_save(path, lambda tmp: torch.save({"hidden": hidden, "topk": tops}, tmp))
 
 
-def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path, report_path: Path,
+def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path,
                     restart: bool = False) -> dict[str, Any]:
     import torch
     import transformers
@@ -563,5 +563,4 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
     }
     if len(rows) != len(expected):
         raise MtpquantError(f"GPTQ compressed {len(rows)} Linears, expected {len(expected)}")
-    atomic_write_json(report_path, report)
     return report

@@ -16,7 +16,6 @@ from typing import Any
 
 from rich.console import Console
 
-from mtpquant.atomic import atomic_write_json
 from mtpquant.checkpoint import Checkpoint, TensorInfo, read_safetensors_header, tensor_sha256
 from mtpquant.errors import MtpquantError, VerificationFailed
 from mtpquant.families import Family, family_for, matches
@@ -302,8 +301,7 @@ def run_checks(art: Checkpoint, base: Checkpoint, fam: Family, workers: int, sam
     return checks
 
 
-def verify(artifact: Path, base_dir: Path, report_path: Path | None = None, workers: int = 8,
-           sample: float = 1.0) -> list[Check]:
+def verify(artifact: Path, base_dir: Path, workers: int = 8, sample: float = 1.0) -> list[Check]:
     art, base = Checkpoint(artifact), Checkpoint(base_dir)
     fam = family_for(base.config, str(base.root / "config.json"))
     base.tensors  # noqa: B018  (a base that cannot be read is the user's input: one line, exit 2)
@@ -314,11 +312,12 @@ def verify(artifact: Path, base_dir: Path, report_path: Path | None = None, work
         checks = run_checks(art, base, fam, workers, sample)
     except MtpquantError as exc:  # a truncated or corrupt artifact file fails verification like any other defect
         checks = [Check("artifact files are readable safetensors", [str(exc)])]
-    if report_path:
-        atomic_write_json(report_path, {"stage": "verify", "artifact": str(art.root), "base": str(base.root),
-                                        "ok": all(c.ok for c in checks),
-                                        "checks": [asdict(c) | {"ok": c.ok} for c in checks]})
     return checks
+
+
+def verify_record(artifact: Path, base_dir: Path, checks: list[Check]) -> dict[str, Any]:
+    return {"stage": "verify", "artifact": str(Path(artifact)), "base": str(Path(base_dir)),
+            "ok": all(c.ok for c in checks), "checks": [asdict(c) | {"ok": c.ok} for c in checks]}
 
 
 def render(checks: list[Check], title: str) -> Any:
