@@ -30,7 +30,7 @@ def test_chain_through_cli(tmp_path, family, layers, dense, mtp):
     mtpquant("quantize", "--run", run)
     mtpquant("inject-mtp", "--run", run)
     out = mtpquant("verify", "--run", run).stdout
-    assert "FAIL" not in out and out.count("PASS") == 8
+    assert "FAIL" not in out and out.count("PASS") == 9
     mtpquant("manifest", "--run", run)
 
     art = Checkpoint(run / "artifact")

@@ -16,7 +16,7 @@ def failures(art, base):
 def test_good_artifact_passes(built, family, tmp_path):
     checks = verify(built[family]["artifact"], built[family]["base"])
     assert all(c.ok for c in checks), [c.failures for c in checks]
-    assert len(checks) == 8
+    assert len(checks) == 9
     rep = verify_record(built[family]["artifact"], built[family]["base"], checks)
     assert rep["ok"] is True and rep["artifact"] == str(built[family]["artifact"])
     assert [c["name"] for c in rep["checks"]] == [c.name for c in checks]
@@ -187,3 +187,45 @@ def test_sample_checks_a_seeded_fraction(built, family):
     fam = family_for(base.config)
     c = check_values(art, base, fam, 128, True, workers=2, sample=0.25, seed=1)
     assert c.ok and c.detail.startswith("12/48 Linears (seeded sample 0.25, seed 1)")
+
+
+# ---------------------------------------------------------------- structure: what the config and the names claim
+
+CONFIG = "config agrees with base and tensors"
+
+
+def edit_config(art, change) -> None:
+    cfg = json.loads((art / "config.json").read_text())
+    change(cfg["quantization_config"])
+    (art / "config.json").write_text(json.dumps(cfg))
+
+
+def test_a_stray_tensor_beyond_the_mtp_range_is_caught(artifact_copy):
+    art, base = artifact_copy
+    stray = "model.layers.8.eh_proj.weight"
+    edit_tensors(art, add={stray: torch.zeros(4, 4, dtype=torch.bfloat16)}, shard="mtp-00001-of-00001.safetensors")
+    assert failures(art, base) == {"no tensor the base does not explain": [
+        f"{stray} (mtp-00001-of-00001.safetensors) is not in the base"]}
+
+
+def test_targets_that_match_nothing_are_caught(artifact_copy):
+    art, base = artifact_copy
+    edit_config(art, lambda qc: qc["config_groups"]["group_0"].__setitem__("targets", ["re:^nothing$"]))
+    f = failures(art, base)[CONFIG]
+    assert "is stored quantized, but the targets do not select it" in f[0] and "more modules" in f[-1]
+
+
+def test_symmetric_with_stored_zero_points_is_caught(artifact_copy):
+    art, base = artifact_copy
+    edit_config(art, lambda qc: qc["config_groups"]["group_0"]["weights"].__setitem__("symmetric", True))
+    assert any(m.startswith("symmetric: true, but 48 zero points are stored") for m in failures(art, base)[CONFIG])
+
+
+def test_base_that_is_the_artifact_or_quantized_is_refused(built, family):
+    from mtpquant.errors import MtpquantError
+
+    art = built[family]["artifact"]
+    with pytest.raises(MtpquantError, match="--base is the artifact itself"):
+        verify(art, art)
+    with pytest.raises(MtpquantError, match="the base is itself quantized"):
+        verify(art, built[family]["quantized"])

@@ -180,13 +180,55 @@ def check_config(art: Checkpoint, base: Checkpoint, fam: Family) -> tuple[Check,
     if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != "pack-quantized":
         c.failures.append(f"quantization_config is {qc.get('quant_method')}/{qc.get('format')}, "
                           "expected compressed-tensors/pack-quantized")
-    for gname, g in (qc.get("config_groups") or {}).items():
-        w = g.get("weights") or {}
-        if w.get("num_bits") != 4 or w.get("strategy") != "group":
-            c.failures.append(f"config_groups.{gname}: num_bits={w.get('num_bits')} strategy={w.get('strategy')}")
-        group, asym = int(w.get("group_size") or group), not w.get("symmetric", False)
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()):
+        c.failures.append("quantization_config.config_groups is not a mapping of groups")
+        return c, group, asym
+    targets: list[str] = []
+    for gname, g in groups.items():
+        w = g.get("weights") if isinstance(g.get("weights"), dict) else {}
+        if w.get("num_bits") != 4 or w.get("strategy") != "group" or not isinstance(w.get("group_size"), int):
+            c.failures.append(f"config_groups.{gname}: num_bits={w.get('num_bits')} strategy={w.get('strategy')} "
+                              f"group_size={w.get('group_size')}")
+        else:
+            group = w["group_size"]
+        asym = not w.get("symmetric", False)
+        targets += [t for t in g.get("targets") or [] if isinstance(t, str)]
+    zero_points = [n for n in art.tensors if n.endswith(".weight_zero_point")]
+    if not asym and zero_points:
+        c.failures.append(f"symmetric: true, but {len(zero_points)} zero points are stored (first: {zero_points[0]})")
+    c.failures += target_mismatches(art, base, targets, qc.get("ignore") or [])
     c.detail = f"group_size={group}, {'asymmetric' if asym else 'symmetric'}"
     return c, group, asym
+
+
+def target_mismatches(art: Checkpoint, base: Checkpoint, targets: list[str], ignore: list[Any]) -> list[str]:
+    """The config's targets minus its ignore list must select exactly the modules that are stored quantized:
+    otherwise a loader reads the checkpoint differently from how it was written."""
+    linears = {n.removesuffix(".weight") for n, t in base.tensors.items()
+               if n.endswith(".weight") and len(t.shape) == 2}
+    ignore = [i for i in ignore if isinstance(i, str)] if isinstance(ignore, list) else []
+    regex = [t for t in targets if t.startswith("re:")]
+    if not regex:
+        return [] if not targets else [f"targets {targets} name classes: cannot be checked from the files"]
+    selected = {m for m in linears if any(matches(t, m) for t in regex) and not any(matches(i, m) for i in ignore)}
+    stored = _quant_modules(art.tensors)
+    out = [f"targets select {m}, which is not stored quantized" for m in sorted(selected - stored)[:3]]
+    out += [f"{m} is stored quantized, but the targets do not select it" for m in sorted(stored - selected)[:3]]
+    extra = len(selected ^ stored) - len(out)
+    return out + ([f"... {extra} more modules where targets and tensors disagree"] if extra > 0 else [])
+
+
+def check_no_strays(art: Checkpoint, base: Checkpoint) -> Check:
+    """Every tensor of the artifact is one of the base's, or a packed part of a module the base has."""
+    c = Check("no tensor the base does not explain")
+    modules = {n.removesuffix(".weight") for n in base.tensors if n.endswith(".weight")}
+    for name in sorted(art.tensors):
+        mod, _, part = name.rpartition(".")
+        if name not in base.tensors and not (part in QUANT_PARTS and mod in modules):
+            c.failures.append(f"{name} ({art.tensors[name].shard.name}) is not in the base")
+    c.detail = f"{len(art.tensors)} tensors"
+    return c
 
 
 # Value bounds of a GPTQ INT4 weight against its BF16 source, measured 2026-12-01 on the tests' tiny fixtures (both
@@ -293,7 +335,7 @@ def run_checks(art: Checkpoint, base: Checkpoint, fam: Family, workers: int, sam
     if idx.ok:  # the tensor checks need a consistent index
         cfg, group, asym = check_config(art, base, fam)
         experts = check_experts(art, base, fam, group, asym)
-        checks += [experts, check_nothing_else(art, base, fam),
+        checks += [experts, check_nothing_else(art, base, fam), check_no_strays(art, base),
                    check_mtp(art, base, fam, workers), check_mtp_ignored(art, base, fam),
                    check_unquantized(art, base, fam), cfg]
         if experts.ok:  # values need the tensors the format check found
@@ -303,7 +345,12 @@ def run_checks(art: Checkpoint, base: Checkpoint, fam: Family, workers: int, sam
 
 def verify(artifact: Path, base_dir: Path, workers: int = 8, sample: float = 1.0) -> list[Check]:
     art, base = Checkpoint(artifact), Checkpoint(base_dir)
+    if art.root.resolve() == base.root.resolve():
+        raise MtpquantError(f"{base.root}: --base is the artifact itself; give the BF16 checkpoint it was made from")
     fam = family_for(base.config, str(base.root / "config.json"))
+    if base.config.get("quantization_config"):
+        raise MtpquantError(f"{base.root / 'config.json'}: the base is itself quantized (quantization_config); "
+                            "give the BF16 checkpoint the artifact was made from")
     base.tensors  # noqa: B018  (a base that cannot be read is the user's input: one line, exit 2)
     if art.config.get("model_type") != fam.model_type:
         raise MtpquantError(f"{art.root / 'config.json'}: model_type {art.config.get('model_type')!r} does not "
