@@ -51,7 +51,11 @@ def print_launch(launch: Launch, console: Any) -> None:
 
 def serve_command(args: argparse.Namespace, console: Any) -> int:
     if args.dry_run:
-        print_launch(launch_for(args, console, dry_run=True), console)
+        launch = launch_for(args, console, dry_run=True)
+        if not Path(launch.model_dir).is_dir():
+            console.print(f"[yellow]note[/]: {launch.model_dir} does not exist yet (`make artifact` builds it); "
+                          "this is the command that would serve it")
+        print_launch(launch, console)
         return 0
     launch = launch_for(args, console, port=args.port or (free_port() if args.check else None))
     profile = load_profile(args.profile)
