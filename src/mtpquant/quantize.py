@@ -221,15 +221,10 @@ def restore_dtypes(out_dir: Path, source: Checkpoint) -> list[str]:
     return sorted(n for names in by_shard.values() for n in names)
 
 
-def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path) -> dict[str, Any]:
-    import torch
-    import transformers
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from mtpquant import ranks
-
-    t0 = time.perf_counter()
-    rank = ranks.init()
+def checked_inputs(model_dir: Path, quant_ref: str, calib_ref: str) -> tuple[
+        Checkpoint, dict[str, Any], Family, Path, Path, QuantRecipe, Any, list[str]]:
+    """What both engines read and refuse before any weight loads: the source checkpoint, its config and family,
+    the recipes (paths and parsed) and the resolved targets, checked against the names on disk."""
     source = Checkpoint(model_dir)
     config = source.config
     fam = family_for(config, str(source.root / "config.json"))
@@ -240,6 +235,19 @@ def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path) -> 
     on_disk = [n.removesuffix(".weight") for n in source.tensors if n.endswith(".weight")]
     refuse_non_expert_targets(targets, on_disk, fam, config, str(qpath))
     refuse_untraceable_sequential_targets(recipe, fam, str(qpath))
+    return source, config, fam, qpath, cpath, recipe, calib, targets
+
+
+def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path) -> dict[str, Any]:
+    import torch
+    import transformers
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mtpquant import ranks
+
+    t0 = time.perf_counter()
+    rank = ranks.init()
+    source, config, fam, qpath, cpath, recipe, calib, targets = checked_inputs(model_dir, quant_ref, calib_ref)
 
     from llmcompressor import oneshot
 

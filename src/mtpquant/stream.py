@@ -39,16 +39,13 @@ from mtpquant import recipes
 from mtpquant.atomic import atomic_dir, atomic_write_json
 from mtpquant.checkpoint import INDEX_NAME, Checkpoint, file_sha256
 from mtpquant.errors import MtpquantError
-from mtpquant.families import family_for
 from mtpquant.measure import peak_memory
 from mtpquant.quantize import (
+    checked_inputs,
     few_token_experts,
     modifier_for,
     oneshot_options,
     recording_gptq,
-    refuse_non_expert_targets,
-    refuse_untraceable_sequential_targets,
-    resolve_targets,
     routing_counts,
 )
 from mtpquant.recipes import QuantRecipe
@@ -438,16 +435,7 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
         raise MtpquantError("quantize --engine stream: torchrun is not supported yet (use --engine memory)")
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    source = Checkpoint(model_dir)
-    config_dict = source.config
-    fam = family_for(config_dict, str(source.root / "config.json"))
-    qpath, cpath = recipes.resolve_path("quant", quant_ref), recipes.resolve_path("calibration", calib_ref)
-    recipe: QuantRecipe = recipes.load("quant", qpath)
-    calib = recipes.load("calibration", cpath)
-    targets = resolve_targets(recipe, fam, config_dict)
-    on_disk = [n.removesuffix(".weight") for n in source.tensors if n.endswith(".weight")]
-    refuse_non_expert_targets(targets, on_disk, fam, config_dict, str(qpath))
-    refuse_untraceable_sequential_targets(recipe, fam, str(qpath))
+    source, config_dict, fam, qpath, cpath, recipe, calib, targets = checked_inputs(model_dir, quant_ref, calib_ref)
     if recipe.pipeline != "sequential" or recipe.sequential_targets:
         raise MtpquantError(f"{qpath}: the stream engine runs whole decoder layers with the sequential pipeline "
                             "(pipeline: sequential, sequential_targets: null)")
