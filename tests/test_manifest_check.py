@@ -50,3 +50,12 @@ def test_bad_manifest_is_one_line(with_manifest, capsys):
     (with_manifest / "manifest.json").write_text('{"files": [1]}')
     code, err = check(capsys, with_manifest)
     assert code == 2 and "'files' must map" in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_checks_the_manifest_first(with_manifest, capsys):
+    """A changed file stops `serve --check-manifest` before any vLLM starts (none is installed in this venv)."""
+    flip_last_byte(sorted(with_manifest.glob("*.safetensors"))[0])
+    code = cli.main(["serve", "--run", str(with_manifest.parent), "--artifact", str(with_manifest),
+                     "--check-manifest", "--check"])
+    err = capsys.readouterr().err
+    assert code == 3 and "differs from the manifest" in err

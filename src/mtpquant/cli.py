@@ -278,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--check", action="store_true", help="start, wait until ready, stop (exit 0 if it served)")
     s.add_argument("--skip-checks", action="store_true",
                    help="start vLLM even on a checkpoint that looks wrong (to see vLLM's own error)")
+    s.add_argument("--check-manifest", action="store_true",
+                   help="first re-hash the artifact against its manifest (a download's integrity; exit 3 if not)")
     s = stage("eval", cmd_eval, "lm-eval against a served endpoint (suite from recipes/eval/)")
     serving(s)
     s.add_argument("--suite", default="tiny", help="eval suite name or YAML (recipes/eval/)")

@@ -50,6 +50,12 @@ def print_launch(launch: Launch, console: Any) -> None:
 
 
 def serve_command(args: argparse.Namespace, console: Any) -> int:
+    if args.check_manifest and not args.dry_run:
+        from mtpquant.manifest import check_manifest, raise_on_mismatch
+
+        artifact = Path(args.artifact or Run(args.run).artifact)
+        raise_on_mismatch(check_manifest(artifact), artifact)
+        console.print(f"[green]intact[/]: {artifact} matches its manifest")
     if args.dry_run:
         launch = launch_for(args, console, dry_run=True)
         if not Path(launch.model_dir).is_dir():

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue 11's benchmark on one lent H200, one call: a GLM-5.2-shaped checkpoint (1 dense + 4 MoE layers, 128
+# experts, ~41 GB) written on the device, the disk's read and write floor, `quantize --engine memory` and
+# `--engine stream` on it (shipped recipe w4a16-asym-g128, 768 x 512 tokens of the tiny-local texts), then the
+# stream engine SIGKILLed during layer 2 and resumed, its output hashes compared with the uninterrupted run's.
+# Needs the wheels the device lacks in .whl (llmcompressor 0.14.0.1, compressed-tensors 0.19.0, datasets 5.2.0,
+# dill, multiprocess, pydantic(-core), annotated-types, typing-inspection, typing-extensions, loguru, auto-round):
+#
+#   run(command="bash benchmarks/run_stream.sh", carry=[".whl"], timeout_s=600)
+#
+# Environment: PHASES (default gen,floor,memory,stream,kill), BUDGET_S (default 540: a phase that would not end
+# inside it is skipped and recorded), EXPERTS (128), REPEATS (1; interleaved), SMALL=1 (fixture dimensions,
+# to check the script on a CPU), REF_JSON (an earlier result whose stream hashes the kill phase compares with),
+# WORK (default /tmp/stream-bench: kept between calls while the machine stays warm, so a second call reuses the
+# checkpoint). Results: $OUT/stream_${TAG:-h200}.json, $OUT/stream_bench.log, $OUT/env.txt.
+set -uo pipefail
+source benchmarks/device_env.sh /tmp/stream-bench-out
+export TOKENIZERS_PARALLELISM=false
+{
+  date -u; uname -a; python3 --version; nproc; free -g; df -h / /tmp "$PWD"
+  python3 -m pip list 2>/dev/null | grep -iE "^(torch|transformers|pyarrow|fsspec|typing.extensions|huggingface.hub|safetensors|numpy|pandas|accelerate|tokenizers|llmcompressor|compressed.tensors|datasets|pydantic|auto.round) "
+  ls -l /usr/bin/time
+  nvidia-smi 2>&1 | head -20
+  python3 -c "import llmcompressor, compressed_tensors, datasets, auto_round, pydantic; print('imports ok', llmcompressor.__version__, compressed_tensors.__version__, datasets.__version__, pydantic.__version__)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+grep -q "imports ok" "$OUT/env.txt" || { echo "the carried wheels do not import: see env.txt"; exit 3; }
+python3 benchmarks/stream_bench.py --out "$OUT" --tag "${TAG:-h200}" --work "${WORK:-/tmp/stream-bench}" \
+  --phases "${PHASES:-gen,floor,memory,stream,kill}" --budget-s "${BUDGET_S:-540}" --experts "${EXPERTS:-128}" \
+  --repeats "${REPEATS:-1}" ${SMALL:+--small --samples 16 --seq-len 128 --write-floor-gib 0.25} \
+  ${REF_JSON:+--ref-json "$REF_JSON"} 2>&1 | tee "$OUT/stream_bench.log"
