@@ -9,7 +9,7 @@
 #   run(command="bash benchmarks/run_stream.sh", carry=[".whl"], timeout_s=600)
 #
 # Environment: PHASES (default gen,floor,memory,stream,kill), BUDGET_S (default 540: a phase that would not end
-# inside it is skipped and recorded), EXPERTS (128), REPEATS (1; interleaved), SMALL=1 (fixture dimensions,
+# inside it is skipped and recorded), EXPERTS (0: 128 experts if the disk holds the run, else 96, 64, 32), REPEATS (1; interleaved), SMALL=1 (fixture dimensions,
 # to check the script on a CPU), REF_JSON (an earlier result whose stream hashes the kill phase compares with),
 # WORK (default /tmp/stream-bench: kept between calls while the machine stays warm, so a second call reuses the
 # checkpoint). Results: $OUT/stream_${TAG:-h200}.json, $OUT/stream_bench.log, $OUT/env.txt.
@@ -26,6 +26,6 @@ export TOKENIZERS_PARALLELISM=false
 cat "$OUT/env.txt"
 grep -q "imports ok" "$OUT/env.txt" || { echo "the carried wheels do not import: see env.txt"; exit 3; }
 python3 benchmarks/stream_bench.py --out "$OUT" --tag "${TAG:-h200}" --work "${WORK:-/tmp/stream-bench}" \
-  --phases "${PHASES:-gen,floor,memory,stream,kill}" --budget-s "${BUDGET_S:-540}" --experts "${EXPERTS:-128}" \
+  --phases "${PHASES:-gen,floor,memory,stream,kill}" --budget-s "${BUDGET_S:-540}" --experts "${EXPERTS:-0}" \
   --repeats "${REPEATS:-1}" ${SMALL:+--small --samples 16 --seq-len 128 --write-floor-gib 0.25} \
   ${REF_JSON:+--ref-json "$REF_JSON"} 2>&1 | tee "$OUT/stream_bench.log"

@@ -84,6 +84,26 @@ def expected_bytes(config: Any) -> tuple[int, dict[int, int]]:
     return total, per_layer
 
 
+def disk_need(args: argparse.Namespace, config: Any, total: int, ckpt: Path) -> int:
+    """Peak bytes a run still needs on the work disk: the checkpoint (unless written already), one quantized
+    output (routed experts at ~0.26 of their BF16 bytes: INT4 plus a BF16 scale and packed zero point per 128),
+    the stream engine's two activation files at a layer boundary (hidden states plus ~35% for the indexer's top-k
+    indices and pickling), a margin."""
+    from mtpquant.shaped_fixture import tensor_specs
+
+    experts = 0
+    for name, shape, _ in tensor_specs(config):
+        if ".mlp.experts." in name:
+            n = 2
+            for d in shape:
+                n *= d
+            experts += n
+    out = total - experts + int(0.26 * experts)
+    acts = int(1.35 * args.samples * args.seq_len * int(config.hidden_size) * 2)
+    have = total if (ckpt / "config.json").exists() else 0
+    return total - have + out + 2 * acts + int(args.disk_margin_gb * 1e9)
+
+
 def write_calibration(args: argparse.Namespace) -> Path:
     """A calibration recipe over the committed tiny-local texts, --samples x --seq-len byte tokens."""
     work = Path(args.work)
@@ -391,7 +411,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/stream-bench")
     ap.add_argument("--tag", default="h200")
     ap.add_argument("--small", action="store_true", help="fixture dimensions (the same code on a CPU)")
-    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--experts", type=int, default=0, help="0: 128, else 96, 64, 32, the first that fits the disk")
     ap.add_argument("--moe-layers", type=int, default=4)
     ap.add_argument("--samples", type=int, default=768)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -412,7 +432,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args)
-    if args.experts < 8:
+    if 0 < args.experts < 8:
         ap.error("--experts: GLM-5.2 routes each token to 8 experts; give at least 8")
     if args.moe_layers < args.kill_layer + 1:
         ap.error("--moe-layers: the kill phase needs a layer after --kill-layer")
@@ -435,20 +455,28 @@ def main() -> None:
     import torch
 
     res["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    config = config_for(args)
-    total, per_layer = expected_bytes(config)
     free = shutil.disk_usage(work).free
-    res["disk"] = {"work": str(work), "free_gb_at_start": round(free / 1e9, 2), "checkpoint_gb": round(total / 1e9, 2)}
+    choices = [args.experts] if args.experts else [128, 96, 64, 32]
+    for e in choices:  # --experts 0: the most experts whose run fits the disk
+        args.experts = e
+        config = config_for(args)
+        total, per_layer = expected_bytes(config)
+        need = disk_need(args, config, total, ckpt_dir(args))
+        if need <= free or e == choices[-1]:
+            break
+    res["args"]["experts"] = args.experts
+    res["disk"] = {"work": str(work), "free_gb_at_start": round(free / 1e9, 2), "checkpoint_gb": round(total / 1e9, 2),
+                   "peak_need_gb_estimate": round(need / 1e9, 2), "experts_tried": choices}
+    if need > free:
+        res["error"] = (f"disk: {free / 1e9:.1f} GB free at {work}, a run at {args.experts} experts needs about "
+                        f"{need / 1e9:.1f} (checkpoint + one quantized output + two activation files)")
+        save()
+        sys.exit(res["error"])
     ckpt = ckpt_dir(args)
     log(f"device {res['device']}; checkpoint {total / 1e9:.1f} GB ({ckpt}); free disk {free / 1e9:.1f} GB")
 
     if "gen" in phases or not (ckpt / "config.json").exists():
         if not (ckpt / "config.json").exists():
-            need = total * 1.0 + args.disk_margin_gb * 1e9
-            if free < need:
-                res["error"] = f"disk: {free / 1e9:.1f} GB free, the checkpoint needs {need / 1e9:.1f}"
-                save()
-                sys.exit(res["error"])
             from mtpquant.shaped_fixture import write_shaped_checkpoint
 
             t = time.perf_counter()
