@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -31,6 +32,21 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _done(run: Run, stage: str, inputs: dict, args: argparse.Namespace) -> bool:
+    """True (and says so) when the stage already ran with these inputs and its outputs are as it left them."""
+    if args.force or not run.done(stage, inputs):
+        return False
+    console.print(f"[green]{stage}[/]: done, inputs unchanged since {run.record_path(stage)}; skipped "
+                  "(--force redoes it)", soft_wrap=True, highlight=False)
+    return True
+
+
+def _inputs(*paths: Path, **extra: Any) -> dict[str, Any]:
+    from mtpquant.run import code_sha256, signature
+
+    return {"files": signature(*paths), "code": code_sha256(), **extra}
+
+
 def cmd_fixture(args: argparse.Namespace) -> int:
     from mtpquant.fixture import write_fixture
     from mtpquant.recipes import FixtureSpec
@@ -45,23 +61,34 @@ def cmd_fixture(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from mtpquant import recipes
     from mtpquant.prepare import prepare
 
     run = Run(args.run)
     run.root.mkdir(parents=True, exist_ok=True)
+    inputs = _inputs(recipes.resolve_path("models", args.model), model=args.model)
+    if _done(run, "prepare", inputs, args):
+        return 0
     rec = prepare(args.model, run.base)
+    rec["resume"] = run.resume_entry(inputs, [run.base])
     run.record("prepare", rec)
     console.print(f"[green]prepared[/] {rec['recipe']} -> {rec['output']}")
     return 0
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from mtpquant import recipes
     from mtpquant.manifest import consumed
     from mtpquant.quantize import quantize
 
     run = Run(args.run)
     model = Path(args.model or run.base)
     out = Path(args.out or run.quantized)
+    cpath = recipes.resolve_path("calibration", args.calibration)
+    local = [recipes.REPO_ROOT / s.local for s in recipes.load("calibration", cpath).sources if s.local]
+    inputs = _inputs(model, recipes.resolve_path("quant", args.recipe), cpath, *local, engine=args.engine)
+    if _done(run, "quantize", inputs, args):
+        return 0
     if args.engine == "stream":
         from mtpquant.stream import quantize_stream
 
@@ -72,6 +99,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return 0
     rep["consumed"] = consumed([Path(rep["recipe"]["path"]), Path(rep["calibration"]["path"]),
                                 model / "config.json", model / "model.safetensors.index.json"])
+    rep["resume"] = run.resume_entry(inputs, [out])
     run.record("quantize", rep)
     console.print(f"[green]quantized[/] {rep['quantized_linears']} Linears in {rep['seconds']['total']} s "
                   f"(median GPTQ loss {rep['gptq_loss_median']:.4g}, {len(rep['few_token_experts'])} experts "
@@ -83,8 +111,13 @@ def cmd_inject(args: argparse.Namespace) -> int:
     from mtpquant.inject_mtp import inject_mtp
 
     run = Run(args.run)
-    rep = inject_mtp(Path(args.base or run.base), Path(args.quantized or run.quantized),
-                     Path(args.out or run.artifact), max_shard_bytes=args.max_shard_bytes)
+    base, quantized, out = Path(args.base or run.base), Path(args.quantized or run.quantized), Path(
+        args.out or run.artifact)
+    inputs = _inputs(base, quantized, max_shard_bytes=args.max_shard_bytes)
+    if _done(run, "inject-mtp", inputs, args):
+        return 0
+    rep = inject_mtp(base, quantized, out, max_shard_bytes=args.max_shard_bytes)
+    rep["resume"] = run.resume_entry(inputs, [out])
     run.record("inject-mtp", rep)
     console.print(f"[green]injected[/] {rep['tensors']} MTP tensors ({rep['bytes'] / 2**20:.1f} MiB, layers "
                   f"{rep['mtp_layers']}) at {rep['throughput_mb_s']} MB/s -> {rep['output']}")
@@ -96,8 +129,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     run = Run(args.run)
     art, base = Path(args.artifact or run.artifact), Path(args.base or run.base)
+    inputs = _inputs(art, base, sample=args.sample)
+    if (run.read_record("verify") or {}).get("ok") and _done(run, "verify", inputs, args):
+        return 0
     checks = verify(art, base, sample=args.sample)
-    run.record("verify", verify_record(art, base, checks))
+    run.record("verify", verify_record(art, base, checks) | {"resume": run.resume_entry(inputs, [])})
     Console(width=None if sys.stdout.isatty() else 120).print(render(checks, f"verify {art}"))
     raise_on_failure(checks)
     return 0
@@ -108,7 +144,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 
     run = Run(args.run)
     art = Path(args.artifact or run.artifact)
-    m = write_manifest(art, run)
+    m = write_manifest(art, run)  # cheap next to the stages before it, and it reads their records: always redone
     console.print(f"[green]manifest[/] {len(m['files'])} files -> {manifest_of(art)}")
     return 0
 
@@ -225,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     def stage(name: str, fn, help: str) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help)
         s.add_argument("--run", required=True, help="run directory")
+        if name in ("prepare", "quantize", "inject-mtp", "verify"):
+            s.add_argument("--force", action="store_true",
+                           help="redo the stage even when its recorded inputs and outputs are unchanged")
         s.set_defaults(fn=fn)
         return s
 

@@ -11,10 +11,15 @@
     RUN/report.md              report
 
 Stages take explicit paths and return their record; whoever runs a stage writes it once with `Run.record`.
+A record may carry a `resume` entry (the stage's inputs and the size and mtime of every file it wrote): a re-run
+of the chain after an interruption skips each stage whose inputs are unchanged and whose outputs are as written.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,37 @@ MANIFEST = "manifest.json"
 def manifest_of(artifact: Path) -> Path:
     """An artifact's manifest: inside the artifact, which `--artifact` may put outside the run."""
     return Path(artifact) / MANIFEST
+
+
+def signature(*paths: Path) -> dict[str, list[int]]:
+    """Size and mtime of every file under `paths` (links followed): what a stage read or wrote, cheap to take
+    again. Outputs are written once and renamed into place, so any later change to one shows here. An artifact's
+    manifest is left out: `manifest` adds it to the artifact after the stages that wrote and read it."""
+    out: dict[str, list[int]] = {}
+    for top in map(Path, paths):
+        if top.is_file():
+            st = top.stat()
+            out[str(top)] = [st.st_size, st.st_mtime_ns]
+            continue
+        for d, _, files in os.walk(top, followlinks=True):
+            for f in files:
+                if f == MANIFEST:
+                    continue
+                st = (Path(d) / f).stat()
+                out[str(Path(d) / f)] = [st.st_size, st.st_mtime_ns]
+    return dict(sorted(out.items()))
+
+
+def code_sha256() -> str:
+    """The package's own source: a changed stage is a changed input."""
+    h = hashlib.sha256()
+    for p in sorted(Path(__file__).parent.rglob("*.py")):
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _plain(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
 
 
 def load_json(path: Path) -> Any:
@@ -68,6 +104,19 @@ class Run:
 
     def read_record(self, stage: str) -> dict[str, Any] | None:
         return load_json(self.record_path(stage))
+
+    @staticmethod
+    def resume_entry(inputs: dict[str, Any], outputs: list[Path]) -> dict[str, Any]:
+        """What `done` compares on the next run: `inputs` and the signature of the files written."""
+        return {"inputs": _plain(inputs), "outputs": [str(p) for p in outputs], "written": signature(*outputs)}
+
+    def done(self, stage: str, inputs: dict[str, Any]) -> bool:
+        """The stage's record exists with these inputs, and every file it wrote is still as it wrote it."""
+        resume = (self.read_record(stage) or {}).get("resume")
+        if not isinstance(resume, dict) or resume.get("inputs") != _plain(inputs):
+            return False
+        outputs = [Path(p) for p in resume.get("outputs", [])]
+        return all(p.exists() for p in outputs) and resume.get("written") == signature(*outputs)
 
     def serve_copy(self, artifact: Path) -> Path:
         return self.root / f"serve-bf16-{Path(artifact).name}"
