@@ -286,8 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = stage("verify", cmd_verify, "prove the artifact is what it claims (exit 3 on failure)")
     s.add_argument("--artifact", help="default RUN/artifact")
     s.add_argument("--base", help="default RUN/base")
-    s.add_argument("--sample", type=_fraction, default=1.0,
-                   help="value-check a seeded fraction of the quantized Linears (default 1: all; coverage printed)")
+    s.add_argument("--sample", type=_fraction, default=None,
+                   help="value-check a seeded fraction of the quantized Linears (default: all, up to 4096; "
+                        "1 for all of any model; coverage printed)")
     s = stage("manifest", cmd_manifest, "SHA256 of every artifact file plus provenance")
     s.add_argument("--artifact", help="default RUN/artifact")
     s = sub.add_parser("check", help="re-hash an artifact against its manifest (exit 3 on any difference)")

@@ -242,6 +242,10 @@ def check_no_strays(art: Checkpoint, base: Checkpoint) -> Check:
 # off by ~8 steps or garbage in a group lie far outside them.
 MAX_ERROR_VS_RTN = 3.0
 MAX_GROUP_RELATIVE = 2.0
+# Without --sample, at most this many Linears are value-checked (a seeded sample beyond it, coverage printed):
+# measured 1.45 s per GLM-5.2-shaped Linear on 2 cores (benchmarks/verify_values.py), so all 57,600 of GLM-5.2
+# would take ~15 h there; 4096 take ~50 min on 2 cores and a few minutes on a GPU host's CPUs.
+DEFAULT_MAX_LINEARS = 4096
 
 
 def _load(infos: list[TensorInfo]) -> dict[str, Any]:
@@ -279,8 +283,9 @@ def value_errors(mod: str, art: Checkpoint, base: Checkpoint, scheme: Any, group
 
 
 def check_values(art: Checkpoint, base: Checkpoint, fam: Family, group: int, asym: bool, workers: int,
-                 sample: float = 1.0, seed: int = 0) -> Check:
-    """Every quantized Linear (or a seeded `sample` of them) dequantized and compared with its base weight."""
+                 sample: float | None = None, seed: int = 0) -> Check:
+    """Every quantized Linear (or a seeded `sample` of them; by default all up to DEFAULT_MAX_LINEARS)
+    dequantized and compared with its base weight."""
     import random
 
     from rich.progress import Progress
@@ -292,6 +297,8 @@ def check_values(art: Checkpoint, base: Checkpoint, fam: Family, group: int, asy
     mods = [m for m in fam.routed_expert_linears(base.config)
             if all(f"{m}.{p}" in art.tensors for p in ("weight_packed", "weight_scale", "weight_shape"))
             and f"{m}.weight" in base.tensors]
+    if sample is None:
+        sample = min(1.0, DEFAULT_MAX_LINEARS / max(len(mods), 1))
     chosen = sorted(random.Random(seed).sample(mods, max(1, round(len(mods) * sample)))) if sample < 1 else mods
     scheme = _scheme(qc, chosen[0], str(art.root / "config.json")) if chosen else None
     worst: dict[str, float] = {}
@@ -329,7 +336,8 @@ def check_values(art: Checkpoint, base: Checkpoint, fam: Family, group: int, asy
     return c
 
 
-def run_checks(art: Checkpoint, base: Checkpoint, fam: Family, workers: int, sample: float = 1.0) -> list[Check]:
+def run_checks(art: Checkpoint, base: Checkpoint, fam: Family, workers: int,
+               sample: float | None = None) -> list[Check]:
     idx = check_index(art)
     checks = [idx]
     if idx.ok:  # the tensor checks need a consistent index
@@ -343,7 +351,7 @@ def run_checks(art: Checkpoint, base: Checkpoint, fam: Family, workers: int, sam
     return checks
 
 
-def verify(artifact: Path, base_dir: Path, workers: int = 8, sample: float = 1.0) -> list[Check]:
+def verify(artifact: Path, base_dir: Path, workers: int = 8, sample: float | None = None) -> list[Check]:
     art, base = Checkpoint(artifact), Checkpoint(base_dir)
     if art.root.resolve() == base.root.resolve():
         raise MtpquantError(f"{base.root}: --base is the artifact itself; give the BF16 checkpoint it was made from")
