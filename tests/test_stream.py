@@ -69,6 +69,18 @@ def test_stream_equals_memory(built, streamed, family):
     assert len(set(Checkpoint(st).weight_map.values())) == Checkpoint(st).config["num_hidden_layers"] + 1
 
 
+def test_io_overlaps_compute(streamed, family):
+    per_layer = streamed[family]["report"]["seconds"]["per_layer"]
+    assert len(per_layer) >= 2
+    for cur, nxt in zip(per_layer, per_layer[1:], strict=False):
+        # layer i+1 was being read before layer i's compute ended, and layer i's shard was written while
+        # layer i+1 computed (its write began before layer i+1's compute ended)
+        assert nxt["read_start"] < cur["compute_end"]
+        assert cur["write_start"] >= cur["compute_end"] and cur["write_start"] < nxt["compute_end"]
+    sec = streamed[family]["report"]["seconds"]
+    assert 0 < sec["io_hidden"] <= sec["io"] + 1e-3
+
+
 def test_stream_artifact_passes_verify_after_inject(built, streamed, family, tmp_path):
     inject_mtp(built[family]["base"], streamed[family]["quantized"], tmp_path / "artifact")
     checks = verify(tmp_path / "artifact", built[family]["base"])

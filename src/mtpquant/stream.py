@@ -32,6 +32,7 @@ import os
 import shutil
 import statistics
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -196,9 +197,10 @@ def fuse_experts(tensors: dict[str, Any], prefix: str) -> dict[str, Any]:
     return out
 
 
-def build_layer(skeleton: Any, i: int, source: Checkpoint, device: Any) -> Any:
+def build_layer(skeleton: Any, i: int, source: Checkpoint, device: Any, tensors: dict[str, Any] | None = None) -> Any:
     """Decoder layer i with its real weights on `device` (dtypes as the skeleton's, as from_pretrained gives
-    them), experts linearized with llm-compressor's classes."""
+    them), experts linearized with llm-compressor's classes. `tensors`: the layer's tensors already read
+    (the prefetcher's); read here when not given."""
     import copy
 
     from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
@@ -206,7 +208,9 @@ def build_layer(skeleton: Any, i: int, source: Checkpoint, device: Any) -> Any:
 
     meta_layer = skeleton.model.layers[i]
     prefix = f"model.layers.{i}."
-    state = fuse_experts(read_tensors(source, layer_names(source, i)), prefix)
+    if tensors is None:
+        tensors = read_tensors(source, layer_names(source, i))
+    state = fuse_experts(tensors, prefix)
     expected = meta_layer.state_dict()
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
@@ -470,36 +474,73 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
     progress = Progress(TextColumn("[bold]stream[/] {task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total} layers"), TimeElapsedColumn(), console=console)
     task = progress.add_task(fam.architecture, total=n_layers, completed=start)
-    per_layer_s = []
-    with progress:
+    per_layer_s: list[dict[str, float]] = []
+
+    def timed_read(i: int) -> tuple[dict[str, Any], float, float]:
+        a = time.perf_counter()
+        tensors = read_tensors(source, layer_names(source, i))
+        return tensors, a - t0, time.perf_counter() - t0
+
+    def timed_write(i: int, tensors: dict[str, Any], hidden: list[Any], prev: list[Any]) -> dict[str, Any]:
+        a = time.perf_counter()
+        name = shard_name(i + 1, n_shards)
+        shard_sha = _atomic_save(work / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}), i)
+        acts_name = f"activations-after-{i:05d}.pt"
+        acts_sha = _save_acts(work / acts_name, hidden, prev)
+        return {"shard": name, "shard_sha256": shard_sha, "activations": acts_name, "activations_sha256": acts_sha,
+                "write_start": a - t0, "write_end": time.perf_counter() - t0}
+
+    def finish(pending: tuple[Future, dict[str, Any]]) -> None:
+        """Waits for a layer's shard and activations to be durable, then (only then) journals the layer."""
+        fut, entry = pending
+        w0 = time.perf_counter()
+        files = fut.result()
+        waited = time.perf_counter() - w0
+        t = entry["seconds"]
+        t.update(write=round(files.pop("write_end") - files["write_start"], 3), waited_for_write=round(waited, 3),
+                 write_start=round(files.pop("write_start"), 3))
+        prev_acts = journal.layers[-1]["activations"] if journal.layers else None
+        journal.finish({"layer": entry["layer"], **files, **{k: v for k, v in entry.items() if k != "layer"}})
+        if prev_acts:  # only the newest boundary is needed to resume
+            (work / prev_acts).unlink(missing_ok=True)
+        per_layer_s.append(t)
+        progress.advance(task)
+
+    # I/O overlaps compute: one thread reads layer i+1 while layer i calibrates (at most one layer ahead), one
+    # writes layer i's shard while layer i+1 computes (at most one write in flight); a layer is journaled only
+    # once its files are durable, so resume is as before
+    with progress, ThreadPoolExecutor(1, thread_name_prefix="stream-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="stream-write") as writer:
+        ahead = reader.submit(timed_read, start) if start < n_layers else None
+        pending: tuple[Future, dict[str, Any]] | None = None
         for i in range(start, n_layers):
-            tl = time.perf_counter()
+            w0 = time.perf_counter()
+            tensors, r_start, r_end = ahead.result()
+            waited_read = time.perf_counter() - w0
+            ahead = reader.submit(timed_read, i + 1) if i + 1 < n_layers else None
+            tb = time.perf_counter()
             meta_layer = skeleton.model.layers[i]
-            layer = build_layer(skeleton, i, source, device)
-            tr = time.perf_counter()
+            layer = build_layer(skeleton, i, source, device, tensors)
+            del tensors
             hidden, prev, rows, counts, mod_state = calibrate_layer(
                 skeleton, i, layer, recipe, targets, hidden, prev, kwargs, fam, config_dict, device)
-            tc = time.perf_counter()
-            tensors = pack_layer(skeleton, layer, i)
-            restored = restore_source_dtypes(tensors, source)
+            packed = pack_layer(skeleton, layer, i)
+            restored = restore_source_dtypes(packed, source)
             skeleton.model.layers[i] = meta_layer  # the real layer is dropped: its weights are freed
             del layer
-            name = shard_name(i + 1, n_shards)
-            shard_sha = _atomic_save(work / name, lambda tmp, t=tensors: save_file(t, str(tmp),
-                                                                                  metadata={"format": "pt"}), i)
-            acts_name = f"activations-after-{i:05d}.pt"
-            acts_sha = _save_acts(work / acts_name, hidden, prev)
-            prev_acts = journal.layers[-1]["activations"] if journal.layers else None
-            journal.finish({"layer": i, "shard": name, "shard_sha256": shard_sha, "activations": acts_name,
-                            "activations_sha256": acts_sha, "tensors": sorted(tensors), "per_linear": rows,
-                            "routing_counts": counts.tolist() if counts is not None else None,
-                            "dtype_restored": restored, "modifier": mod_state,
-                            "seconds": {"read": round(tr - tl, 3), "calibrate_and_solve": round(tc - tr, 3),
-                                        "pack_and_write": round(time.perf_counter() - tc, 3)}})
-            if prev_acts:  # only the newest boundary is needed to resume
-                (work / prev_acts).unlink(missing_ok=True)
-            per_layer_s.append(journal.layers[-1]["seconds"])
-            progress.advance(task)
+            tc = time.perf_counter()
+            if pending is not None:
+                finish(pending)
+            entry = {"layer": i, "tensors": sorted(packed), "per_linear": rows,
+                     "routing_counts": counts.tolist() if counts is not None else None,
+                     "dtype_restored": restored, "modifier": mod_state,
+                     "seconds": {"read": round(r_end - r_start, 3), "waited_for_read": round(waited_read, 3),
+                                 "compute": round(tc - tb, 3), "read_start": round(r_start, 3),
+                                 "compute_start": round(tb - t0, 3), "compute_end": round(tc - t0, 3)}}
+            pending = (writer.submit(timed_write, i, packed, hidden, prev), entry)
+            del packed
+        if pending is not None:
+            finish(pending)
     t_calib = time.perf_counter()
 
     # the rest: every tensor outside the decoder layers (MTP layers are dropped, as the memory engine does)
@@ -544,7 +585,10 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
         "routing_counts": {str(k): v.tolist() for k, v in counts.items()},
         "dtype_restored": sorted(n for e in journal.layers for n in e["dtype_restored"]),
         "seconds": {"load": round(t_load - t0, 2), "calibrate_and_solve": round(t_calib - t_load, 2),
-                    "save": round(t_save - t_calib, 2), "total": round(t_save - t0, 2), "per_layer": per_layer_s},
+                    "save": round(t_save - t_calib, 2), "total": round(t_save - t0, 2), "per_layer": per_layer_s,
+                    "io": round(sum(t["read"] + t["write"] for t in per_layer_s), 3),
+                    "io_hidden": round(sum(max(0.0, t["read"] - t["waited_for_read"]) +
+                                           max(0.0, t["write"] - t["waited_for_write"]) for t in per_layer_s), 3)},
         "memory": peak_memory(),
         "per_linear": rows,
         "rank": 0,
