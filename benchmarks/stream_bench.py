@@ -152,7 +152,7 @@ def read_floor(ckpt: Path) -> dict[str, Any]:
             while n := fh.readinto(buf):
                 total += n
     s = time.perf_counter() - t
-    return {"page_cache_dropped": dropped, "bytes": total, "seconds": round(s, 2), "gb_per_s": round(total / s / 1e9, 3)}
+    return {"page_cache_dropped": dropped, "bytes": total, "seconds": round(s, 2), "gb_per_s": round(total / s / 1e9, 3)}  # noqa: E501
 
 
 def write_floor(work: Path, nbytes: int) -> dict[str, Any]:
@@ -224,7 +224,6 @@ def layer_bytes_on_disk(ckpt: Path) -> dict[int, int]:
 
 def child(args: argparse.Namespace) -> None:
     import torch
-
     from calib_speed import PipelineTimer
 
     cuda = torch.cuda.is_available()
@@ -387,7 +386,7 @@ def compare_tensors(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     common = sorted(set(a) & set(b))
     diff = [n for n in common if a[n] != b[n]]
     return {"common": len(common), "identical": len(common) - len(diff), "differ": len(diff),
-            "differ_first": diff[:5], "only_first": sorted(set(a) - set(b))[:5], "only_second": sorted(set(b) - set(a))[:5],
+            "differ_first": diff[:5], "only_first": sorted(set(a) - set(b))[:5], "only_second": sorted(set(b) - set(a))[:5],  # noqa: E501
             "n_only_first": len(set(a) - set(b)), "n_only_second": len(set(b) - set(a))}
 
 
@@ -525,7 +524,7 @@ def main() -> None:
         r.pop("report", None)
         r["per_linear_losses"] = {x["module"]: x["loss"] for x in rep.get("per_linear", [])}
         res["runs"].append(r)
-        log(f"{engine} #{n}: rc {r['rc']}, wall {r['wall_s']} s, {json.dumps({k: v for k, v in r['summary'].items() if k != 'per_layer'})}")
+        log(f"{engine} #{n}: rc {r['rc']}, wall {r['wall_s']} s, {json.dumps({k: v for k, v in r['summary'].items() if k != 'per_layer'})}")  # noqa: E501
         save()
 
     if "memory" in hashes and "stream" in hashes:
@@ -617,8 +616,8 @@ def print_table(res: dict[str, Any]) -> None:
         rows.append((eng, spread([s["wall_s"] for s in ss]), spread([s["total_s"] for s in ss]),
                      spread([s["load_s"] for s in ss]), spread([s["calibrate_and_solve_s"] for s in ss]),
                      spread([s["save_s"] for s in ss]), spread([s["peak_rss_gib_time_v"] for s in ss]),
-                     spread([s["gpu_peak_allocated_gib"] for s in ss]), spread([s["gpu_peak_nvidia_smi_gib"] for s in ss])))
-    print("engine  | process wall s | report total s | load s | calib+solve s | save s | peak RSS GiB | GPU alloc GiB | GPU smi GiB")
+                     spread([s["gpu_peak_allocated_gib"] for s in ss]), spread([s["gpu_peak_nvidia_smi_gib"] for s in ss])))  # noqa: E501
+    print("engine  | process wall s | report total s | load s | calib+solve s | save s | peak RSS GiB | GPU alloc GiB | GPU smi GiB")  # noqa: E501
     for eng, *cols in rows:
         print(eng.ljust(8) + "| " + " | ".join("-" if c is None else f"{c['median']} [{c['min']}-{c['max']}] n={c['n']}"
                                                for c in cols))
