@@ -68,6 +68,7 @@ class ModelSource:
     revision: str | None = None  # 40-hex commit of the hub repo
     path: str | None = None  # a local checkpoint directory
     fixture: FixtureSpec | None = None  # generate it (tiny models)
+    lock: str | None = None  # a hub source's lock file (default: pinned/sources/<recipe name>.lock)
 
     def check(self, where: str) -> None:
         given = [k for k in ("hub", "path", "fixture") if getattr(self, k) is not None]
@@ -75,6 +76,8 @@ class ModelSource:
             raise RecipeError(f"{where}: give exactly one of hub, path, fixture (got {given or 'none'})")
         if self.hub is not None:
             check_revision(self.revision, key(where, "revision"))
+        elif self.lock is not None:
+            raise RecipeError(f"{key(where, 'lock')}: only a hub source has a source lock")
         if self.fixture is not None:
             self.fixture.check(key(where, "fixture"))
 
