@@ -159,6 +159,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    from mtpquant.publish import publish, render
+
+    plan = publish(Run(args.run), args.repo, Path(args.artifact) if args.artifact else None, dry_run=args.dry_run)
+    out = Console(width=None if sys.stdout.isatty() else 160)
+    out.print(render(plan))
+    if plan["dry_run"]:
+        out.print(plan["card"], markup=False, highlight=False)
+    else:
+        console.print(f"[green]published[/] {plan['url']}")
+    return 0
+
+
 def cmd_preflight(args: argparse.Namespace) -> int:
     from mtpquant.preflight import preflight
 
@@ -341,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_rtn)
     s = stage("report", cmd_report, "markdown report of an artifact: verify, eval, bench, commands, versions")
     s.add_argument("--artifact", help="default RUN/artifact")
+    s = stage("publish", cmd_publish, "upload a verified artifact, manifest and report (model card) in one commit")
+    s.add_argument("--repo", required=True, help="hub repo id, ORG/NAME")
+    s.add_argument("--artifact", help="default RUN/artifact")
+    s.add_argument("--dry-run", action="store_true", help="list every file (size, sha256) and the card; upload nothing")
     s = sub.add_parser("preflight", help="refuse a real run this machine cannot finish (GPUs, pins)")
     s.add_argument("--model", required=True)
     s.add_argument("--calibration", required=True)

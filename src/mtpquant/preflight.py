@@ -18,6 +18,11 @@ def preflight(model_ref: str, calib_ref: str) -> list[str]:
     model = recipes.load("models", mpath)
     if model.source.hub and model.source.revision == UNPINNED:
         raise MtpquantError(f"{mpath}: source.revision is UNPINNED; pin the audited 40-hex commit first")
+    if model.source.hub:
+        from mtpquant import hub
+
+        lock = hub.read_lock(hub.lock_for(model))
+        hub.check_lock_matches(lock, model.source.hub, model.source.revision, mpath)
     cpath = recipes.resolve_path("calibration", calib_ref)
     calib = recipes.load("calibration", cpath)
     for i, s in enumerate(calib.sources):

@@ -91,6 +91,7 @@ class ModelRecipe:
     # config.json fields of a hub model that is not downloaded yet, for `mtpquant plan` (a fixture's or a
     # local checkpoint's own config wins)
     config: dict[str, Any] | None = None
+    license: str = "other"  # the base model's license id on the hub (the published card's `license`)
 
 
 @dataclass(frozen=True)
