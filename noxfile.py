@@ -47,7 +47,8 @@ def dev(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Run the test suite (real llm-compressor, vLLM CPU and lm-eval on tiny models)."""
     python, serve = env(session, "calibrate"), env(session, "serve")
-    session.run(python, "-m", "pytest", *session.posargs, external=True, env={"MTPQUANT_SERVE_PYTHON": serve})
+    session.run(python, "-m", "pytest", *session.posargs, external=True,
+                env={"MTPQUANT_SERVE_PYTHON": serve, "MTPQUANT_NOX": sys.executable})  # README commands run nox
 
 
 @nox.session(python=False)
