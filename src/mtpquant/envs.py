@@ -279,9 +279,10 @@ def lock_command(posargs: list[str]) -> list[str]:
 
 
 def cheap_preflight(model: str, calibration: str) -> list[str]:
-    """The preflight facts that need no heavy package: a GPU visible (nvidia-smi), no UNPINNED revision in the
+    """The preflight facts that need no heavy package (before any env is built): a GPU visible (nvidia-smi), no
+    UNPINNED revision in the
     model and calibration recipes. Raises EnvError with one line; returns what it found."""
-    if os.environ.get("MTPQUANT_SKIP_GPU_CHECK") != "1" and not runtime.has_gpus():
+    if not runtime.has_gpus():
         raise EnvError("no NVIDIA GPU visible (`nvidia-smi -L`): the real artifact needs GPUs (8xH200 in the "
                        "seed); `make demo` runs the same chain on tiny models on this CPU")
     found = []
@@ -291,5 +292,5 @@ def cheap_preflight(model: str, calibration: str) -> list[str]:
             if re.match(r"^\s*revision:\s*['\"]?UNPINNED", line):
                 raise EnvError(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{n}: revision "
                                "is UNPINNED; pin the audited 40-hex commit first")
-        found.append(f"{path.name}: pinned")
+        found.append(f"{path.name}: no UNPINNED revision")
     return found
