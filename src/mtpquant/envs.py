@@ -165,9 +165,12 @@ def ensure(name: str, say: Callable[[str], None] = print) -> str:
     """The python of env `name`, (re)built first when its locks changed. Says which it did."""
     spec = ENVS[name]
     stamp = spec.path / "lock.sha256"
-    if not (spec.python.exists() and stamp.exists() and stamp.read_text() == lock_sha256(spec)):
-        install(spec, say)
-    editable(spec, say)
+    try:
+        if not (spec.python.exists() and stamp.exists() and stamp.read_text() == lock_sha256(spec)):
+            install(spec, say)
+        editable(spec, say)
+    except subprocess.CalledProcessError as e:
+        raise EnvError(f"env {name}: `{' '.join(map(str, e.cmd[:5]))} ...` failed (exit {e.returncode})") from None
     return str(spec.python)
 
 
@@ -280,8 +283,7 @@ def lock_command(posargs: list[str]) -> list[str]:
 
 def cheap_preflight(model: str, calibration: str) -> list[str]:
     """The preflight facts that need no heavy package (before any env is built): a GPU visible (nvidia-smi), no
-    UNPINNED revision in the
-    model and calibration recipes. Raises EnvError with one line; returns what it found."""
+    UNPINNED revision in the model and calibration recipes. Raises EnvError with one line; returns what it found."""
     if not runtime.has_gpus():
         raise EnvError("no NVIDIA GPU visible (`nvidia-smi -L`): the real artifact needs GPUs (8xH200 in the "
                        "seed); `make demo` runs the same chain on tiny models on this CPU")
