@@ -119,7 +119,7 @@ def stream(cmd: list[str], on_line: Callable[[str], bool], say: Callable[[str], 
 
 def install(spec: EnvSpec, say: Callable[[str], None]) -> None:
     """A fresh venv at spec.path with exactly the locks' packages, with progress lines."""
-    want, total = lock_sha256(spec), len(pins(spec))
+    want, total = lock_sha256(spec), len(set(pins(spec)))  # a constrained lock repeats some pins
     rel = spec.path.relative_to(ROOT) if spec.path.is_relative_to(ROOT) else spec.path
     say(f"env {spec.name} ({rel}): installing {total} packages from "
         f"{' + '.join(f'pinned/{f.name}' for f in spec.lock_files)} (locks sha256 {want[:12]})")
