@@ -83,8 +83,9 @@ def base_python() -> str:
     return found
 
 
-def stream(cmd: list[str], on_line: Callable[[str], bool], say: Callable[[str], None], what: str) -> None:
-    """Run cmd, feeding each output line to on_line (True: it said something), and say '<what>: N s' after
+def stream(cmd: list[str], on_line: Callable[[str], bool], say: Callable[[str], None],
+           what: Callable[[], str]) -> None:
+    """Run cmd, feeding each output line to on_line (True: it said something), and say '<what()>, N s' after
     HEARTBEAT_S without a word."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines: queue.Queue[str | None] = queue.Queue()
@@ -102,7 +103,7 @@ def stream(cmd: list[str], on_line: Callable[[str], bool], say: Callable[[str], 
         try:
             line = lines.get(timeout=HEARTBEAT_S)
         except queue.Empty:
-            say(f"{what}: {time.monotonic() - start:.0f} s")
+            say(f"{what()}, {time.monotonic() - start:.0f} s")
             last = time.monotonic()
             continue
         if line is None:
@@ -111,7 +112,7 @@ def stream(cmd: list[str], on_line: Callable[[str], bool], say: Callable[[str], 
         if on_line(line):
             last = time.monotonic()
         elif time.monotonic() - last > HEARTBEAT_S:
-            say(f"{what}: {time.monotonic() - start:.0f} s")
+            say(f"{what()}, {time.monotonic() - start:.0f} s")
             last = time.monotonic()
     if proc.wait() != 0:
         raise EnvError(f"`{' '.join(cmd[:4])} ...` failed (exit {proc.returncode}):\n" + "\n".join(tail))
@@ -125,15 +126,17 @@ def install(spec: EnvSpec, say: Callable[[str], None]) -> None:
         f"{' + '.join(f'pinned/{f.name}' for f in spec.lock_files)} (locks sha256 {want[:12]})")
     shutil.rmtree(spec.path, ignore_errors=True)
     subprocess.run([base_python(), "-m", "venv", str(spec.path)], check=True)
-    seen = [0]
+    seen, phase = [0], ["installing"]
 
     def progress(line: str) -> bool:
         if line.startswith(("Collecting ", "Processing ", "Obtaining ")):
             seen[0] += 1
+            phase[0] = f"fetched {seen[0]}/{total}"
             if seen[0] == 1 or seen[0] % 10 == 0 or seen[0] == total:
                 say(f"env {spec.name}: fetched {seen[0]}/{total} ({line.split()[1].rsplit('/', 1)[-1]})")
                 return True
         elif line.startswith("Installing collected packages"):
+            phase[0] = f"unpacking {total} packages"
             say(f"env {spec.name}: unpacking {total} packages into {rel} (the long part)")
             return True
         elif line.startswith("Successfully installed"):
@@ -145,7 +148,7 @@ def install(spec: EnvSpec, say: Callable[[str], None]) -> None:
             *locks.torch_source()]
     for f in spec.lock_files:
         args += ["-r", str(f)]
-    stream([str(spec.python), "-m", "pip", "install", *args], progress, say, f"env {spec.name}: installing")
+    stream([str(spec.python), "-m", "pip", "install", *args], progress, say, lambda: f"env {spec.name}: {phase[0]}")
     (spec.path / "lock.sha256").write_text(want)
 
 
