@@ -1,7 +1,8 @@
 # Thin wrappers: every target is a nox session (see noxfile.py), so `make X` and `nox -s X` agree.
 NOX ?= nox
-
-.PHONY: demo test artifact lint lock images pull test-docker
+.PHONY: dev demo test artifact lint lock images pull test-docker
+dev:       ## one .venv with this package installed (editable): `source .venv/bin/activate`, then `mtpquant --help`
+	$(NOX) -s dev
 demo:      ## the whole chain on tiny GLM-5 and GLM-4.5 layout fixtures, on this CPU
 	$(NOX) -s demo
 test:      ## the test suite (what CI runs)

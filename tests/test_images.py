@@ -148,7 +148,7 @@ def test_docker_save_stream_reader_gives_back_the_tar_across_chunk_boundaries():
     import os
     import tarfile
 
-    from mtpquant.reproducible import _ChunkReader
+    from mtpquant.images.reproducible import _ChunkReader
 
     buf = io.BytesIO()
     files = {f"layer{i}.tar": os.urandom(size) for i, size in enumerate((0, 1, 511, 2_100_000, 5_000_003))}

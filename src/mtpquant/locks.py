@@ -40,6 +40,7 @@ EXCLUDE_NEWER = "2026-12-01T00:00:00Z"
 PLATFORM = "x86_64-manylinux_2_28"
 COMPILE_COMMAND = "nox -s lock"
 UV_ENV = {"UV_CUSTOM_COMPILE_COMMAND": COMPILE_COMMAND}  # the header every lock carries
+# A full git commit: the one form a pin of a git source or a hub revision takes (defined here only).
 SHA40 = re.compile(r"^[0-9a-f]{40}$")
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 UNRESOLVED = "UNRESOLVED"

@@ -21,8 +21,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mtpquant.locks import SHA40
+
 DIGEST_REF = re.compile(r"@sha256:[0-9a-f]{64}$")
-SHA40 = re.compile(r"^[0-9a-f]{40}$")
 VAR = re.compile(r"\$\{?(\w+)(?::[-+][^}]*)?\}?")
 SHELLS = {"sh", "bash", "dash", "zsh", "ash", "python", "python3"}
 

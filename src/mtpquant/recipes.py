@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,10 +17,10 @@ from typing import Any, Literal
 import yaml
 
 from mtpquant.errors import MtpquantError
+from mtpquant.locks import SHA40
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES_DIR = REPO_ROOT / "recipes"
-SHA40 = re.compile(r"^[0-9a-f]{40}$")
 UNPINNED = "UNPINNED"  # a hub revision nobody has audited yet: loads, but the stages that download refuse it
 
 

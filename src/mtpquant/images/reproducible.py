@@ -6,7 +6,7 @@ image the way BuildKit's SOURCE_DATE_EPOCH rewrite would (the legacy builder has
 SOURCE_DATE_EPOCH, tar headers canonical (sorted, no atime/ctime, numeric owners), and the config's build-time
 fields (created, history times, the build container's id and hostname) fixed; it loads the result as a new
 image whose id is a function of its content.
-Usage: python -m mtpquant.reproducible diff A B [--json OUT] | normalize REF [--tag NEW]
+Usage: python -m mtpquant.images.reproducible diff A B [--json OUT] | normalize REF [--tag NEW]
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from mtpquant.errors import MtpquantError
-from mtpquant.images import SOURCE_DATE_EPOCH, client
+from mtpquant.images.daemon import client
+from mtpquant.images.pins import SOURCE_DATE_EPOCH
 from mtpquant.locks import EXCLUDE_NEWER
 
 # Config fields the legacy builder fills with per-build values.
@@ -189,7 +190,7 @@ def normalize(ref: str, tag: str | None = None, epoch: int = SOURCE_DATE_EPOCH) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mtpquant.reproducible", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m mtpquant.images.reproducible", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="action", required=True)
     d = sub.add_parser("diff")

@@ -1,0 +1,5 @@
+"""`python -m mtpquant.images`."""
+
+from mtpquant.images.cli import main
+
+raise SystemExit(main())
