@@ -82,12 +82,19 @@ class ModelSource:
 @dataclass(frozen=True)
 class ModelRecipe:
     name: str
-    family: Literal["glm_moe_dsa", "glm4_moe"]
+    family: str  # a key of mtpquant.families.FAMILIES
     source: ModelSource
     description: str = ""
     # config.json fields of a hub model that is not downloaded yet, for `mtpquant plan` (a fixture's or a
     # local checkpoint's own config wins)
     config: dict[str, Any] | None = None
+
+    def check(self, where: str) -> None:
+        from mtpquant.families import FAMILIES
+
+        if self.family not in FAMILIES:
+            allowed = ", ".join(repr(a) for a in FAMILIES)
+            raise RecipeError(f"{key(where, 'family')}: {self.family!r} is not one of {allowed}")
 
 
 @dataclass(frozen=True)
