@@ -8,7 +8,7 @@ from typing import Any
 
 from mtpquant.errors import MtpquantError
 from mtpquant.families import deepseek_v3, glm4_moe, glm_moe_dsa, qwen3_next
-from mtpquant.families.base import EXPERT_PROJS, KEEP_BF16, MTP_EXTRA_BASE, Family, layer_prefix, matches
+from mtpquant.families.base import EXPERT_PROJS, KEEP_BF16, LAYERS, MTP_EXTRA_BASE, Family, layer_prefix, matches
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     glm_moe_dsa.FAMILY,
@@ -17,7 +17,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     qwen3_next.FAMILY,
 )}
 
-__all__ = ["EXPERT_PROJS", "FAMILIES", "KEEP_BF16", "MTP_EXTRA_BASE", "Family", "family_for", "layer_prefix",
+__all__ = ["EXPERT_PROJS", "FAMILIES", "KEEP_BF16", "LAYERS", "MTP_EXTRA_BASE", "Family", "family_for", "layer_prefix",
            "matches"]
 
 

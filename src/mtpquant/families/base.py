@@ -66,6 +66,32 @@ class Family:
     def num_experts(self, config: dict[str, Any]) -> int:
         return int(self.cfg(config, self.experts_key))
 
+    def num_shared_experts(self, config: dict[str, Any]) -> int:
+        return int(config.get("n_shared_experts", 0) or 0)
+
+    def dims(self, config: dict[str, Any]) -> dict[str, int]:
+        """The dimensions the cost model needs, by neutral names."""
+        moe = len(self.moe_layers(config))
+        def get(key: str) -> int:
+            return int(self.cfg(config, key))
+
+        return dict(hidden=get("hidden_size"), moe_inter=get("moe_intermediate_size"),
+                    experts=self.num_experts(config), top_k=get("num_experts_per_tok"),
+                    shared_experts=self.num_shared_experts(config), moe_layers=moe,
+                    dense_layers=self.num_layers(config) - moe, dense_inter=get("intermediate_size"),
+                    vocab=get("vocab_size"), mtp_layers=self.num_mtp(config))
+
+    def two_layer_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """`config` cut to one dense and one MoE layer with one expert (per-layer parameter counts)."""
+        small = {k: v for k, v in config.items() if k not in ("architectures", "quantization_config")}
+        for k in ("layer_types", "indexer_types", "mlp_layer_types"):
+            small.pop(k, None)
+        return {**small, self.layers_key: 2, self.experts_key: 1, **self.dense_prefix(1)}
+
+    def dense_prefix(self, k: int) -> dict[str, Any]:
+        """Config fields that make the first k decoder layers dense."""
+        return {"first_k_dense_replace": k}
+
     def match_keys(self) -> tuple[str, ...]:
         """config.json fields a quantized checkpoint must share with its base."""
         return ("model_type", self.layers_key, "hidden_size", self.experts_key, "vocab_size")

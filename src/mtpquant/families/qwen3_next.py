@@ -20,6 +20,12 @@ class Qwen3NextFamily(Family):
         dense = set(config.get("mlp_only_layers") or [])
         return [i for i in range(n) if i not in dense and (i + 1) % step == 0 and self.num_experts(config) > 0]
 
+    def num_shared_experts(self, config: dict[str, Any]) -> int:
+        return 1 if config.get("shared_expert_intermediate_size") else 0
+
+    def dense_prefix(self, k: int) -> dict[str, Any]:
+        return {"mlp_only_layers": list(range(k))}
+
 
 def tiny_config(spec: FixtureSpec, num_layers: int) -> Any:
     from transformers import Qwen3NextConfig
