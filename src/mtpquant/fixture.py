@@ -1,13 +1,14 @@
-"""Tiny random GLM checkpoints in the real on-disk layout.
+"""Tiny random checkpoints of any registered family in its real on-disk layout.
 
 What makes the layout "real" (and differs from what `save_pretrained` writes for a fresh model):
 - routed experts as per-expert 2-D tensors `model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`
   (transformers fuses them into 3-D tensors in memory and converts on load);
-- the MTP layer(s) at `model.layers.{num_hidden_layers + i}` with `eh_proj`, `enorm`, `hnorm`,
-  `shared_head.*` and a full decoder block, which `from_pretrained` drops;
-- the router's `e_score_correction_bias` in FP32 beside BF16 weights;
-- several shards plus `model.safetensors.index.json`, a tokenizer, `num_nextn_predict_layers`.
-Same spec and seed give the same bytes.
+- the MTP layer(s) where the family stores them (`Family.mtp_block`: `model.layers.{num_hidden_layers + i}`
+  or under a prefix such as `mtp.`), a full decoder block plus the family's `mtp_extra` tensors, which
+  `from_pretrained` drops;
+- FP32 router biases (`Family.fp32_suffixes`, e.g. `e_score_correction_bias`) beside BF16 weights;
+- several shards plus `model.safetensors.index.json`, a tokenizer, the family's MTP-count config key.
+The family's `tiny_config` gives the dimensions. Same spec and seed give the same bytes.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ def key(where: str, name: str) -> str:
 
 @dataclass(frozen=True)
 class FixtureSpec:
-    """A tiny random model in the real on-disk layout (see mtpquant.fixture)."""
+    """A tiny random model in the real on-disk layout (see mtpquant.fixture). The field names are the spec's own
+    vocabulary (DeepSeek-style); each family's `tiny_config` maps them to its config keys."""
 
     num_hidden_layers: int = 3
     first_k_dense_replace: int = 1

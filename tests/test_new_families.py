@@ -1,0 +1,87 @@
+"""The two families added through the family registry alone: DeepSeek-V3 (MTP index-stored at
+model.layers.{num_hidden_layers}) and Qwen3-Next (MTP under `mtp.`). Each: the model recipe's tiny fixture in the
+real on-disk layout, loaded by transformers itself (no missing keys, the MTP tensors dropped as upstream does), and
+prepare -> quantize -> inject-mtp -> verify -> manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+from mtpquant.checkpoint import Checkpoint, tensor_sha256
+from mtpquant.families import FAMILIES
+from mtpquant.inject_mtp import inject_mtp
+from mtpquant.manifest import check_manifest, write_manifest
+from mtpquant.prepare import prepare
+from mtpquant.quantize import quantize
+from mtpquant.run import Run
+from mtpquant.verify import verify
+
+RECIPES = {"deepseek_v3": "tiny-deepseek-v3", "qwen3_next": "tiny-qwen3-next"}
+
+
+@pytest.fixture(scope="module", params=sorted(RECIPES))
+def chain(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    family = request.param
+    run = Run(tmp_path_factory.mktemp(family))
+    run.record("prepare", prepare(RECIPES[family], run.base))
+    run.record("quantize", quantize(run.base, "w4a16-asym-g128", "tiny-local", run.quantized))
+    run.record("inject-mtp", inject_mtp(run.base, run.quantized, run.artifact))
+    checks = verify(run.artifact, run.base)
+    write_manifest(run.artifact, run)
+    return {"family": FAMILIES[family], "run": run, "checks": checks}
+
+
+def _mtp_names(ck: Checkpoint, fam: Any) -> list[str]:
+    return sorted(n for n in ck.tensors if n.startswith(tuple(fam.mtp_prefixes(ck.config))))
+
+
+def test_fixture_is_what_transformers_loads(chain):
+    fam, base = chain["family"], chain["run"].base
+    ck = Checkpoint(base)
+    assert ck.config["model_type"] == fam.model_type and ck.config[fam.mtp_key] == 1
+    cls = getattr(transformers, fam.architecture)
+    model, info = cls.from_pretrained(base, dtype=torch.bfloat16, output_loading_info=True)
+    assert not info["missing_keys"]
+    prefixes = tuple(fam.mtp_prefixes(ck.config))
+    assert all(k.startswith(prefixes) for k in info["unexpected_keys"])  # only MTP tensors are left over
+    assert not any(n.startswith(prefixes) for n in model.state_dict())  # dropped on load, as upstream does
+    mtp = _mtp_names(ck, fam)
+    for extra in fam.mtp_extra:
+        assert any(n.endswith(extra) for n in mtp)
+    assert any(f"{fam.mtp_block(ck.config, 0)}{fam.experts}.0.gate_proj.weight" == n for n in mtp)
+    assert not any("gate_up_proj" in n for n in ck.tensors), "fused experts must not be on disk"
+
+
+def test_chain_quantizes_only_routed_experts(chain):
+    fam, run = chain["family"], chain["run"]
+    base, art = Checkpoint(run.base), Checkpoint(run.artifact)
+    expected = fam.routed_expert_linears(base.config)
+    assert len(expected) == 2 * 4 * 3  # 2 MoE layers x 4 experts x 3
+    assert {n.removesuffix(".weight_packed") for n in art.tensors if n.endswith(".weight_packed")} == set(expected)
+    assert run.read_record("quantize")["quantized_linears"] == len(expected)
+
+
+def test_chain_injects_mtp_byte_for_byte(chain):
+    fam, run = chain["family"], chain["run"]
+    base, art = Checkpoint(run.base), Checkpoint(run.artifact)
+    mtp = _mtp_names(base, fam)
+    assert mtp and _mtp_names(art, fam) == mtp
+    assert all(art.weight_map[n].startswith("mtp-") for n in mtp)
+    assert all(tensor_sha256(art.tensors[n]) == tensor_sha256(base.tensors[n]) for n in mtp)
+    ignore = art.config["quantization_config"]["ignore"]
+    assert all(p in ignore for p in fam.mtp_ignore(base.config))
+    assert art.config[fam.mtp_key] == 1
+
+
+def test_chain_verifies_and_has_a_manifest(chain):
+    failed = [(c.name, c.failures[:3]) for c in chain["checks"] if not c.ok]
+    assert not failed
+    assert len(chain["checks"]) == 9
+    result = check_manifest(chain["run"].artifact)
+    assert not (result["missing"] or result["extra"] or result["changed"])
+    assert result["files"] == len([p for p in Path(chain["run"].artifact).iterdir()]) - 1
