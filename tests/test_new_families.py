@@ -85,3 +85,30 @@ def test_chain_verifies_and_has_a_manifest(chain):
     result = check_manifest(chain["run"].artifact)
     assert not (result["missing"] or result["extra"] or result["changed"])
     assert result["files"] == len([p for p in Path(chain["run"].artifact).iterdir()]) - 1
+
+
+def test_registry_is_the_only_list_of_families():
+    from mtpquant.cli import build_parser
+    from mtpquant.recipes import load
+
+    fixture = next(a for a in build_parser()._subparsers._group_actions[0].choices["fixture"]._actions
+                   if a.dest == "family")
+    assert list(fixture.choices) == list(FAMILIES)
+    for family, ref in RECIPES.items():
+        assert load("models", ref).family == family
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_targets_and_ignore_keep_mtp_out(family):
+    from mtpquant.families import matches
+    from mtpquant.recipes import FixtureSpec
+
+    fam = FAMILIES[family]
+    cfg = fam.fixture_config(FixtureSpec())
+    target = fam.routed_experts_target(cfg)
+    mtp_expert = f"{fam.mtp_block(cfg, 0)}{fam.experts}.0.gate_proj"
+    assert fam.classify(mtp_expert, cfg) == "mtp" and not matches(target, mtp_expert)
+    assert all(matches(target, n) and fam.classify(n, cfg) == "routed_expert" for n in fam.routed_expert_linears(cfg))
+    assert any(matches(p, mtp_expert) for p in fam.mtp_ignore(cfg))
+    assert not any(matches(p, n) for p in fam.mtp_ignore(cfg) for n in fam.routed_expert_linears(cfg))
+    assert fam.classify(fam.router_module(fam.moe_layers(cfg)[0]) + ".weight", cfg) == "router"
