@@ -112,3 +112,14 @@ def test_targets_and_ignore_keep_mtp_out(family):
     assert any(matches(p, mtp_expert) for p in fam.mtp_ignore(cfg))
     assert not any(matches(p, n) for p in fam.mtp_ignore(cfg) for n in fam.routed_expert_linears(cfg))
     assert fam.classify(fam.router_module(fam.moe_layers(cfg)[0]) + ".weight", cfg) == "router"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cost_model_reads_the_family(family):
+    from mtpquant.calib_cost import shape_from_config
+    from mtpquant.recipes import FixtureSpec
+
+    spec = FixtureSpec(num_hidden_layers=4, first_k_dense_replace=2, n_routed_experts=6)
+    shape = shape_from_config(FAMILIES[family].fixture_config(spec))
+    assert (shape.moe_layers, shape.dense_layers, shape.experts, shape.mtp_layers) == (2, 2, 6, 1)
+    assert shape.attn_params > 0 and shape.embed_params >= 2 * 320 * 256

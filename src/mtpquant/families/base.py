@@ -183,7 +183,7 @@ class Family:
         """Category of a name relative to its decoder layer."""
         if rest.startswith("self_attn.indexer."):
             return "indexer"
-        if rest.startswith(("self_attn.", "linear_attn.")):
+        if rest.startswith("self_attn."):
             return "attention"
         if rest.startswith(f"{self.experts}."):
             return "routed_expert"
@@ -200,7 +200,7 @@ class Family:
         """Shape of an mtp_extra tensor (norms are (hidden,), the projection from [embedding; hidden])."""
         if "norm" in name:
             return (hidden,)
-        if name.endswith(("head.weight", "embed_tokens.weight")):
+        if name.endswith("head.weight"):
             return (vocab, hidden)
         return (hidden, 2 * hidden)
 

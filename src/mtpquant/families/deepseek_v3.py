@@ -21,7 +21,12 @@ def tiny_config(spec: FixtureSpec, num_layers: int) -> Any:
     )
 
 
+class DeepseekV3Family(Family):
+    def mtp_extra_shape(self, name: str, hidden: int, vocab: int) -> tuple[int, ...]:
+        return (vocab, hidden) if name == "embed_tokens.weight" else super().mtp_extra_shape(name, hidden, vocab)
+
+
 # Each MTP layer of the real checkpoints also carries its own embed_tokens and shared_head.head.
-FAMILY = Family("deepseek_v3", "DeepseekV3ForCausalLM",
-                MTP_EXTRA_BASE + ("shared_head.head.weight", "embed_tokens.weight"),
-                vllm_method="deepseek_mtp", tiny_config=tiny_config)
+FAMILY = DeepseekV3Family("deepseek_v3", "DeepseekV3ForCausalLM",
+                          MTP_EXTRA_BASE + ("shared_head.head.weight", "embed_tokens.weight"),
+                          vllm_method="deepseek_mtp", tiny_config=tiny_config)

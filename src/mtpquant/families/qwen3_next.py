@@ -20,6 +20,9 @@ class Qwen3NextFamily(Family):
         dense = set(config.get("mlp_only_layers") or [])
         return [i for i in range(n) if i not in dense and (i + 1) % step == 0 and self.num_experts(config) > 0]
 
+    def classify_in_layer(self, rest: str) -> str:
+        return "attention" if rest.startswith("linear_attn.") else super().classify_in_layer(rest)
+
     def num_shared_experts(self, config: dict[str, Any]) -> int:
         return 1 if config.get("shared_expert_intermediate_size") else 0
 
