@@ -33,8 +33,9 @@ class Qwen3NextFamily(Family):
 def tiny_config(spec: FixtureSpec, num_layers: int) -> Any:
     from transformers import Qwen3NextConfig
 
-    kinds = ["full_attention" if (i + 1) % FULL_ATTENTION_INTERVAL == 0 else "linear_attention"
-             for i in range(num_layers)]
+    # layers past the spec's decoder layers are the fixture's MTP blocks: full attention, as in the real model
+    kinds = ["full_attention" if (i + 1) % FULL_ATTENTION_INTERVAL == 0 or i >= spec.num_hidden_layers
+             else "linear_attention" for i in range(num_layers)]
     return Qwen3NextConfig(
         vocab_size=FIXTURE_VOCAB, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
