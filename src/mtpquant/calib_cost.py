@@ -102,31 +102,19 @@ class MoEShape:
 
 
 def shape_from_config(config: dict[str, Any]) -> MoEShape:
-    """Dimensions of a GLM MoE model from its config.json; per-layer parameter counts from a model
-    built on the meta device (no memory), so attention and indexer sizes are exact."""
+    """Dimensions of an MoE model from its config.json (the family reads it); per-layer parameter counts from a
+    model built on the meta device (no memory), so attention and indexer sizes are exact."""
     import torch
     import transformers
 
-    from mtpquant.families import family_for
+    from mtpquant.families import LAYERS, family_for, layer_prefix
 
     fam = family_for(config)
     cfg_cls = transformers.AutoConfig.for_model(config["model_type"]).__class__
-    small = {k: v for k, v in config.items() if k not in ("architectures", "quantization_config")}
-    for k in ("layer_types", "indexer_types", "mlp_layer_types"):
-        small.pop(k, None)
-    small.update(num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=1)
-    cfg = cfg_cls(**small)
+    cfg = cfg_cls(**fam.two_layer_config(config))
     with torch.device("meta"):
         model = getattr(transformers, fam.architecture)(cfg)
-    attn = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.layers.0.")
-               and ".mlp." not in n)
-    embed = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("model.layers."))
-    layers = int(config["num_hidden_layers"])
-    moe = len(fam.moe_layers(config))
-    return MoEShape(
-        hidden=int(config["hidden_size"]), moe_inter=int(config["moe_intermediate_size"]),
-        experts=int(config["n_routed_experts"]), top_k=int(config["num_experts_per_tok"]),
-        shared_experts=int(config.get("n_shared_experts", 0) or 0), moe_layers=moe, dense_layers=layers - moe,
-        dense_inter=int(config["intermediate_size"]), attn_params=attn, embed_params=embed,
-        vocab=int(config["vocab_size"]), mtp_layers=int(config.get("num_nextn_predict_layers", 0) or 0),
-    )
+    first = layer_prefix(0)
+    attn = sum(p.numel() for n, p in model.named_parameters() if n.startswith(first) and ".mlp." not in n)
+    embed = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(LAYERS))
+    return MoEShape(attn_params=attn, embed_params=embed, **fam.dims(config))

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from mtpquant.atomic import atomic_write_json
 from mtpquant.errors import MtpquantError
+from mtpquant.families import FAMILIES
 from mtpquant.run import Run, manifest_of
 
 console = Console(stderr=True)
@@ -260,11 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="stage", required=True)
 
-    f = sub.add_parser("fixture", help="write a tiny random GLM checkpoint in the real on-disk layout")
-    f.add_argument("--family", required=True, choices=["glm_moe_dsa", "glm4_moe"])
+    f = sub.add_parser("fixture", help="write a tiny random checkpoint of a family in its real on-disk layout")
+    f.add_argument("--family", required=True, choices=list(FAMILIES))
     f.add_argument("--out", required=True)
-    f.add_argument("--layers", type=int, default=3, help="num_hidden_layers (MTP excluded)")
-    f.add_argument("--dense-layers", type=int, default=1, help="first_k_dense_replace")
+    f.add_argument("--layers", type=int, default=3, help="decoder layers (MTP excluded)")
+    f.add_argument("--dense-layers", type=int, default=1, help="leading dense (non-MoE) layers")
     f.add_argument("--experts", type=int, default=8)
     f.add_argument("--mtp-layers", type=int, default=1)
     f.add_argument("--shards", type=int, default=3)

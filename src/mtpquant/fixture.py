@@ -1,13 +1,14 @@
-"""Tiny random GLM checkpoints in the real on-disk layout.
+"""Tiny random checkpoints of any registered family in its real on-disk layout.
 
 What makes the layout "real" (and differs from what `save_pretrained` writes for a fresh model):
 - routed experts as per-expert 2-D tensors `model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`
   (transformers fuses them into 3-D tensors in memory and converts on load);
-- the MTP layer(s) at `model.layers.{num_hidden_layers + i}` with `eh_proj`, `enorm`, `hnorm`,
-  `shared_head.*` and a full decoder block, which `from_pretrained` drops;
-- the router's `e_score_correction_bias` in FP32 beside BF16 weights;
-- several shards plus `model.safetensors.index.json`, a tokenizer, `num_nextn_predict_layers`.
-Same spec and seed give the same bytes.
+- the MTP layer(s) where the family stores them (`Family.mtp_block`: `model.layers.{num_hidden_layers + i}`
+  or under a prefix such as `mtp.`), a full decoder block plus the family's `mtp_extra` tensors, which
+  `from_pretrained` drops;
+- FP32 router biases (`Family.fp32_suffixes`, e.g. `e_score_correction_bias`) beside BF16 weights;
+- several shards plus `model.safetensors.index.json`, a tokenizer, the family's MTP-count config key.
+The family's `tiny_config` gives the dimensions. Same spec and seed give the same bytes.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Any
 
 from mtpquant.atomic import atomic_dir
 from mtpquant.checkpoint import INDEX_NAME
-from mtpquant.families import FAMILIES
+from mtpquant.families import FAMILIES, layer_prefix
+from mtpquant.families.base import FIXTURE_VOCAB as VOCAB
+from mtpquant.families.base import LAYERS
 from mtpquant.recipes import FixtureSpec
 
-VOCAB = 320  # 256 byte tokens + specials, padded to a multiple of 64
 SPECIALS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
@@ -32,25 +34,7 @@ CHAT_TEMPLATE = (
 
 def config_for(family: str, spec: FixtureSpec, num_layers: int | None = None) -> Any:
     """A transformers config of the family with the spec's tiny dimensions."""
-    from transformers import Glm4MoeConfig, GlmMoeDsaConfig
-
-    common = dict(
-        vocab_size=VOCAB, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        moe_intermediate_size=spec.moe_intermediate_size,
-        num_hidden_layers=num_layers or spec.num_hidden_layers,
-        n_routed_experts=spec.n_routed_experts, num_experts_per_tok=spec.num_experts_per_tok,
-        n_shared_experts=1, first_k_dense_replace=spec.first_k_dense_replace,
-        max_position_embeddings=4096, bos_token_id=None, eos_token_id=0, pad_token_id=0,
-        tie_word_embeddings=False, dtype="bfloat16",
-    )
-    if family == "glm_moe_dsa":
-        return GlmMoeDsaConfig(
-            **common, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=64,
-            qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64, head_dim=32,
-            index_topk=64, index_head_dim=64, index_n_heads=2,
-        )
-    return Glm4MoeConfig(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                         attention_bias=True, partial_rotary_factor=0.5)
+    return FAMILIES[family].tiny_config(spec, num_layers or spec.num_hidden_layers)
 
 
 def unfuse_experts(name: str, t: Any) -> dict[str, Any]:
@@ -79,31 +63,39 @@ def fixture_tensors(family: str, spec: FixtureSpec) -> dict[str, Any]:
     torch.manual_seed(spec.seed)
     # One model with n + n_mtp layers: the extra decoder blocks become the MTP layers' blocks.
     big = getattr(transformers, fam.architecture)(config_for(family, spec, n + n_mtp)).eval()
-    h = spec.hidden_size
+    h, cfg = spec.hidden_size, fam.fixture_config(spec)
     out: dict[str, torch.Tensor] = {}
     gen = torch.Generator().manual_seed(spec.seed + 1)
+    moved = {layer_prefix(n + i): fam.mtp_block(cfg, i) for i in range(n_mtp)}
     for name, t in big.state_dict().items():
         t = t.detach()
-        if t.is_floating_point() and t.ndim >= 1 and not name.endswith("e_score_correction_bias"):
+        fp32 = name.endswith(fam.fp32_suffixes)
+        if t.is_floating_point() and t.ndim >= 1 and not fp32:
             if "norm" not in name:  # random, not the init's zeros/ones, so every tensor's bytes are distinct
                 t = torch.randn(t.shape, generator=gen) * 0.05
             t = t.to(torch.bfloat16)
-        if name.endswith("e_score_correction_bias"):
+        if fp32:
             t = (torch.randn(t.shape, generator=gen) * 0.01).to(torch.float32)  # FP32 in real checkpoints
-        out.update(unfuse_experts(name, t))
-    for layer in range(n, n + n_mtp):
-        p = f"model.layers.{layer}."
-        out[p + "eh_proj.weight"] = (torch.randn(h, 2 * h, generator=gen) * 0.05).to(torch.bfloat16)
-        for norm in ("enorm", "hnorm", "shared_head.norm"):
-            out[p + f"{norm}.weight"] = torch.ones(h, dtype=torch.bfloat16)
-        if "shared_head.head.weight" in fam.mtp_extra:
-            out[p + "shared_head.head.weight"] = (torch.randn(VOCAB, h, generator=gen) * 0.05).to(torch.bfloat16)
+        out.update(unfuse_experts(_moved(name, moved), t))
+    for p in fam.mtp_prefixes(cfg):
+        for extra in fam.mtp_extra:
+            shape = fam.mtp_extra_shape(extra, h, VOCAB)
+            out[p + extra] = (torch.ones(shape) if "norm" in extra
+                              else torch.randn(shape, generator=gen) * 0.05).to(torch.bfloat16)
     return out
+
+
+def _moved(name: str, moved: dict[str, str]) -> str:
+    """The extra decoder blocks of the fixture's model, renamed to where the family stores MTP blocks."""
+    for src, dst in moved.items():
+        if name.startswith(src):
+            return dst + name.removeprefix(src)
+    return name
 
 
 def _layer_key(name: str) -> tuple[int, str]:
     parts = name.split(".")
-    if name.startswith("model.layers."):
+    if name.startswith(LAYERS):
         return (int(parts[2]) + 1, name)
     return (0 if "embed" in name else 10**9, name)
 
@@ -152,11 +144,7 @@ def write_checkpoint(family: str, spec: FixtureSpec, tensors: dict[str, Any], ou
             weight_map.update(dict.fromkeys(keys, fname))
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        config = config_for(family, spec).to_dict()
-        config["num_nextn_predict_layers"] = spec.num_nextn_predict_layers
-        config["architectures"] = [FAMILIES[family].architecture]
-        config.pop("transformers_version", None)  # keep the bytes independent of the installed version
-        config.pop("_name_or_path", None)
+        config = FAMILIES[family].fixture_config(spec)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         write_tokenizer(tmp)
         if finish is not None:

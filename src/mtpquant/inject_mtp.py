@@ -1,11 +1,12 @@
 """`inject-mtp`: put the MTP layer(s) back into a quantized checkpoint, in BF16, byte for byte.
 
 `from_pretrained` never instantiates the MTP layer, so llm-compressor never saves it. This stage copies
-every `model.layers.{L}.*` tensor (L >= num_hidden_layers) from the base checkpoint into new shard files,
-streaming in fixed-size chunks (memory stays flat whatever the layer's size: GLM-5's is ~19 GB), then
-rewrites the index and adds the MTP layers to `quantization_config.ignore` so vLLM's drafter loads them
-unquantized. The output is built in a temp dir (quantized shards hard-linked, not copied) and renamed
-into place, so rerunning is idempotent and a crash leaves the previous state.
+every MTP tensor (under the family's MTP prefixes: `model.layers.{L}.*` with L >= num_hidden_layers, or
+`mtp.*`) from the base checkpoint into new shard files, streaming in fixed-size chunks (memory stays flat
+whatever the layer's size: GLM-5's is ~19 GB), then rewrites the index and adds the MTP layers to
+`quantization_config.ignore` so vLLM's drafter loads them unquantized. The output is built in a temp dir
+(quantized shards hard-linked, not copied) and renamed into place, so rerunning is idempotent and a crash
+leaves the previous state.
 """
 
 from __future__ import annotations
@@ -26,14 +27,13 @@ from mtpquant.progress import byte_progress
 
 MTP_SHARD = re.compile(r"^mtp-\d{5}-of-\d{5}\.safetensors$")
 DEFAULT_SHARD_BYTES = 5 << 30
-MUST_MATCH = ("model_type", "num_hidden_layers", "hidden_size", "n_routed_experts", "vocab_size")
 
 
-def check_compatible(base: Checkpoint, target: Checkpoint) -> None:
+def check_compatible(base: Checkpoint, target: Checkpoint, fam: Family) -> None:
     b_arch, t_arch = base.architecture(), target.architecture()
     if b_arch != t_arch:
         raise MtpquantError(f"{target.root}: architecture {t_arch} does not match the base's {b_arch}")
-    for key in MUST_MATCH:
+    for key in fam.match_keys():
         if base.config.get(key) != target.config.get(key):
             raise MtpquantError(f"{target.root / 'config.json'}: {key}={target.config.get(key)!r} does not match "
                                 f"the base's {base.config.get(key)!r}")
@@ -42,7 +42,7 @@ def check_compatible(base: Checkpoint, target: Checkpoint) -> None:
 def mtp_tensors(base: Checkpoint, fam: Family) -> list[TensorInfo]:
     cfg = base.config
     if fam.num_mtp(cfg) < 1:
-        raise MtpquantError(f"{base.root / 'config.json'}: num_nextn_predict_layers is missing or 0: no MTP layer")
+        raise MtpquantError(f"{base.root / 'config.json'}: {fam.mtp_key} is missing or 0: no MTP layer")
     prefixes = tuple(fam.mtp_prefixes(cfg))
     found = [base.tensors[n] for n in sorted(base.tensors) if n.startswith(prefixes)]
     for prefix in prefixes:
@@ -79,7 +79,7 @@ def inject_mtp(base_dir: Path, quantized_dir: Path, out_dir: Path,
     t0 = time.perf_counter()
     base, target = Checkpoint(base_dir), Checkpoint(quantized_dir)
     fam = family_for(base.config, str(base.root / "config.json"))
-    check_compatible(base, target)
+    check_compatible(base, target, fam)
     mtp = mtp_tensors(base, fam)
     prefixes = tuple(fam.mtp_prefixes(base.config))
     if "quantization_config" not in target.config:
@@ -113,7 +113,7 @@ def inject_mtp(base_dir: Path, quantized_dir: Path, out_dir: Path,
         ignore = list(qc.get("ignore") or [])
         qc["ignore"] = ignore + [p for p in fam.mtp_ignore(base.config) if p not in ignore]
         config["quantization_config"] = qc
-        config["num_nextn_predict_layers"] = fam.num_mtp(base.config)
+        config = fam.with_mtp(config, fam.num_mtp(base.config))
         atomic_write_json(tmp / "config.json", config)
     seconds = time.perf_counter() - t0
     return {

@@ -121,11 +121,9 @@ def model_config(model: ModelRecipe, where: str) -> dict[str, Any]:
     """config.json of the model a recipe names: fixture spec, local checkpoint, or the recipe's `config`."""
     src = model.source
     if src.fixture is not None:
-        from mtpquant.fixture import config_for
+        from mtpquant.families import FAMILIES
 
-        cfg = config_for(model.family, src.fixture).to_dict()
-        cfg["num_nextn_predict_layers"] = src.fixture.num_nextn_predict_layers
-        return cfg
+        return FAMILIES[model.family].fixture_config(src.fixture)
     if src.path is not None and (Path(src.path) / "config.json").is_file():
         return json.loads((Path(src.path) / "config.json").read_text())
     if model.config:

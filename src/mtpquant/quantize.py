@@ -173,7 +173,7 @@ def routing_counts(model: Any, fam: Family, config: dict[str, Any]) -> Iterator[
     counts: dict[int, Any] = {}
     handles = []
     for layer in fam.moe_layers(config):
-        gate = model.get_submodule(f"model.layers.{layer}.mlp.gate")
+        gate = model.get_submodule(fam.router_module(layer))
         counts[layer] = torch.zeros(fam.num_experts(config), dtype=torch.long)
 
         def hook(_mod: Any, _inp: Any, out: Any, layer: int = layer) -> None:

@@ -38,7 +38,8 @@ def key(where: str, name: str) -> str:
 
 @dataclass(frozen=True)
 class FixtureSpec:
-    """A tiny random model in the real on-disk layout (see mtpquant.fixture)."""
+    """A tiny random model in the real on-disk layout (see mtpquant.fixture). The field names are the spec's own
+    vocabulary (DeepSeek-style); each family's `tiny_config` maps them to its config keys."""
 
     num_hidden_layers: int = 3
     first_k_dense_replace: int = 1
@@ -84,13 +85,20 @@ class ModelSource:
 @dataclass(frozen=True)
 class ModelRecipe:
     name: str
-    family: Literal["glm_moe_dsa", "glm4_moe"]
+    family: str  # a key of mtpquant.families.FAMILIES
     source: ModelSource
     description: str = ""
     # config.json fields of a hub model that is not downloaded yet, for `mtpquant plan` (a fixture's or a
     # local checkpoint's own config wins)
     config: dict[str, Any] | None = None
     license: str = "other"  # the base model's license id on the hub (the published card's `license`)
+
+    def check(self, where: str) -> None:
+        from mtpquant.families import FAMILIES
+
+        if self.family not in FAMILIES:
+            allowed = ", ".join(repr(a) for a in FAMILIES)
+            raise RecipeError(f"{key(where, 'family')}: {self.family!r} is not one of {allowed}")
 
 
 @dataclass(frozen=True)

@@ -293,7 +293,7 @@ def check_mtp_present(model_dir: Path) -> list[str]:
     prefixes = tuple(fam.mtp_prefixes(ck.config))
     names = [n for n in ck.tensors if prefixes and n.startswith(prefixes)]
     if not prefixes:
-        raise ServeError(f"{model_dir / 'config.json'}: num_nextn_predict_layers is 0; serve with MTP off "
+        raise ServeError(f"{model_dir / 'config.json'}: {fam.mtp_key} is 0; serve with MTP off "
                          "(--no-mtp)")
     if not names:
         raise ServeError(f"{model_dir}: config.json declares MTP layer(s) {fam.mtp_layers(ck.config)} but the "

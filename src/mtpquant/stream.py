@@ -40,6 +40,7 @@ from mtpquant import recipes
 from mtpquant.atomic import atomic_dir, atomic_write_json
 from mtpquant.checkpoint import INDEX_NAME, Checkpoint, file_sha256
 from mtpquant.errors import MtpquantError
+from mtpquant.families.base import LAYERS, layer_prefix
 from mtpquant.measure import peak_memory
 from mtpquant.quantize import (
     checked_inputs,
@@ -169,7 +170,7 @@ def read_tensors(source: Checkpoint, names: list[str]) -> dict[str, Any]:
 
 
 def layer_names(source: Checkpoint, i: int) -> list[str]:
-    prefix = f"model.layers.{i}."
+    prefix = layer_prefix(i)
     return sorted(n for n in source.weight_map if n.startswith(prefix))
 
 
@@ -207,7 +208,7 @@ def build_layer(skeleton: Any, i: int, source: Checkpoint, device: Any, tensors:
     from llmcompressor.modeling.moe.linearize import get_non_linearized_moes
 
     meta_layer = skeleton.model.layers[i]
-    prefix = f"model.layers.{i}."
+    prefix = layer_prefix(i)
     if tensors is None:
         tensors = read_tensors(source, layer_names(source, i))
     state = fuse_experts(tensors, prefix)
@@ -316,7 +317,7 @@ def calibrate_layer(skeleton: Any, i: int, layer: Any, recipe: QuantRecipe, targ
     from llmcompressor.utils.helpers import DisableQuantization, calibration_forward_context
 
     skeleton.model.layers[i] = layer
-    if not any(n.startswith(f"model.layers.{i}.") for n in fam.routed_expert_linears(config_dict)):
+    if not any(n.startswith(layer_prefix(i)) for n in fam.routed_expert_linears(config_dict)):
         # nothing to quantize here (a dense layer): the pipeline's two passes give the same outputs
         with calibration_forward_context(skeleton):
             pairs = [_split_output(_call(layer, hidden[b], kwargs[b], prev[b], device)) for b in range(len(hidden))]
@@ -357,7 +358,7 @@ def pack_layer(skeleton: Any, layer: Any, i: int) -> dict[str, Any]:
 
     compressor = ModelCompressor.from_pretrained_model(skeleton)
     compressor.compress_model(layer, skip_compressed=True)
-    return {f"model.layers.{i}.{k}": v.contiguous() for k, v in layer.state_dict().items()}
+    return {layer_prefix(i) + k: v.contiguous() for k, v in layer.state_dict().items()}
 
 
 def restore_source_dtypes(tensors: dict[str, Any], source: Checkpoint) -> list[str]:
@@ -457,7 +458,7 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
     config = transformers.AutoConfig.from_pretrained(source.root)
     cls = getattr(transformers, fam.architecture)
     skeleton = meta_skeleton(cls, config)
-    n_layers = int(config_dict["num_hidden_layers"])
+    n_layers = fam.num_layers(config_dict)
     n_shards = n_layers + 1
     expected = fam.routed_expert_linears(config_dict)
 
@@ -545,7 +546,7 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
 
     # the rest: every tensor outside the decoder layers (MTP layers are dropped, as the memory engine does)
     in_model = set(skeleton.state_dict())
-    rest_names = [n for n in source.weight_map if not n.startswith("model.layers.") and n in in_model]
+    rest_names = [n for n in source.weight_map if not n.startswith(LAYERS) and n in in_model]
     rest = read_tensors(source, rest_names)
     modifier = modifier_for(recipe, targets)
     for e in journal.layers:  # fields the solve resolved (e.g. batched_quantization "auto"), as recipe.yaml

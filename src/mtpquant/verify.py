@@ -169,7 +169,7 @@ def check_unquantized(art: Checkpoint, base: Checkpoint, fam: Family) -> Check:
 
 def check_config(art: Checkpoint, base: Checkpoint, fam: Family) -> tuple[Check, int, bool]:
     c = Check("config agrees with base and tensors")
-    for key in ("model_type", "num_hidden_layers", "n_routed_experts", "hidden_size", "num_nextn_predict_layers"):
+    for key in (*fam.match_keys(), fam.mtp_key):
         if art.config.get(key) != base.config.get(key):
             c.failures.append(f"config.json {key}={art.config.get(key)!r}, base has {base.config.get(key)!r}")
     qc = art.config.get("quantization_config")
