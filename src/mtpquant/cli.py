@@ -242,6 +242,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_summary(args: argparse.Namespace) -> int:
+    from mtpquant.summary import summary_command
+
+    missing = [r for r in args.run if not Path(r).is_dir()]
+    if missing:
+        raise MtpquantError(f"{missing[0]}: run directory not found")
+    return summary_command([Path(r) for r in args.run], Console(width=None if sys.stdout.isatty() else 140))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtpquant", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -341,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_rtn)
     s = stage("report", cmd_report, "markdown report of an artifact: verify, eval, bench, commands, versions")
     s.add_argument("--artifact", help="default RUN/artifact")
+    s = sub.add_parser("summary", help="one panel of the runs' verdicts, accuracies, MTP acceptance, KL, bench")
+    s.add_argument("--run", action="append", required=True, help="run directory (repeat for several)")
+    s.set_defaults(fn=cmd_summary)
     s = sub.add_parser("preflight", help="refuse a real run this machine cannot finish (GPUs, pins)")
     s.add_argument("--model", required=True)
     s.add_argument("--calibration", required=True)

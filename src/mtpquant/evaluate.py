@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import re
+import sys
 import tempfile
 import time
 import urllib.request
@@ -195,6 +196,13 @@ def evaluate(suite_ref: str, base_url: str, model: str, tokenizer: str, out: Pat
     return res
 
 
+def invocation_of(args: argparse.Namespace, artifact: Path, label: str) -> dict[str, Any]:
+    """What `mtpquant eval` was given, for the report's pasteable command (no port: a fresh one each run)."""
+    return {"python": sys.executable, "artifact": str(artifact), "name": args.name, "label": label,
+            "suite": args.suite, "profile": args.profile, "no_mtp": bool(args.no_mtp),
+            "base_url": args.base_url, "tokenizer": args.tokenizer}
+
+
 def eval_command(args: argparse.Namespace, console: Any) -> int:
     from rich.console import Console
 
@@ -205,16 +213,18 @@ def eval_command(args: argparse.Namespace, console: Any) -> int:
     artifact = Path(args.artifact or run.artifact)
     label = args.label or (artifact.name + ("-nomtp" if args.no_mtp else ""))
     out = run.eval_result(label)
+    invocation = {"invocation": invocation_of(args, artifact, label)}
     if args.base_url:
         res = evaluate(args.suite, args.base_url.rstrip("/"), args.name or artifact.name,
-                       args.tokenizer or str(artifact), out, label, log=console.print)
+                       args.tokenizer or str(artifact), out, label, extra=invocation, log=console.print)
     else:
         launch = launch_for(args, console, port=args.port or free_port())
         print_launch(launch, console)
         with running(launch, run.eval_log(label), load_profile(args.profile).ready_timeout_s) as server:
             res = evaluate(args.suite, launch.base_url, launch.served_name,
                            args.tokenizer or str(launch.model_dir), out, label,
-                           extra={"server": {"command": launch.shell(), "ready_seconds": server.ready_seconds,
+                           extra={**invocation,
+                                  "server": {"command": launch.shell(), "ready_seconds": server.ready_seconds,
                                              "mtp_tokens": launch.mtp_tokens, "notes": launch.notes,
                                              "model_dir": str(launch.model_dir)}},
                            log=console.print)

@@ -1,0 +1,58 @@
+"""The terminal: servers stop without a traceback, waits show progress, known noise stays out.
+
+Stand-in processes, not vLLM (the real server runs in tests/test_serve_chain.py): what is under test is the
+launcher's side, which signal goes where and what it prints."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from mtpquant.serve import Launch, Server, last_line
+
+# A server that, like `vllm serve`, stops its engine child itself on SIGINT and exits 0; on SIGTERM to the
+# whole group (the old shutdown) the child dies under it first.
+SERVER = """
+import signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+def on_int(*_):
+    child.terminate(); child.wait(); print("clean shutdown", flush=True); sys.exit(0)
+signal.signal(signal.SIGINT, on_int)
+print("INFO loading weights", flush=True)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _server(tmp_path: Path, code: str) -> Server:
+    server = Server(Launch([sys.executable, "-c", code], {}, Path("/nonexistent"), "m", "127.0.0.1", 1, 0),
+                    tmp_path / "serve.log")
+    server.start()
+    deadline = time.monotonic() + 30
+    while last_line(server.log_path) != "ready" and time.monotonic() < deadline:  # the command heads the log
+        time.sleep(0.1)
+    return server
+
+
+def test_stop_sends_sigint_to_the_server_which_stops_its_engine(tmp_path):
+    server = _server(tmp_path, SERVER)
+    assert server.stop(grace_s=10) == 0
+    assert "clean shutdown" in server.log_path.read_text()
+    assert "Traceback" not in server.log_path.read_text()
+
+
+def test_a_server_that_ignores_sigint_is_terminated(tmp_path):
+    code = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('ready', flush=True); " \
+           "time.sleep(600)"
+    server = _server(tmp_path, code)
+    t0 = time.monotonic()
+    assert server.stop(grace_s=1) is not None
+    assert server.proc.poll() is not None and time.monotonic() - t0 < 10
+
+
+def test_last_line_is_the_logs_last_nonempty_line(tmp_path):
+    log = tmp_path / "x.log"
+    assert last_line(log) == ""
+    log.write_text("x" * 10000 + "\nINFO Loading weights took 3.2 s\n\n")
+    assert last_line(log) == "INFO Loading weights took 3.2 s"
