@@ -67,3 +67,38 @@ def test_summary_panel_has_every_finding(tmp_path, capsys):
 def test_summary_refuses_a_missing_run(tmp_path, capsys):
     assert main(["summary", "--run", str(tmp_path / "nope")]) == 2
     assert "run directory not found" in capsys.readouterr().err
+
+
+def test_report_commands_are_pasteable(tmp_path):
+    """Stage commands with the run dir, eval and bench as given, a bench point by hand against a server on the
+    profile's port: no port that only existed during the run."""
+    run = full_run(tmp_path / "arith")
+    run.record("prepare", {"recipe": "/repo/recipes/models/tiny-arith.yaml"})
+    run.record("quantize", {"recipe": {"path": "/repo/recipes/quant/w4a16-asym-g128.yaml"},
+                            "calibration": {"path": "/repo/recipes/calibration/tiny-arith.yaml"}})
+    run.record("inject-mtp", {})
+    py = "/venv/bin/python"
+    rec = eval_record("bf16", 0.865, None, [])
+    rec |= {"invocation": {"python": py, "artifact": str(run.base), "name": "bf16", "label": "bf16",
+                           "suite": "tiny", "profile": "cpu", "no_mtp": False, "base_url": None, "tokenizer": None},
+            "server": {"command": f"{py} -m vllm.entrypoints.openai.api_server --model M --port 41234"}}
+    atomic_write_json(run.eval_result("bf16"), rec)
+    b = bench_record()
+    b["invocation"] = {"python": py, "artifact": str(run.artifact), "name": "w4a16", "grid": "tiny",
+                       "profile": "cpu"}
+    for pt in b["points"]:
+        pt["server_command"] = f"{py} -m vllm.entrypoints.openai.api_server --model M --port 41235"
+        pt["command"] = f"{py} -m mtpquant.bench --base-url http://127.0.0.1:41235 --model w4a16"
+    atomic_write_json(run.bench_summary, b)
+    text = write_report(run).read_text()
+    commands = text[text.index("## Commands"):]
+    assert f"mtpquant prepare --run {run.root} --model /repo/recipes/models/tiny-arith.yaml" in commands
+    assert (f"mtpquant quantize --run {run.root} --recipe /repo/recipes/quant/w4a16-asym-g128.yaml "
+            "--calibration /repo/recipes/calibration/tiny-arith.yaml") in commands
+    assert f"mtpquant inject-mtp --run {run.root}" in commands and f"mtpquant verify --run {run.root}" in commands
+    assert (f"{py} -m mtpquant eval --run {run.root} --artifact {run.base} --name bf16 --label bf16 --suite tiny "
+            "--profile cpu") in commands
+    assert f"{py} -m mtpquant bench --run {run.root} --artifact {run.artifact} --name w4a16 --grid tiny" in commands
+    assert f"{py} -m mtpquant serve --run {run.root}" in commands
+    assert f"{py} -m mtpquant.bench --base-url http://127.0.0.1:8000 --model w4a16" in commands
+    assert "41234" not in commands and "41235" not in commands and "--port 8000" in commands

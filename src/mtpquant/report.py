@@ -134,7 +134,7 @@ def stage_commands(run: Run) -> list[str]:
         out.append(_cmd("mtpquant", "quantize", "--run", run.root, "--recipe", quant["recipe"]["path"],
                         "--calibration", quant["calibration"]["path"], *engine))
     for stage in ("inject-mtp", "verify"):
-        if run.read_record(stage):
+        if run.read_record(stage) is not None:
             out.append(_cmd("mtpquant", stage, "--run", run.root))
     if (run.read_record("verify") or {}).get("ok") and manifest_of(run.artifact).is_file():
         out.append(_cmd("mtpquant", "manifest", "--run", run.root))
@@ -176,17 +176,25 @@ def bench_commands(run: Run, b: dict[str, Any]) -> list[str]:
 
 
 def server_commands(run: Run) -> list[str]:
-    """The vLLM command lines the launcher ran (each on a fresh port: `mtpquant serve` above picks a fixed one)."""
+    """The vLLM command lines the launcher ran, each on the port of its profile (eval and bench start theirs on a
+    free port that means nothing after the run)."""
     seen: list[str] = []
     serve = run.read_record("serve")
     cmds = [serve["command"]] if serve else []
-    cmds += [(load_json(p) or {}).get("server", {}).get("command") for p in run.eval_results()]
+    for rec in [load_json(p) or {} for p in run.eval_results()]:
+        cmds.append(_on_profile_port(rec.get("server", {}).get("command"), rec.get("invocation")))
     b = load_json(run.bench_summary) or {}
-    cmds += [pt.get("server_command") for pt in b.get("points", [])]
+    cmds += [_on_profile_port(pt.get("server_command"), b.get("invocation")) for pt in b.get("points", [])]
     for c in cmds:
         if c and c not in seen:
             seen.append(c)
     return seen
+
+
+def _on_profile_port(command: str | None, invocation: dict[str, Any] | None) -> str | None:
+    if not command or not invocation:
+        return command
+    return re.sub(r"--port \d+", f"--port {recipes.load('serve', invocation['profile']).port}", command)
 
 
 def section_commands(run: Run) -> list[str]:
@@ -198,7 +206,7 @@ def section_commands(run: Run) -> list[str]:
         out += ["Serving, eval and bench (the serving environment's python):", "", "```", *served, "```", ""]
     servers = server_commands(run)
     if servers:
-        out += ["The vLLM servers as the launcher started them (on free ports of that run):", "", "```",
+        out += ["The vLLM servers as the launcher started them (what `mtpquant serve` runs):", "", "```",
                 *servers, "```", ""]
     return out
 
