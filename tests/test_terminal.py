@@ -56,3 +56,34 @@ def test_last_line_is_the_logs_last_nonempty_line(tmp_path):
     assert last_line(log) == ""
     log.write_text("x" * 10000 + "\nINFO Loading weights took 3.2 s\n\n")
     assert last_line(log) == "INFO Loading weights took 3.2 s"
+
+
+def test_stdout_to_keeps_a_librarys_printout_in_its_log(tmp_path, capfd):
+    import os
+
+    from mtpquant.quiet import stdout_to
+
+    log = tmp_path / "bench" / "client.log"
+    print("before")
+    with stdout_to(log):
+        print("Namespace(backend='openai', ...)")
+        os.write(1, b"install termplotlib to plot\n")  # what a logging handler holding the real stdout writes
+        sys.stderr.write("progress stays\n")
+    print("after")
+    out, err = capfd.readouterr()
+    assert out == "before\nafter\n" and "progress stays" in err
+    assert sorted(log.read_text().splitlines()) == ["Namespace(backend='openai', ...)", "install termplotlib to plot"]
+
+
+def test_a_wait_inside_a_progress_is_a_line_of_the_same_display():
+    from mtpquant import progress as p
+
+    with p.progress("bench points", total=3) as update:
+        bar = p._active[0]
+        with p.progress("vLLM starting m (timeout 60 s)") as inner:
+            inner(status="INFO loading weights " + "x" * 300)
+            assert len(bar.tasks) == 2 and bar.tasks[1].fields["status"].endswith("…")
+            assert len(bar.tasks[1].fields["status"]) == p.STATUS_CHARS
+        update(advance=1)
+        assert len(bar.tasks) == 1 and bar.tasks[0].fields["count"] == "1/3"
+    assert not p._active

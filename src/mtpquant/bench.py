@@ -29,6 +29,8 @@ from typing import Any
 from mtpquant import recipes
 from mtpquant.atomic import atomic_write_bytes, atomic_write_json
 from mtpquant.errors import MtpquantError
+from mtpquant.progress import progress
+from mtpquant.quiet import stdout_to
 from mtpquant.recipes import REPO_ROOT, BenchGrid
 from mtpquant.run import Run
 
@@ -194,6 +196,22 @@ def schedule(grid: BenchGrid) -> list[tuple[int, int, bool]]:
     return [(r, c, mtp) for mtp in grid.mtp for r in range(grid.repeats) for c in grid.concurrency]
 
 
+def measure_point(grid: BenchGrid, launch: Any, run: Run, tag: str, c: int, rep: int) -> dict[str, Any]:
+    """One `vllm bench serve` point against `launch`'s server, its printout kept in the client log."""
+    point = run.bench_point(tag, c, rep)
+    argv = bench_argv(grid, launch.base_url, launch.served_name, str(launch.model_dir), c, point.parent,
+                      point.name, chat=grid.api == "chat")
+    t0 = time.perf_counter()
+    with stdout_to(run.bench_client_log):
+        res = run_point(argv)
+    if not res.get("completed"):
+        raise MtpquantError(f"bench {tag} concurrency {c}: no request completed (client log "
+                            f"{run.bench_client_log})")
+    return {"mtp": tag == "mtp", "concurrency": c, "repeat": rep, "seconds": round(time.perf_counter() - t0, 1),
+            "command": client_command(launch.argv, argv), "vllm_command": "vllm bench serve " + shlex.join(argv),
+            "server_command": launch.shell(), "result": {k: res.get(k) for k in KEEP}}
+
+
 def bench(grid_ref: str, launches: dict[bool, Any], run: Run, timeout_s: float, log: Any = print,
           extra: dict[str, Any] | None = None) -> dict:
     """`launches`: MTP on/off -> a serve.Launch (on different ports when the grid runs them together)."""
@@ -220,22 +238,14 @@ def bench(grid_ref: str, launches: dict[bool, Any], run: Run, timeout_s: float, 
         if grid.together:
             for mtp in grid.mtp:
                 server_for(mtp)
-        for i, (rep, c, mtp) in enumerate(order, 1):
-            server_for(mtp)
-            launch, tag = launches[mtp], "mtp" if mtp else "nomtp"
-            point = run.bench_point(tag, c, rep)
-            argv = bench_argv(grid, launch.base_url, launch.served_name, str(launch.model_dir), c, point.parent,
-                              point.name, chat=grid.api == "chat")
-            log(f"[{i}/{len(order)}] vllm bench serve {tag} concurrency {c} repetition {rep + 1}/{grid.repeats}")
-            t0 = time.perf_counter()
-            res = run_point(argv)
-            if not res.get("completed"):
-                raise MtpquantError(f"bench {tag} concurrency {c}: no request completed")
-            points.append({"mtp": mtp, "concurrency": c, "repeat": rep,
-                           "seconds": round(time.perf_counter() - t0, 1),
-                           "command": client_command(launch.argv, argv),
-                           "vllm_command": "vllm bench serve " + shlex.join(argv),
-                           "server_command": launch.shell(), "result": {k: res.get(k) for k in KEEP}})
+        log(f"vllm bench serve: {len(order)} points; the client's own output goes to {run.bench_client_log}")
+        with progress("bench points", total=len(order)) as update:
+            for rep, c, mtp in order:
+                server_for(mtp)
+                tag = "mtp" if mtp else "nomtp"
+                update(status=f"{tag} concurrency {c} repetition {rep + 1}/{grid.repeats}")
+                points.append(measure_point(grid, launches[mtp], run, tag, c, rep))
+                update(advance=1)
     rows = summarize(points)
     summary = {"grid": grid.name, "grid_sha256": recipes.recipe_sha256("bench", gpath), "repeats": grid.repeats,
                "together": grid.together, "points": points, "table": rows,

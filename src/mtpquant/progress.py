@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    MofNCompleteColumn,
     Progress,
     SpinnerColumn,
     TextColumn,
@@ -42,19 +40,40 @@ def short(line: str, limit: int = STATUS_CHARS) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+_active: list[Progress] = []  # the live progress display, when one is up: nested waits add a line to it
+
+
+def _display() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}[/]"), BarColumn(),
+                    TextColumn("{task.fields[count]}"), TimeElapsedColumn(),
+                    TextColumn("{task.fields[status]}", markup=False), console=Console(stderr=True), transient=True)
+
+
 @contextlib.contextmanager
 def progress(description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
-    """Yield `update(advance=0, status=None)`: a spinner, the description, done/total and a bar when `total` is
-    given, the elapsed time and the latest status line."""
-    columns: list[Any] = [SpinnerColumn(), TextColumn(f"[bold]{description}[/]")]
-    if total is not None:
-        columns += [BarColumn(), MofNCompleteColumn()]
-    columns += [TimeElapsedColumn(), TextColumn("{task.fields[status]}", markup=False)]
-    bar = Progress(*columns, console=Console(stderr=True), transient=True)
-    task = bar.add_task(description, total=total, status="")
+    """Yield `update(advance=0, status=None)`: a spinner, the description, a bar and done/total when `total` is
+    given, the elapsed time and the latest status line. Inside another `progress` (a server starting between
+    bench points) it is one more line of the same display, removed when done."""
+    outer = bool(_active)
+    bar = _active[0] if outer else _display()
+    task = bar.add_task(description, total=total, status="", count="" if total is None else f"0/{total}")
+    done = 0
 
     def update(advance: int = 0, status: str | None = None) -> None:
-        bar.update(task, advance=advance, **({"status": short(status)} if status is not None else {}))
+        nonlocal done
+        done += advance
+        fields = {"count": f"{done}/{total}"} if total is not None else {}
+        bar.update(task, advance=advance, **fields, **({"status": short(status)} if status is not None else {}))
 
-    with bar:
-        yield update
+    if outer:
+        try:
+            yield update
+        finally:
+            bar.remove_task(task)
+        return
+    _active.append(bar)
+    try:
+        with bar:
+            yield update
+    finally:
+        _active.clear()

@@ -7,7 +7,8 @@
     RUN/serve-bf16-<artifact>/ the dequantized copy that a `dequantize` serve profile loads
     RUN/serve-<name>-<mtp|nomtp>.log, RUN/serve-<label>.log   server logs of serve and eval
     RUN/eval/<label>.json      eval
-    RUN/bench/                 bench: bench.json, bench.md, bench.png, <mtp|nomtp>-c<N>-r<R>.json, serve-<mtp|nomtp>.log
+    RUN/bench/                 bench: bench.json, bench.md, bench.png, <mtp|nomtp>-c<N>-r<R>.json,
+                               serve-<mtp|nomtp>.log, client.log (the benchmark client's own output)
     RUN/report.md              report
 
 Stages take explicit paths and return their record; whoever runs a stage writes it once with `Run.record`.
@@ -155,6 +156,10 @@ class Run:
 
     def bench_point(self, tag: str, concurrency: int, repeat: int) -> Path:
         return self.bench_dir / f"{tag}-c{concurrency}-r{repeat}.json"
+
+    @property
+    def bench_client_log(self) -> Path:
+        return self.bench_dir / "client.log"
 
     def bench_log(self, tag: str) -> Path:
         return self.bench_dir / f"serve-{tag}.log"
