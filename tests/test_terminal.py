@@ -87,3 +87,57 @@ def test_a_wait_inside_a_progress_is_a_line_of_the_same_display():
         update(advance=1)
         assert len(bar.tasks) == 1 and bar.tasks[0].fields["count"] == "1/3"
     assert not p._active
+
+
+REPORT = ("Glm4MoeForCausalLM LOAD REPORT from: /run/base\nKey                               | Status     | \n"
+          "----------------------------------+------------+-\n"
+          "model.layers.3.eh_proj.weight     | \x1b[38;5;208mUNEXPECTED\x1b[0m | \n"
+          "model.layers.3.mlp.experts.{0...7}.up_proj.weight | UNEXPECTED | \n{rest}\nNotes:\n- UNEXPECTED:\tcan be ignored")
+
+
+def report(rest: str) -> str:
+    """transformers 5's load report (utils/loading_report.py): a Key | Status table, then notes."""
+    return REPORT.replace("{rest}", rest)
+
+
+def test_mtp_only_load_report_is_recognized_and_nothing_else():
+    from mtpquant.quiet import mtp_only_load_report
+
+    prefixes = ("model.layers.3.",)
+    assert mtp_only_load_report(report(""), prefixes)
+    assert mtp_only_load_report(report("model.layers.3.ml...ht | UNEXPECTED | "), prefixes)  # compact table
+    assert not mtp_only_load_report(report("model.la...ht | UNEXPECTED | "), prefixes)  # cannot tell: shown
+    assert not mtp_only_load_report(report("model.layers.1.mlp.gate.weight | UNEXPECTED | "), prefixes)
+    assert not mtp_only_load_report(report("lm_head.weight | MISSING | "), prefixes)
+    assert not mtp_only_load_report(report(""), ())
+
+
+def test_stage_logs_keep_known_noise_in_the_log_and_say_it_once(tmp_path, capfd):
+    import pytest
+
+    pytest.importorskip("llmcompressor")
+    from loguru import logger
+    from transformers.utils import logging as tlog
+
+    from mtpquant.quiet import stage_logs
+
+    log = tmp_path / "quantize.log"
+    said: list[str] = []
+    with stage_logs(log, ["model.layers.3."], 70, said.append):
+        for _ in range(3):
+            logger.log("METRIC", "time 0.12s")
+        logger.warning("No accelerator available! Compressing model on CPU instead")
+        logger.warning("Could not find MTP weights with prefix mtp")
+        logger.info("Compression lifecycle initialized")
+        logger.warning("a new warning")
+        tlog.get_logger("transformers.modeling_utils").warning(report(""))
+        tlog.get_logger("transformers.modeling_utils").warning(report("lm_head.weight | MISSING | "))
+    err = capfd.readouterr().err
+    assert "a new warning" in err and "lm_head.weight" in err  # news reaches the terminal
+    for noise in ("METRIC", "No accelerator", "Could not find MTP", "lifecycle", "eh_proj"):
+        assert noise not in err.replace(report("lm_head.weight | MISSING | "), ""), noise
+    text = log.read_text()
+    assert text.count("time 0.12s") == 3 and "No accelerator" in text and "Could not find MTP" in text
+    assert "eh_proj" in text and "lifecycle" in text
+    assert said[0] == "70 MTP tensors not loaded by transformers (expected: inject-mtp copies them back)"
+    assert "inject-mtp copies them from the base" in said[1] and str(log) in said[2]
