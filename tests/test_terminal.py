@@ -92,7 +92,8 @@ def test_a_wait_inside_a_progress_is_a_line_of_the_same_display():
 REPORT = ("Glm4MoeForCausalLM LOAD REPORT from: /run/base\nKey                               | Status     | \n"
           "----------------------------------+------------+-\n"
           "model.layers.3.eh_proj.weight     | \x1b[38;5;208mUNEXPECTED\x1b[0m | \n"
-          "model.layers.3.mlp.experts.{0...7}.up_proj.weight | UNEXPECTED | \n{rest}\nNotes:\n- UNEXPECTED:\tcan be ignored")
+          "model.layers.3.mlp.experts.{0...7}.up_proj.weight | UNEXPECTED | \n{rest}\n"
+          "Notes:\n- UNEXPECTED:\tcan be ignored")
 
 
 def report(rest: str) -> str:
