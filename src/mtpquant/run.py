@@ -4,6 +4,7 @@
     RUN/quantized/             quantize     llm-compressor output (MTP layer absent)
     RUN/artifact/              inject-mtp   quantized + MTP layer(s) in BF16; manifest.json from `manifest`
     RUN/<stage>.json           the record of prepare, quantize, inject-mtp, verify and serve
+    RUN/<stage>.log            the libraries' log of quantize (GPTQ metrics, known notices; see mtpquant.quiet)
     RUN/serve-bf16-<artifact>/ the dequantized copy that a `dequantize` serve profile loads
     RUN/serve-<name>-<mtp|nomtp>.log, RUN/serve-<label>.log   server logs of serve and eval
     RUN/eval/<label>.json      eval
@@ -118,6 +119,10 @@ class Run:
             return False
         outputs = [Path(p) for p in resume.get("outputs", [])]
         return all(p.exists() for p in outputs) and resume.get("written") == signature(*outputs)
+
+    def stage_log(self, stage: str) -> Path:
+        """The libraries' full log of a stage (what the terminal is spared: GPTQ metrics, known notices)."""
+        return self.root / f"{stage}.log"
 
     def serve_copy(self, artifact: Path) -> Path:
         return self.root / f"serve-bf16-{Path(artifact).name}"
