@@ -27,6 +27,7 @@ import yaml
 from mtpquant import recipes
 from mtpquant.atomic import atomic_write_json
 from mtpquant.errors import MtpquantError
+from mtpquant.progress import progress
 from mtpquant.recipes import REPO_ROOT, EvalSuite, EvalTask
 from mtpquant.run import Run
 
@@ -92,12 +93,14 @@ def run_lm_eval(suite: EvalSuite, base_url: str, model: str, tokenizer: str, log
             tm = TaskManager(include_path=include) if include else TaskManager()
             log(f"lm-eval {name} ({task.metric}) against {base_url}")
             t0 = time.perf_counter()
-            out = lm_eval.simple_evaluate(
-                model=suite.model, model_args=model_args, tasks=[name], num_fewshot=task.num_fewshot,
-                limit=task.limit, task_manager=tm, log_samples=True, metadata=task.metadata or None,
-                apply_chat_template=suite.model == "local-chat-completions",
-                gen_kwargs={"max_gen_toks": suite.max_gen_toks} if suite.max_gen_toks else None,
-            )
+            with progress(f"lm-eval {name}") as update:
+                update(status=f"{task.limit or 'all'} problems, {suite.num_concurrent} at a time, against {base_url}")
+                out = lm_eval.simple_evaluate(
+                    model=suite.model, model_args=model_args, tasks=[name], num_fewshot=task.num_fewshot,
+                    limit=task.limit, task_manager=tm, log_samples=True, metadata=task.metadata or None,
+                    apply_chat_template=suite.model == "local-chat-completions",
+                    gen_kwargs={"max_gen_toks": suite.max_gen_toks} if suite.max_gen_toks else None,
+                )
             metric, filt = task.metric.split(",", 1)
             res = out["results"][name]
             value = res.get(task.metric)
@@ -135,8 +138,12 @@ def answer_logprobs(base_url: str, model: str, tokenizer: str, rows: list[dict[s
         # entry i is the distribution that predicted token i: keep those predicting answer tokens
         return [{t: v["logprob"] for t, v in entry.items()} for entry in plp[n_q:] if entry]
 
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(one, rows))
+    out = []
+    with ThreadPoolExecutor(workers) as pool, progress("next-token log-probabilities", total=len(rows)) as update:
+        for r in pool.map(one, rows):
+            out.append(r)
+            update(advance=1)
+    return out
 
 
 def compare_logprobs(ref: list[list[dict[str, float]]], test: list[list[dict[str, float]]]) -> dict[str, Any]:
