@@ -33,6 +33,7 @@ def bench_record() -> dict:
 def full_run(root: Path) -> Run:
     run = Run(root)
     run.root.mkdir()
+    run.record("inject-mtp", {"tensors": 31, "mtp_layers": [3]})
     run.record("verify", {"ok": True, "checks": [{"name": "mtp", "ok": True, "detail": "", "failures": []}] * 9})
     ref = [[{"a": -0.1, "b": -2.4}]]
     atomic_write_json(run.eval_result("bf16"), eval_record("bf16", 0.865, None, ref))
@@ -54,6 +55,7 @@ def test_summary_panel_has_every_finding(tmp_path, capsys):
     assert main(["summary", "--run", str(run.root), "--run", str(failed.root), "--run", str(empty)]) == 0
     out = capsys.readouterr().out
     assert "mtpquant summary" in out
+    assert "MTP 31 tensors of layer(s) [3] injected in BF16 from the base" in out
     assert "verify PASS (9 checks)" in out and "verify FAIL: mtp sha256" in out
     assert "0.865 ± 0.024" in out and "0.845 ± 0.024" in out
     assert "0.938" in out and "MTP off" in out
@@ -76,7 +78,6 @@ def test_report_commands_are_pasteable(tmp_path):
     run.record("prepare", {"recipe": "/repo/recipes/models/tiny-arith.yaml"})
     run.record("quantize", {"recipe": {"path": "/repo/recipes/quant/w4a16-asym-g128.yaml"},
                             "calibration": {"path": "/repo/recipes/calibration/tiny-arith.yaml"}})
-    run.record("inject-mtp", {})
     py = "/venv/bin/python"
     rec = eval_record("bf16", 0.865, None, [])
     rec |= {"invocation": {"python": py, "artifact": str(run.base), "name": "bf16", "label": "bf16",

@@ -142,3 +142,13 @@ def test_stage_logs_keep_known_noise_in_the_log_and_say_it_once(tmp_path, capfd)
     assert "eh_proj" in text and "lifecycle" in text
     assert said[0] == "70 MTP tensors not loaded by transformers (expected: inject-mtp copies them back)"
     assert "inject-mtp copies them from the base" in said[1] and str(log) in said[2]
+
+
+def test_the_bench_client_line_is_the_one_that_runs_on_the_platform():
+    from mtpquant.bench import client_command
+
+    args = ["--backend", "openai", "--base-url", "http://127.0.0.1:8000"]
+    assert client_command(["vllm", "serve", "/m"], args) == "vllm bench serve --backend openai --base-url " \
+        "http://127.0.0.1:8000"
+    assert client_command(["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"], args) == \
+        "/venv/bin/python -m mtpquant.bench --backend openai --base-url http://127.0.0.1:8000"

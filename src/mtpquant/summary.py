@@ -33,6 +33,15 @@ def verify_line(run: Run) -> Text | None:
     return Text.assemble(("verify ", "bold"), ("FAIL", "bold red"), ": " + ", ".join(failed))
 
 
+def mtp_line(run: Run) -> Text | None:
+    """What became of the MTP layer: injected by inject-mtp (verify checks it is the base's, byte for byte)."""
+    rec = run.read_record("inject-mtp")
+    if not rec or "tensors" not in rec:
+        return None
+    return Text.assemble(("MTP ", "bold"), f"{rec['tensors']} tensors of layer(s) {rec.get('mtp_layers')} "
+                         "injected in BF16 from the base")
+
+
 def eval_results(run: Run) -> list[dict[str, Any]]:
     return [r for r in (load_json(p) for p in run.eval_results()) if r]
 
@@ -94,7 +103,7 @@ def where_line(run: Run) -> Text | None:
 
 def run_parts(run: Run) -> list[RenderableType]:
     results = eval_results(run)
-    parts = [verify_line(run), eval_table(results), bench_table(run), where_line(run)]
+    parts = [mtp_line(run), verify_line(run), eval_table(results), bench_table(run), where_line(run)]
     kept = [p for p in parts if p is not None]
     return kept or [Text(f"no records in {run.root}", style="yellow")]
 
