@@ -126,14 +126,15 @@ def stage_logs(log: Path, mtp_prefixes: list[str], n_mtp: int, say: Callable[[st
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     noise = Noise()
     root = transformers.utils.logging._get_library_root_logger()
-    file_handler = logging.FileHandler(log)
+    # delay: a stage refused before any library logs writes no file (a user mistake leaves nothing behind)
+    file_handler = logging.FileHandler(log, delay=True)
     report_filter = LoadReportFilter(tuple(mtp_prefixes), noise)
     root.addHandler(file_handler)
     for h in root.handlers:
         if h is not file_handler:
             h.addFilter(report_filter)
     logger.remove()
-    sinks = [logger.add(str(log), level=0), logger.add(sys.stderr, level=0, filter=terminal_filter(noise))]
+    sinks = [logger.add(str(log), level=0, delay=True), logger.add(sys.stderr, level=0, filter=terminal_filter(noise))]
     try:
         yield noise
     finally:
