@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,8 @@ def test_bench_with_and_without_mtp_and_report(chain, serve_python, evals):
     assert summary["order"][6:8] == ["nomtp-c1-r1", "mtp-c1-r1"]
     for p in summary["points"]:
         assert p["result"]["completed"] >= 16 and p["result"]["output_throughput"] > 0
-        assert p["command"].startswith("vllm bench serve --backend openai")
+        assert p["vllm_command"].startswith("vllm bench serve --backend openai")
+        assert p["command"].startswith(f"{shlex.quote(serve_python)} -m mtpquant.bench --backend openai")  # runs on CPU
         if p["mtp"]:
             assert p["result"]["spec_decode_acceptance_rate"] > 50
     for r in summary["table"]:

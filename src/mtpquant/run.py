@@ -4,10 +4,12 @@
     RUN/quantized/             quantize     llm-compressor output (MTP layer absent)
     RUN/artifact/              inject-mtp   quantized + MTP layer(s) in BF16; manifest.json from `manifest`
     RUN/<stage>.json           the record of prepare, quantize, inject-mtp, verify and serve
+    RUN/<stage>.log            the libraries' log of quantize (GPTQ metrics, known notices; see mtpquant.quiet)
     RUN/serve-bf16-<artifact>/ the dequantized copy that a `dequantize` serve profile loads
     RUN/serve-<name>-<mtp|nomtp>.log, RUN/serve-<label>.log   server logs of serve and eval
     RUN/eval/<label>.json      eval
-    RUN/bench/                 bench: bench.json, bench.md, bench.png, <mtp|nomtp>-c<N>-r<R>.json, serve-<mtp|nomtp>.log
+    RUN/bench/                 bench: bench.json, bench.md, bench.png, <mtp|nomtp>-c<N>-r<R>.json,
+                               serve-<mtp|nomtp>.log, client.log (the benchmark client's own output)
     RUN/report.md              report
 
 Stages take explicit paths and return their record; whoever runs a stage writes it once with `Run.record`.
@@ -118,6 +120,10 @@ class Run:
         outputs = [Path(p) for p in resume.get("outputs", [])]
         return all(p.exists() for p in outputs) and resume.get("written") == signature(*outputs)
 
+    def stage_log(self, stage: str) -> Path:
+        """The libraries' full log of a stage (what the terminal is spared: GPTQ metrics, known notices)."""
+        return self.root / f"{stage}.log"
+
     def serve_copy(self, artifact: Path) -> Path:
         return self.root / f"serve-bf16-{Path(artifact).name}"
 
@@ -155,6 +161,10 @@ class Run:
 
     def bench_point(self, tag: str, concurrency: int, repeat: int) -> Path:
         return self.bench_dir / f"{tag}-c{concurrency}-r{repeat}.json"
+
+    @property
+    def bench_client_log(self) -> Path:
+        return self.bench_dir / "client.log"
 
     def bench_log(self, tag: str) -> Path:
         return self.bench_dir / f"serve-{tag}.log"

