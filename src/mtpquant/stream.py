@@ -493,7 +493,9 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
                     restart: bool = False) -> dict[str, Any]:
     import torch
 
-    with deterministic(torch.cuda.is_available()) as settings:
+    # MTPQUANT_STREAM_DETERMINISTIC=0: off on a GPU too (to measure what it costs or changes)
+    on = torch.cuda.is_available() and os.environ.get("MTPQUANT_STREAM_DETERMINISTIC", "1") != "0"
+    with deterministic(on) as settings:
         report = _quantize_stream(model_dir, quant_ref, calib_ref, out_dir, restart)
     report["deterministic"] = settings
     return report
@@ -537,8 +539,9 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
     batches = list(loader)
     # a layer's inputs and outputs are held at once
     place = placement(recipe, 2 * activation_bytes(config_dict, len(dataset), calib.max_seq_length))
-    journal = Journal(work_dir_for(out_dir), fingerprint(source, qpath, cpath, data_summary["token_ids_sha256"]),
-                      restart)
+    fp = fingerprint(source, qpath, cpath, data_summary["token_ids_sha256"])
+    fp["deterministic_algorithms"] = str(torch.are_deterministic_algorithms_enabled())  # GPU outputs depend on it
+    journal = Journal(work_dir_for(out_dir), fp, restart)
     work = journal.work
 
     config = transformers.AutoConfig.from_pretrained(source.root)
