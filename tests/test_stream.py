@@ -104,7 +104,7 @@ def test_sigkill_then_resume_gives_the_same_files(built, streamed, tmp_path):
     proc = _cli(run, base, out, env={"MTPQUANT_STREAM_KILL": "write:1"})
     assert proc.returncode == -9, proc.stderr[-2000:]
     # the temp name carries its owner (mtpquant.atomic): the resume removes what the dead process left
-    assert layers() == [0] and any(p.name.startswith(".model-00002-of-00005.safetensors.tmp-")
+    assert layers() == [0] and any(p.name.startswith(".model-00002-of-") and ".safetensors.tmp-" in p.name
                                    for p in work.iterdir())
     # resumed, then killed right after layer 1's journal entry
     proc = _cli(run, base, out, env={"MTPQUANT_STREAM_KILL": "after:1"})
