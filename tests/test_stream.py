@@ -201,6 +201,8 @@ def test_deterministic_sets_then_restores(monkeypatch):
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
         assert settings["allow_tf32"] is False and settings["float32_matmul_precision"] == "highest"
+        assert torch.utils.deterministic.fill_uninitialized_memory is False
+    assert torch.utils.deterministic.fill_uninitialized_memory is True
     assert torch.are_deterministic_algorithms_enabled() == before and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     with deterministic(False) as settings:
         assert settings == {"enabled": False} and torch.are_deterministic_algorithms_enabled() == before

@@ -190,7 +190,9 @@ def deterministic(enabled: bool) -> Iterator[dict[str, Any]]:
     expert_gptq and transformers' MoE, otherwise accumulates bf16 with float atomics in a varying order, so a
     MoE layer's outputs, and every layer after it, change run to run), cuBLAS with a fixed workspace
     (CUBLAS_WORKSPACE_CONFIG, read when cuBLAS starts), no TF32 for FP32 matmuls (torch's default, kept).
-    `warn_only`: an op without a deterministic kernel warns instead of failing the run. Off on the CPU (its
+    `warn_only`: an op without a deterministic kernel warns instead of failing the run. Uninitialized memory
+    is not filled with NaN (the mode's default: it would cost a pass over every `torch.empty`, e.g. the
+    pinned activation buffers, and the engine overwrites what it allocates). Off on the CPU (its
     kernels are deterministic; the engines' bit-equality there stays as it was). Restores what it changed."""
     import torch
 
@@ -198,10 +200,14 @@ def deterministic(enabled: bool) -> Iterator[dict[str, Any]]:
     if not enabled:
         yield settings
         return
-    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    import torch.utils.deterministic as det
+
+    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           det.fill_uninitialized_memory)
     env = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = False
     settings.update(deterministic_algorithms="warn_only", cublas_workspace_config=os.environ["CUBLAS_WORKSPACE_CONFIG"],
                     allow_tf32=torch.backends.cuda.matmul.allow_tf32,
                     float32_matmul_precision=torch.get_float32_matmul_precision())
@@ -209,6 +215,7 @@ def deterministic(enabled: bool) -> Iterator[dict[str, Any]]:
         yield settings
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+        det.fill_uninitialized_memory = was[2]
         if env is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
