@@ -8,6 +8,16 @@
 #
 #   run(command="bash benchmarks/run_stream.sh", carry=[".whl"], timeout_s=600)
 #
+# Determinism of the GPU run and of resume, one call (32 experts, 1 dense + 3 MoE layers: three stream runs fit
+# the 10 minutes; the stream engine's run twice uninterrupted, then killed at layer 2 and resumed, every file's
+# sha256 and each layer's shard/activation hashes compared with the first run; `determinism` and `kill` in the
+# JSON):
+#
+#   run(command="EXPERTS=32 MOE_LAYERS=3 PHASES=gen,stream,kill REPEATS=2 TAG=h200_determinism bash benchmarks/run_stream.sh", carry=[".whl"], timeout_s=600)
+#
+# The same with MTPQUANT_STREAM_DETERMINISTIC=0 in front: the engine without torch's deterministic algorithms
+# (to show what they fix, and what they cost).
+#
 # Environment: PHASES (default gen,floor,memory,stream,kill), BUDGET_S (default 540: a phase that would not end
 # inside it is skipped and recorded), EXPERTS (0: 128 experts if the disk holds the run, else 96, 64, 32), REPEATS (1; interleaved), SMALL=1 (fixture dimensions,
 # to check the script on a CPU), REF_JSON (an earlier result whose stream hashes the kill phase compares with),
@@ -26,6 +36,6 @@ export TOKENIZERS_PARALLELISM=false
 cat "$OUT/env.txt"
 grep -q "imports ok" "$OUT/env.txt" || { echo "the carried wheels do not import: see env.txt"; exit 3; }
 python3 benchmarks/stream_bench.py --out "$OUT" --tag "${TAG:-h200}" --work "${WORK:-/tmp/stream-bench}" \
-  --phases "${PHASES:-gen,floor,memory,stream,kill}" --budget-s "${BUDGET_S:-540}" --experts "${EXPERTS:-0}" \
+  --phases "${PHASES:-gen,floor,memory,stream,kill}" --budget-s "${BUDGET_S:-540}" --experts "${EXPERTS:-0}" --moe-layers "${MOE_LAYERS:-4}" \
   --repeats "${REPEATS:-1}" ${SMALL:+--small --samples 16 --seq-len 128 --write-floor-gib 0.25} \
   ${REF_JSON:+--ref-json "$REF_JSON"} 2>&1 | tee "$OUT/stream_bench.log"

@@ -347,9 +347,13 @@ def summarize_run(r: dict[str, Any]) -> dict[str, Any]:
     if rep.get("engine") == "stream":
         pl = s.get("per_layer", [])
         row["per_layer"] = pl
-        row["gpu_work_s"] = round(sum(x["calibrate_and_solve"] for x in pl), 2)
-        row["read_s"] = round(sum(x["read"] for x in pl), 2)
-        row["pack_and_write_s"] = round(sum(x["pack_and_write"] for x in pl), 2)
+        row["deterministic"] = rep.get("deterministic")
+        # engine stream-1 before the overlap: calibrate_and_solve / pack_and_write; since: compute / write
+        here = [x for x in pl if not x.get("resumed")]
+        row["gpu_work_s"] = round(sum(x.get("compute", x.get("calibrate_and_solve", 0.0)) for x in here), 2)
+        row["read_s"] = round(sum(x["read"] for x in here), 2)
+        row["pack_and_write_s"] = round(sum(x.get("write", x.get("pack_and_write", 0.0)) for x in here), 2)
+        row["io_hidden_s"] = s.get("io_hidden")
     else:
         row["per_layer"] = memory_per_layer(rep.get("pipeline_spans", []))
         row["gpu_work_s"] = s.get("calibrate_and_solve")
@@ -388,6 +392,36 @@ def compare_tensors(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return {"common": len(common), "identical": len(common) - len(diff), "differ": len(diff),
             "differ_first": diff[:5], "only_first": sorted(set(a) - set(b))[:5], "only_second": sorted(set(b) - set(a))[:5],  # noqa: E501
             "n_only_first": len(set(a) - set(b)), "n_only_second": len(set(b) - set(a))}
+
+
+def first_divergence(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
+    """Two stream runs' per-layer hashes (seconds.per_layer): the first layer whose shard, and the first whose
+    output activations, differ (None: all equal). A shard that differs while its input activations were
+    equal points at the solve; activations that differ first point at the propagation pass."""
+    def first(key: str) -> int | None:
+        for x, y in zip(a, b, strict=False):
+            if x.get(key) != y.get(key):
+                return x.get("layer")
+        return None
+
+    return {"layers_compared": min(len(a), len(b)), "first_shard_differs": first("shard_sha256"),
+            "first_activations_differ": first("activations_sha256")}
+
+
+def determinism(res: dict[str, Any]) -> dict[str, Any] | None:
+    """Uninterrupted stream runs on this machine against the first one: equal files, and where they part."""
+    st = [r for r in res["runs"] if r["engine"] == "stream" and r["rc"] == 0 and "output" in r]
+    if len(st) < 2:
+        return None
+    ref = st[0]
+    out = {"deterministic_settings": ref["summary"].get("deterministic"), "runs": []}
+    for r in st[1:]:
+        files = {f for f in set(ref["output"]["files"]) | set(r["output"]["files"])
+                 if ref["output"]["files"].get(f) != r["output"]["files"].get(f)}
+        out["runs"].append({"tag": r["tag"], "files_equal": not files, "files_differing": sorted(files),
+                            **first_divergence(ref["summary"]["per_layer"], r["summary"]["per_layer"])})
+    out["run_to_run_identical"] = all(x["files_equal"] for x in out["runs"])
+    return out
 
 
 def loss_ratio(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
@@ -535,6 +569,10 @@ def main() -> None:
         res["loss_ratio_stream_over_memory"] = loss_ratio(
             {"per_linear": [{"module": k, "loss": v} for k, v in mem_runs[0]["per_linear_losses"].items()]},
             {"per_linear": [{"module": k, "loss": v} for k, v in st_runs[0]["per_linear_losses"].items()]})
+    det = determinism(res)
+    if det:
+        res["determinism"] = det
+        log(f"run to run: {json.dumps(det)}")
     save()
 
     if "kill" in phases:
@@ -568,6 +606,10 @@ def main() -> None:
                     kill["hashes_equal_uninterrupted"] = all(same.values()) and set(h["files"]) == set(ref["files"])
                     kill["files_differing"] = sorted(f for f, ok in same.items() if not ok) + \
                         sorted(set(h["files"]) - set(ref["files"]))
+                first_st = next((r for r in res["runs"] if r["engine"] == "stream" and r["rc"] == 0), None)
+                if first_st:  # resumed per_layer lists every layer (the killed process's with their hashes)
+                    kill["vs_first_stream_run"] = first_divergence(first_st["summary"]["per_layer"],
+                                                                   kill["resume"].get("per_layer", []))
                 shutil.rmtree(dest)
             res["kill"] = kill
             log(f"resume: rc {k2['rc']}, wall {k2['wall_s']} s, after layers {rep.get('resumed_after_layers')}, "
@@ -621,7 +663,8 @@ def print_table(res: dict[str, Any]) -> None:
     for eng, *cols in rows:
         print(eng.ljust(8) + "| " + " | ".join("-" if c is None else f"{c['median']} [{c['min']}-{c['max']}] n={c['n']}"
                                                for c in cols))
-    for key in ("read_floor", "write_floor", "memory_vs_stream_tensors", "loss_ratio_stream_over_memory", "targets"):
+    for key in ("read_floor", "write_floor", "memory_vs_stream_tensors", "loss_ratio_stream_over_memory", "targets",
+                "determinism"):
         if key in res:
             print(f"{key}: {json.dumps(res[key])}")
     if "kill" in res:

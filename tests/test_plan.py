@@ -10,7 +10,15 @@ import pytest
 from mtpquant.calib_cost import shape_from_config
 from mtpquant.cli import main
 from mtpquant.errors import MtpquantError
-from mtpquant.plan import GPUSpec, activation_copy_s, make_plan, plan_for_shape, refuse
+from mtpquant.plan import (
+    GPUSpec,
+    activation_copy_s,
+    make_plan,
+    overlapped_seconds,
+    plan_for_shape,
+    refuse,
+    stream_plan,
+)
 from mtpquant.recipes import RECIPES_DIR, load
 
 
@@ -133,3 +141,58 @@ def test_plan_says_when_one_process_beats_torchrun():
     assert p1.seconds["total"] < p8.seconds["total"]
     assert len(p8.notes) == 1 and p8.notes[0].startswith("one process on one h200 is predicted faster")
     assert not p1.notes
+
+
+def test_overlapped_seconds_take_the_longest_stage_per_layer():
+    # layer i computes while i+1 is read and i-1 is written; the first read and the last write are exposed
+    assert overlapped_seconds([10, 10, 10], [1, 1, 1], [2, 2, 2]) == 1 + 30 + 2
+    assert overlapped_seconds([1, 1, 1], [5, 5, 5], [2, 2, 2]) == 5 + (5 + 5 + 2) + 2  # read bound
+    assert overlapped_seconds([], [], []) == 0.0
+
+
+def test_stream_plan_glm52_one_h200_fits_a_normal_host():
+    """The stream engine's host RAM is a few layers and the activations, not the model: GLM-5.2 on one H200
+    fits 128 GiB where the memory engine needs ~1.4 TB; the plan says which engine it assumed, bounds its
+    time between the slowest stage and no overlap at all, and prices a resume."""
+    args = ("glm-5.2", "glm5-code-instruct", "w4a16-asym-g128", GPUSpec.of("h200", 1))
+    st, mem = make_plan(*args, engine="stream"), make_plan(*args)
+    refuse(st)
+    assert (st.engine, mem.engine) == ("stream", "memory")
+    assert st.host_ram_gib < 128 < 1000 < mem.host_ram_gib
+    assert st.disk_gib["offload"] == 0 and st.disk_gib["activations"] > 0
+    x = st.stream
+    assert max(x["gpu_s"], x["read_s"], x["write_s"]) <= st.seconds["layers"] + 1
+    assert st.seconds["layers"] <= x["gpu_s"] + x["read_s"] + x["write_s"]
+    assert 0 < x["io_hidden_s"] <= x["read_s"] + x["write_s"]
+    assert 0 < x["resume_worst_s"] < st.seconds["total"] / 2
+    assert abs(st.seconds["total"] - sum(v for k, v in st.seconds.items() if k != "total")) < 1
+    assert st.to_json()["engine"] == "stream"
+
+
+def test_stream_host_ram_does_not_grow_with_layers():
+    shape = shape_from_config({"model_type": "glm_moe_dsa", **load("models", "glm-5.2").config})
+    quant = load("quant", "w4a16-asym-g128")
+    few = dataclasses.replace(shape, moe_layers=4)
+    a = stream_plan("few", few, 768, 512, quant, GPUSpec.of("h200", 1))
+    b = stream_plan("all", shape, 768, 512, quant, GPUSpec.of("h200", 1))
+    assert a.host_ram_gib == b.host_ram_gib and a.seconds["layers"] < b.seconds["layers"]
+    assert a.disk_gib["source"] < b.disk_gib["source"]
+
+
+def test_engine_auto_and_stream_refusals():
+    args = ("glm-5.2", "glm5-code-instruct", "w4a16-asym-g128", GPUSpec.of("h200", 1))
+    assert make_plan(*args, engine="auto").engine == "memory"  # no host RAM given: the reference engine
+    assert make_plan(*args, host_ram_gib=128, engine="auto").engine == "stream"
+    assert make_plan(*args, host_ram_gib=2048, engine="auto").engine == "memory"
+    with pytest.raises(MtpquantError, match="host RAM"):
+        refuse(make_plan(*args, host_ram_gib=32, engine="stream"))
+    with pytest.raises(MtpquantError, match="torchrun"):
+        make_plan("glm-5.2", "glm5-code-instruct", "w4a16-asym-g128", GPUSpec.of("h200", 8), engine="stream")
+
+
+def test_cli_plan_stream_json(tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "glm-5.2", "--calibration", "glm5-code-instruct", "--gpus", "1",
+                 "--host-ram-gib", "128", "--json", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert plan["engine"] == "stream" and plan["stream"]["resume_worst_s"] > 0

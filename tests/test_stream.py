@@ -23,7 +23,8 @@ from mtpquant.cli import main
 from mtpquant.errors import MtpquantError
 from mtpquant.inject_mtp import inject_mtp
 from mtpquant.recipes import RECIPES_DIR
-from mtpquant.stream import JOURNAL, Journal, quantize_stream, work_dir_for
+from mtpquant.recipes import load as load_recipe
+from mtpquant.stream import JOURNAL, Journal, Placement, deterministic, placement, quantize_stream, work_dir_for
 from mtpquant.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,11 +103,14 @@ def test_sigkill_then_resume_gives_the_same_files(built, streamed, tmp_path):
     # killed while layer 1's shard was being written: the temp file is left, layer 1 is not finished
     proc = _cli(run, base, out, env={"MTPQUANT_STREAM_KILL": "write:1"})
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert layers() == [0] and any(p.name.startswith(".model-00002-of-") for p in work.iterdir())
+    # the temp name carries its owner (mtpquant.atomic): the resume removes what the dead process left
+    assert layers() == [0] and any(p.name.startswith(".model-00002-of-") and ".safetensors.tmp-" in p.name
+                                   for p in work.iterdir())
     # resumed, then killed right after layer 1's journal entry
     proc = _cli(run, base, out, env={"MTPQUANT_STREAM_KILL": "after:1"})
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert layers() == [0, 1]
+    assert not any(".tmp-" in p.name for p in work.iterdir()), "the dead process's temp file was removed"
     assert not out.exists()
 
     # a changed recipe refuses to resume, in one line naming what changed (exit 2)
@@ -124,6 +128,13 @@ def test_sigkill_then_resume_gives_the_same_files(built, streamed, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rep = json.loads((run / "quantize.json").read_text())
     assert rep["resumed_after_layers"] == 2 and rep["quantized_linears"] == 48
+    per_layer = rep["seconds"]["per_layer"]  # every layer by number, also those finished before the resume
+    n = Checkpoint(base).config["num_hidden_layers"]
+    assert [e["layer"] for e in per_layer] == list(range(n))
+    assert [e["resumed"] for e in per_layer] == [True, True] + [False] * (n - 2)
+    assert all({"read", "compute", "write", "shard_sha256", "activations_sha256"} <= set(e) for e in per_layer)
+    assert rep["activations_on"] == "cpu" and rep["activations_pinned"] is False
+    assert rep["deterministic"] == {"enabled": False}  # CPU: nothing changed
     assert file_hashes(out) == file_hashes(streamed["glm4_moe"]["quantized"])
 
 
@@ -167,3 +178,31 @@ def test_two_mtp_layers_are_left_to_inject_mtp(tmp_path):
     inject_mtp(base, tmp_path / "q", tmp_path / "artifact")
     checks = verify(tmp_path / "artifact", base)
     assert all(c.ok for c in checks), [c.failures for c in checks if c.failures]
+
+
+def test_activations_follow_the_recipe(monkeypatch):
+    """The memory engine's rule (quantize.activation_device) for `fast_experts.activations: auto`: the GPU when
+    the cache takes at most 15% of it, else host memory, pinned only when CUDA is there."""
+    recipe = load_recipe("quant", RECIPES_DIR / "quant" / "w4a16-asym-g128.yaml")
+    assert recipe.fast_experts.activations == "auto"
+    gib = 1 << 30
+    assert placement(recipe, 10 * gib, gpu=("cuda:0", 141 * gib), cuda=True) == Placement("cuda:0", False)
+    assert placement(recipe, 30 * gib, gpu=("cuda:0", 141 * gib), cuda=True) == Placement("cpu", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert placement(recipe, 1) == Placement("cpu", False)  # no CUDA: plain host memory, as before
+    x = {"h": [torch.ones(2)], "t": (None, torch.zeros(1))}
+    assert Placement().put(x)["h"][0] is x["h"][0]  # on the CPU a no-op
+
+
+def test_deterministic_sets_then_restores(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    with deterministic(True) as settings:
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert settings["allow_tf32"] is False and settings["float32_matmul_precision"] == "highest"
+        assert torch.utils.deterministic.fill_uninitialized_memory is False
+    assert torch.utils.deterministic.fill_uninitialized_memory is True
+    assert torch.are_deterministic_algorithms_enabled() == before and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    with deterministic(False) as settings:
+        assert settings == {"enabled": False} and torch.are_deterministic_algorithms_enabled() == before

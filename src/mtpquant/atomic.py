@@ -14,11 +14,13 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 HOST = socket.gethostname().replace("-", "_")  # '-' separates the owner's fields in a temp name
+_UMASK = os.umask(0)  # read once, at import: os.umask is process-wide and a writer thread may run later
+os.umask(_UMASK)
 
 
 def _owner_prefix(final: Path) -> str:
@@ -77,21 +79,31 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None], before_rename: Callable[[], None] | None = None) -> None:
+    """`write(tmp)` into an owner-named temp file beside `path` (what dead processes left removed first), fsync,
+    then rename to `path`; on error the temp file is deleted. `before_rename`: called between fsync and rename
+    (tests kill a process there)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=_owner_prefix(path), dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; as a plain open() would
+        write(Path(tmp))
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -205,7 +205,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from mtpquant.plan import GPUSpec, make_plan, refuse, render
 
     plan = make_plan(args.model, args.calibration, args.recipe, GPUSpec.of(args.gpu, args.gpus, args.gpu_memory_gib),
-                     host_ram_gib=args.host_ram_gib, disk_gib=args.disk_gib)
+                     host_ram_gib=args.host_ram_gib, disk_gib=args.disk_gib, engine=args.engine)
     Console().print(render(plan))
     if args.json:
         atomic_write_json(Path(args.json), plan.to_json())
@@ -404,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu-memory-gib", type=float, help="usable memory per GPU (default: the type's)")
     s.add_argument("--host-ram-gib", type=float, help="host RAM; beyond it the model spills to disk")
     s.add_argument("--disk-gib", type=float, help="free disk; refuse a plan that needs more")
+    s.add_argument("--engine", choices=["auto", "memory", "stream"], default="auto",
+                   help="quantize engine to plan for (auto: stream when the memory engine exceeds --host-ram-gib)")
     s.add_argument("--json", help="also write the plan as JSON here")
     s.set_defaults(fn=cmd_plan)
     return p

@@ -65,6 +65,19 @@ DIST_SAVE_GBPS = 0.76
 RESERVED_GPU_GIB = 2.5  # beyond the counted tensors (allocator, small buffers), fitted on runs A-C
 HOST_RESERVED_GIB = 16.0  # Python, libraries, tokenizer, per process
 GIB_MARGIN = 0.95  # refuse a plan that needs more than this share of a card
+# `quantize --engine stream` (mtpquant.stream), measured on one H200 with the serial engine (before the
+# overlap; benchmarks/results/stream_h200_stream_e96.json and _kill_e96.json, GLM-5.2-shaped, 96 experts,
+# 7.67 GB per MoE layer): reading a layer's tensors (safe_open, one tensor at a time) 12.0-18.7 s per MoE
+# layer, 0.56 GB/s at the median (the disk's floor there: 1.15 GB/s); packing (compressed-tensors) + writing
+# its shard 18.6-24.3 s, 0.37 GB/s of the layer's BF16 bytes (how that splits between the pack, now on the
+# compute thread, and the write, now in the background, was not measured: modelled as one background stage).
+STREAM_READ_GBPS = 0.56
+STREAM_PACK_WRITE_GBPS = 0.37
+# A resume hashes the finished shards and the activations file (the journal's integrity check) and loads the
+# activations: the resumed run at layer 2 took 16.6 s more to start than a fresh one for 3.1 GB of shards and
+# a 5.55 GB activations file read twice (hash, load): 0.86 GB/s of those bytes. One point.
+STREAM_RESUME_GBPS = 0.86
+ENGINES = ("memory", "stream")
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,8 @@ class Plan:
     seconds: dict[str, float]
     refusals: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    engine: str = "memory"  # the quantize engine this plan assumed
+    stream: dict[str, Any] = field(default_factory=dict)  # the stream engine's stages, overlap, resume
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,7 +189,7 @@ def attention_bytes(s: MoEShape, seq_len: int, heads: int) -> float:
 
 
 def make_plan(model_ref: str, calib_ref: str, quant_ref: str, gpu: GPUSpec, host_ram_gib: float | None = None,
-              disk_gib: float | None = None) -> Plan:
+              disk_gib: float | None = None, engine: str = "memory") -> Plan:
     from mtpquant.calib_cost import shape_from_config
 
     mpath = recipes.resolve_path("models", model_ref)
@@ -183,8 +198,14 @@ def make_plan(model_ref: str, calib_ref: str, quant_ref: str, gpu: GPUSpec, host
     quant: QuantRecipe = recipes.load("quant", quant_ref)
     config = model_config(model, str(mpath))
     shape = shape_from_config(config)
-    return plan_for_shape(model.name, shape, calib.num_samples, calib.max_seq_length, quant, gpu,
-                          host_ram_gib, disk_gib, heads=int(config.get("num_attention_heads", 64)))
+    heads = int(config.get("num_attention_heads", 64))
+    args = (model.name, shape, calib.num_samples, calib.max_seq_length, quant, gpu, host_ram_gib, disk_gib, heads)
+    if engine == "auto":  # the stream engine when the memory engine's host RAM does not fit what was given
+        mem = plan_for_shape(*args)
+        engine = "stream" if host_ram_gib is not None and mem.host_ram_gib > host_ram_gib else "memory"
+    if engine not in ENGINES:
+        raise MtpquantError(f"--engine: unknown engine {engine!r} (known: {', '.join(ENGINES)}, auto)")
+    return stream_plan(*args) if engine == "stream" else plan_for_shape(*args)
 
 
 def activation_copy_s(s: MoEShape, tokens_per_rank: int) -> float:
@@ -299,7 +320,8 @@ def refuse(plan: Plan) -> None:
 def render(plan: Plan) -> Any:
     from rich.table import Table
 
-    t = Table(title=f"plan: {plan.model} on {plan.gpus}, {plan.tokens:,} calibration tokens, {plan.path} GPTQ")
+    t = Table(title=f"plan: {plan.model} on {plan.gpus}, {plan.tokens:,} calibration tokens, {plan.path} GPTQ, "
+                    f"engine {plan.engine}")
     for c in ("subgraph", "count", "GPU peak GiB/rank", "parts GiB", "calib s each", "solve s each"):
         t.add_column(c, justify="right")
     for sg in plan.subgraphs:
@@ -307,9 +329,126 @@ def render(plan: Plan) -> Any:
         t.add_row(sg.name, str(sg.count), f"{sg.gpu_peak_gib:.1f}", parts, f"{sg.calibration_s:.1f}",
                   f"{sg.solve_s:.1f}")
     sec = plan.seconds
+    if plan.engine == "stream":
+        t.caption = _stream_caption(plan)
+        return t
     t.caption = (f"host RAM {plan.host_ram_gib:.0f} GiB; disk: source {plan.disk_gib['source']:.0f} + offload "
                  f"{plan.disk_gib['offload']:.0f} + output {plan.disk_gib['output']:.0f} GiB; wall time "
                  f"{sec['total'] / 3600:.2f} h (load {sec['load'] / 60:.0f} min, calibration "
                  f"{sec['calibration'] / 60:.0f} min, solve {sec['solve'] / 60:.0f} min, "
                  f"save {sec['save'] / 60:.0f} min)" + "".join(f"\nnote: {n}" for n in plan.notes))
     return t
+
+
+# ---- the stream engine -------------------------------------------------------------------------------
+
+
+def _with_activations(quant: QuantRecipe, mode: str) -> QuantRecipe:
+    import dataclasses
+
+    if quant.fast_experts is None:
+        return quant
+    return dataclasses.replace(quant, fast_experts=dataclasses.replace(quant.fast_experts, activations=mode))
+
+
+def overlapped_seconds(gpu: list[float], read: list[float], write: list[float]) -> float:
+    """The stream engine's pipeline: layer i computes while layer i+1 is read (one ahead) and layer i-1's
+    shard is written (one in flight), so each step lasts the longest of the three; the first read and the
+    last write are exposed."""
+    n = len(gpu)
+    steps = [max(gpu[i], read[i + 1] if i + 1 < n else 0.0, write[i - 1] if i else 0.0) for i in range(n)]
+    return read[0] + sum(steps) + write[-1] if n else 0.0
+
+
+def stream_plan(name: str, s: MoEShape, samples: int, seq_len: int, quant: QuantRecipe, gpu: GPUSpec,
+                host_ram_gib: float | None = None, disk_gib: float | None = None, heads: int = 64) -> Plan:
+    """`quantize --engine stream` on one GPU: the GPU work of the memory engine's model layer by layer, the
+    reads and pack+writes at the stream engine's measured rates, overlapped as the engine does; host RAM for
+    a few layers' buffers and the activations (not the model); disk for the source, the output and two
+    activation files at a layer boundary; what a resume costs."""
+    from mtpquant.quantize import activation_bytes, activation_device
+
+    if gpu.count > 1:
+        raise MtpquantError("--engine stream: one process on one GPU (torchrun is refused by the engine)")
+    cache = activation_bytes({"hidden_size": s.hidden}, samples, seq_len)
+    # the engine holds a layer's inputs and outputs at once (mtpquant.stream.placement): twice the cache
+    on_gpu = quant.fast_experts is not None and activation_device(
+        quant, 2 * cache, ("cuda", gpu.memory_gib * GIB)) != "cpu"
+    base = plan_for_shape(name, s, samples, seq_len, _with_activations(quant, "gpu" if on_gpu else "cpu"), gpu,
+                          None, None, heads)
+    dense, moe = base.subgraphs
+    if on_gpu:  # the outputs beside the inputs
+        for sg in (dense, moe):
+            sg.gpu_peak_gib = round(sg.gpu_peak_gib + cache / GIB, 2)
+            sg.parts_gib["activations"] = round(2 * cache / GIB, 2)
+    layer_bytes = [BF16 * s.dense_layer_params] * s.dense_layers + [BF16 * s.moe_layer_params] * s.moe_layers
+    gpu_s = [dense.calibration_s] * s.dense_layers + [moe.calibration_s + moe.solve_s] * s.moe_layers
+    read = [b / (STREAM_READ_GBPS * 1e9) for b in layer_bytes]
+    write = [b / (STREAM_PACK_WRITE_GBPS * 1e9) for b in layer_bytes]
+    layers_s = overlapped_seconds(gpu_s, read, write)
+    rest = BF16 * s.embed_params
+    seconds = {"load": rest / (STREAM_READ_GBPS * 1e9),  # the embedding (and the rest, read again at the end)
+               "layers": layers_s,
+               "save": rest / (STREAM_READ_GBPS * 1e9) + rest / (STREAM_PACK_WRITE_GBPS * 1e9)}
+    seconds["total"] = sum(seconds.values())
+    big = max(layer_bytes)
+    routed = s.experts * s.expert_params if s.moe_layers else 0
+    out_layer = big - BF16 * routed + routed * (0.5 + (BF16 + 0.5) / 128)  # a packed layer (quantized_bytes' rule)
+    # one layer read ahead, the one being built (its tensors and the fused expert copies), one packed layer
+    # being written; activations: on the host both sets (pinned), else the writer's host copy of one
+    host = HOST_RESERVED_GIB + (3 * big + out_layer + (1 if on_gpu else 2) * cache) / GIB
+    out_gib = s.quantized_bytes() / GIB
+    io = sum(read) + sum(write)
+    exposed = layers_s - sum(gpu_s)
+    out_bytes = s.quantized_bytes()
+    worst_step = max(max(g, r, w) for g, r, w in zip(gpu_s, read, write, strict=True)) if gpu_s else 0.0
+    plan = Plan(name, f"1x{gpu.type} ({gpu.memory_gib:g} GiB)", samples * seq_len, base.path, [dense, moe],
+                round(max(dense.gpu_peak_gib, moe.gpu_peak_gib), 2), round(host, 1),
+                {"source": base.disk_gib["source"], "offload": 0.0, "output": round(out_gib, 1),
+                 "activations": round(2 * cache / GIB, 1)},
+                {k: round(v, 1) for k, v in seconds.items()}, engine="stream")
+    plan.stream = {
+        "activations_on": "gpu" if on_gpu else "cpu (pinned)",
+        "per_layer_s": {"dense": {"gpu": round(gpu_s[0], 2), "read": round(read[0], 2), "write": round(write[0], 2)}
+                        if s.dense_layers else None,
+                        "moe": {"gpu": round(gpu_s[-1], 2), "read": round(read[-1], 2), "write": round(write[-1], 2)}
+                        if s.moe_layers else None},
+        "gpu_s": round(sum(gpu_s), 1), "read_s": round(sum(read), 1), "write_s": round(sum(write), 1),
+        "io_hidden_s": round(max(0.0, io - exposed), 1), "io_exposed_s": round(max(0.0, exposed), 1),
+        "bound_by": max(("gpu", sum(gpu_s)), ("read", sum(read)), ("write", sum(write)), key=lambda x: x[1])[0],
+        "rates_gbps": {"read": STREAM_READ_GBPS, "pack_write": STREAM_PACK_WRITE_GBPS, "resume": STREAM_RESUME_GBPS},
+        # killed at the last layer: re-hash every finished shard and the activations file, load the activations,
+        # redo the layer that was running (at most one step and its write)
+        "resume_worst_s": round((out_bytes + 2 * cache) / (STREAM_RESUME_GBPS * 1e9) + worst_step
+                                + max(write), 1),
+    }
+    plan.notes.append("engine stream: one decoder layer at a time from the shards (host RAM does not grow with "
+                      "the model); the rates are from one H200 run of the engine before its overlap")
+    _refuse_stream(plan, gpu, host_ram_gib, disk_gib)
+    return plan
+
+
+def _refuse_stream(plan: Plan, gpu: GPUSpec, host_ram_gib: float | None, disk_gib: float | None) -> None:
+    if plan.gpu_peak_gib > gpu.memory_gib * GIB_MARGIN:
+        plan.refusals.append(f"a layer needs {plan.gpu_peak_gib:.1f} GiB on the GPU but a {gpu.type} has "
+                             f"{gpu.memory_gib:g} GiB")
+    if host_ram_gib is not None and plan.host_ram_gib > host_ram_gib:
+        plan.refusals.append(f"the stream engine needs {plan.host_ram_gib:.0f} GiB of host RAM (a few layers and "
+                             f"the activations) but {host_ram_gib:g} GiB given")
+    need = sum(plan.disk_gib.values())
+    if disk_gib is not None and need > disk_gib:
+        plan.refusals.append(f"needs {need:.0f} GiB of disk (source {plan.disk_gib['source']:.0f}, output "
+                             f"{plan.disk_gib['output']:.0f}, activations {plan.disk_gib['activations']:.0f}) but "
+                             f"{disk_gib:g} GiB given")
+
+
+def _stream_caption(plan: Plan) -> str:
+    sec, st, d = plan.seconds, plan.stream, plan.disk_gib
+    return (f"host RAM {plan.host_ram_gib:.0f} GiB; disk: source {d['source']:.0f} + output {d['output']:.0f} + "
+            f"activations {d['activations']:.0f} GiB; wall time {sec['total'] / 3600:.2f} h: layers "
+            f"{sec['layers'] / 60:.0f} min (GPU {st['gpu_s'] / 60:.0f}, read {st['read_s'] / 60:.0f}, pack+write "
+            f"{st['write_s'] / 60:.0f} min, {st['io_hidden_s'] / 60:.0f} min of I/O hidden; bound by "
+            f"{st['bound_by']}), "
+            f"load {sec['load'] / 60:.1f} min, save {sec['save'] / 60:.1f} min; activations on the "
+            f"{st['activations_on']}; a resume costs at most {st['resume_worst_s'] / 60:.1f} min"
+            + "".join(f"\nnote: {n}" for n in plan.notes))

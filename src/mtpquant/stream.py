@@ -32,17 +32,21 @@ import os
 import shutil
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mtpquant import recipes
-from mtpquant.atomic import atomic_dir, atomic_write_json
+from mtpquant.atomic import atomic_dir, atomic_write, atomic_write_json
 from mtpquant.checkpoint import INDEX_NAME, Checkpoint, file_sha256
 from mtpquant.errors import MtpquantError
 from mtpquant.families.base import LAYERS, layer_prefix
 from mtpquant.measure import peak_memory
 from mtpquant.quantize import (
+    activation_bytes,
+    activation_device,
     checked_inputs,
     few_token_experts,
     modifier_for,
@@ -52,7 +56,7 @@ from mtpquant.quantize import (
 )
 from mtpquant.recipes import QuantRecipe
 
-ENGINE_VERSION = "stream-1"
+ENGINE_VERSION = "stream-2"  # 2: deterministic algorithms on the GPU (outputs there changed)
 JOURNAL = "journal.json"
 PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors", "safetensors")
 
@@ -138,20 +142,83 @@ def _kill_point(phase: str, layer: int) -> None:
         os.kill(os.getpid(), 9)
 
 
-def _atomic_save(path: Path, write: Any, layer: int | None = None) -> str:
-    """`write(tmp)` then fsync and rename to `path`; returns the file's sha256."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with tmp.open("rb+") as fh:
-            os.fsync(fh.fileno())
-        if layer is not None:
-            _kill_point("write", layer)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+def _atomic_save(path: Path, write: Callable[[Path], None], layer: int | None = None) -> str:
+    """mtpquant.atomic's write (owner-named temp, fsync, rename; a dead process's temp removed first), with
+    the tests' kill point before the rename; returns the file's sha256."""
+    atomic_write(path, write, None if layer is None else lambda: _kill_point("write", layer))
     return file_sha256(path)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where activations wait between layers: the GPU when the recipe's `fast_experts.activations` says so
+    (quantize.activation_device, the memory engine's rule), else host memory, pinned when CUDA is there (the
+    host<->device copies of both passes run from page-locked memory)."""
+
+    device: str = "cpu"
+    pin: bool = False
+
+    def put(self, obj: Any) -> Any:
+        """Tensors in `obj` (nested tuples, lists, dicts) moved to where activations wait."""
+        if self.device != "cpu" or not self.pin:
+            return _to(obj, self.device)
+        return _map_tensors(obj, _pinned_copy)
+
+
+def placement(recipe: QuantRecipe, cache_bytes: int, gpu: tuple[str, int] | None = None,
+              cuda: bool | None = None) -> Placement:
+    """`cache_bytes`: what the activations take at a layer boundary (the stream engine holds a layer's inputs
+    and outputs at once). `gpu`, `cuda`: as quantize.activation_device, for tests (None asks torch)."""
+    import torch
+
+    device = activation_device(recipe, cache_bytes, gpu)
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return Placement(device, pin=device == "cpu" and cuda)
+
+
+def _pinned_copy(t: Any) -> Any:
+    import torch
+
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t)
+    return out
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool) -> Iterator[dict[str, Any]]:
+    """What makes a GPU run reproduce itself bit for bit (and a resumed run its uninterrupted twin): torch's
+    deterministic algorithms (the routed forward's `index_add_` over duplicate token indices, mtpquant.
+    expert_gptq and transformers' MoE, otherwise accumulates bf16 with float atomics in a varying order, so a
+    MoE layer's outputs, and every layer after it, change run to run), cuBLAS with a fixed workspace
+    (CUBLAS_WORKSPACE_CONFIG, read when cuBLAS starts), no TF32 for FP32 matmuls (torch's default, kept).
+    `warn_only`: an op without a deterministic kernel warns instead of failing the run. Uninitialized memory
+    is not filled with NaN (the mode's default: it would cost a pass over every `torch.empty`, e.g. the
+    pinned activation buffers, and the engine overwrites what it allocates). Off on the CPU (its
+    kernels are deterministic; the engines' bit-equality there stays as it was). Restores what it changed."""
+    import torch
+
+    settings = {"enabled": enabled}
+    if not enabled:
+        yield settings
+        return
+    import torch.utils.deterministic as det
+
+    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           det.fill_uninitialized_memory)
+    env = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = False
+    settings.update(deterministic_algorithms="warn_only", cublas_workspace_config=os.environ["CUBLAS_WORKSPACE_CONFIG"],
+                    allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                    float32_matmul_precision=torch.get_float32_matmul_precision())
+    try:
+        yield settings
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+        det.fill_uninitialized_memory = was[2]
+        if env is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def read_tensors(source: Checkpoint, names: list[str]) -> dict[str, Any]:
@@ -283,30 +350,36 @@ def _split_output(out: Any) -> tuple[Any, Any]:
     return out, None
 
 
-def _to(obj: Any, device: Any) -> Any:
-    """Tensors in (nested tuples, lists, dicts of) `obj` moved to `device` (the same objects where they are)."""
+def _map_tensors(obj: Any, fn: Callable[[Any], Any]) -> Any:
+    """`fn` applied to every tensor in (nested tuples, lists, dicts of) `obj`."""
     import torch
 
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return fn(obj)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(x, device) for x in obj)
+        return type(obj)(_map_tensors(x, fn) for x in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
     return obj
 
 
-def _call(layer: Any, hidden: Any, kwargs: dict[str, Any], prev: Any, device: Any) -> Any:
-    """The layer on its execution device; what it returns back on the CPU, where activations wait between
-    layers (on a CPU-only machine every move is a no-op)."""
+def _to(obj: Any, device: Any) -> Any:
+    """Tensors in (nested tuples, lists, dicts of) `obj` moved to `device` (the same objects where they are)."""
+    return _map_tensors(obj, lambda t: t.to(device))
+
+
+def _call(layer: Any, hidden: Any, kwargs: dict[str, Any], prev: Any, device: Any, place: Placement) -> Any:
+    """The layer on its execution device; what it returns goes where activations wait between layers (on a
+    CPU-only machine every move is a no-op)."""
     if "prev_topk_indices" in kwargs:
         kwargs = {**kwargs, "prev_topk_indices": prev}
-    return _to(layer(_to(hidden, device), **_to(kwargs, device)), "cpu")
+    return place.put(layer(_to(hidden, device), **_to(kwargs, device)))
 
 
 def calibrate_layer(skeleton: Any, i: int, layer: Any, recipe: QuantRecipe, targets: list[str],
                     hidden: list[Any], prev: list[Any], kwargs: list[dict[str, Any]], fam: Any,
-                    config_dict: dict[str, Any], device: Any) -> tuple[list[Any], list[Any], list[Any], Any, dict]:
+                    config_dict: dict[str, Any], device: Any, place: Placement = Placement()) -> tuple[
+                        list[Any], list[Any], list[Any], Any, dict]:
     """One subgraph of llm-compressor's SequentialPipeline for decoder layer i: calibration pass, solve,
     propagation pass through the quantized layer. Returns (hidden out, topk out, GPTQ rows, routing counts,
     modifier fields the solve resolved)."""
@@ -320,7 +393,8 @@ def calibrate_layer(skeleton: Any, i: int, layer: Any, recipe: QuantRecipe, targ
     if not any(n.startswith(layer_prefix(i)) for n in fam.routed_expert_linears(config_dict)):
         # nothing to quantize here (a dense layer): the pipeline's two passes give the same outputs
         with calibration_forward_context(skeleton):
-            pairs = [_split_output(_call(layer, hidden[b], kwargs[b], prev[b], device)) for b in range(len(hidden))]
+            pairs = [_split_output(_call(layer, hidden[b], kwargs[b], prev[b], device, place))
+                     for b in range(len(hidden))]
         return [h for h, _ in pairs], [t for _, t in pairs], [], None, {}
     opts = oneshot_options(recipe)
     modifier = modifier_for(recipe, targets)
@@ -339,11 +413,11 @@ def calibrate_layer(skeleton: Any, i: int, layer: Any, recipe: QuantRecipe, targ
         with calibration_forward_context(skeleton), DisableQuantization(skeleton):
             for b in range(len(hidden)):
                 session.state.current_batch_idx = b
-                _call(layer, hidden[b], kwargs[b], prev[b], device)
+                _call(layer, hidden[b], kwargs[b], prev[b], device, place)
             LifecycleCallbacks.sequential_epoch_end(list(layer.modules()))
             with HooksMixin.disable_hooks():
                 for b in range(len(hidden)):
-                    h, t = _split_output(_call(layer, hidden[b], kwargs[b], prev[b], device))
+                    h, t = _split_output(_call(layer, hidden[b], kwargs[b], prev[b], device, place))
                     outs.append(h)
                     tops.append(t)
         LifecycleCallbacks.calibration_end()
@@ -419,11 +493,31 @@ def final_config(cls: Any, config: Any, modifier: Any, out: Path, source_root: P
 def _save_acts(path: Path, hidden: list[Any], tops: list[Any]) -> str:
     import torch
 
-    return _atomic_save(path, lambda tmp: torch.save({"hidden": hidden, "topk": tops}, tmp))
+    acts = _to({"hidden": hidden, "topk": tops}, "cpu")  # the file does not depend on where they waited
+    return _atomic_save(path, lambda tmp: torch.save(acts, tmp))
 
 
 def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path,
                     restart: bool = False) -> dict[str, Any]:
+    import torch
+
+    # MTPQUANT_STREAM_DETERMINISTIC=0: off on a GPU too (to measure what it costs or changes)
+    on = torch.cuda.is_available() and os.environ.get("MTPQUANT_STREAM_DETERMINISTIC", "1") != "0"
+    with deterministic(on) as settings:
+        report = _quantize_stream(model_dir, quant_ref, calib_ref, out_dir, restart)
+    report["deterministic"] = settings
+    return report
+
+
+def _per_layer(journal: Journal, start: int) -> list[dict[str, Any]]:
+    """Every layer's seconds and file hashes, by layer number, also those an earlier process finished
+    (`resumed`: their timestamps count from that process's start)."""
+    return [{"layer": e["layer"], "resumed": k < start, "shard_sha256": e["shard_sha256"],
+             "activations_sha256": e["activations_sha256"], **e["seconds"]} for k, e in enumerate(journal.layers)]
+
+
+def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path,
+                     restart: bool) -> dict[str, Any]:
     import torch
     import transformers
     from llmcompressor.args import DatasetArguments
@@ -451,8 +545,11 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
         DatasetArguments(num_calibration_samples=len(dataset), max_seq_length=calib.max_seq_length,
                          shuffle_calibration_samples=False), dataset, tokenizer)
     batches = list(loader)
-    journal = Journal(work_dir_for(out_dir), fingerprint(source, qpath, cpath, data_summary["token_ids_sha256"]),
-                      restart)
+    # a layer's inputs and outputs are held at once
+    place = placement(recipe, 2 * activation_bytes(config_dict, len(dataset), calib.max_seq_length))
+    fp = fingerprint(source, qpath, cpath, data_summary["token_ids_sha256"])
+    fp["deterministic_algorithms"] = str(torch.are_deterministic_algorithms_enabled())  # GPU outputs depend on it
+    journal = Journal(work_dir_for(out_dir), fp, restart)
     work = journal.work
 
     config = transformers.AutoConfig.from_pretrained(source.root)
@@ -466,8 +563,11 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
     prev = [None] * len(hidden)
     start = len(journal.layers)
     if start:  # resume: the activations saved after the last finished layer
-        acts = torch.load(work / journal.layers[-1]["activations"], weights_only=True)
+        acts = torch.load(work / journal.layers[-1]["activations"], weights_only=True, map_location="cpu")
         hidden, prev = acts["hidden"], acts["topk"]
+    hidden, prev = place.put(hidden), place.put(prev)
+    if place.device != "cpu":  # masks and rotary tables: moved once, not per call
+        kwargs = _to(kwargs, place.device)
     t_load = time.perf_counter()
 
     device = get_main_device()  # llm-compressor's execution device: the GPU when there is one
@@ -475,7 +575,7 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
     progress = Progress(TextColumn("[bold]stream[/] {task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total} layers"), TimeElapsedColumn(), console=console)
     task = progress.add_task(fam.architecture, total=n_layers, completed=start)
-    per_layer_s: list[dict[str, float]] = []
+    per_layer_s: list[dict[str, float]] = []  # this process's layers (their timestamps share t0)
 
     def timed_read(i: int) -> tuple[dict[str, Any], float, float]:
         a = time.perf_counter()
@@ -524,7 +624,7 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
             layer = build_layer(skeleton, i, source, device, tensors)
             del tensors
             hidden, prev, rows, counts, mod_state = calibrate_layer(
-                skeleton, i, layer, recipe, targets, hidden, prev, kwargs, fam, config_dict, device)
+                skeleton, i, layer, recipe, targets, hidden, prev, kwargs, fam, config_dict, device, place)
             packed = pack_layer(skeleton, layer, i)
             restored = restore_source_dtypes(packed, source)
             skeleton.model.layers[i] = meta_layer  # the real layer is dropped: its weights are freed
@@ -578,7 +678,7 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
         "model": str(source.root), "family": fam.model_type, "output": str(out_dir),
         "recipe": {"path": str(qpath), "sha256": recipes.recipe_sha256("quant", qpath), "targets": targets},
         "calibration": {"path": str(cpath), "sha256": recipes.recipe_sha256("calibration", cpath), **data_summary},
-        "activations_on": "cpu", "resumed_after_layers": start,
+        "activations_on": place.device, "activations_pinned": place.pin, "resumed_after_layers": start,
         "quantized_linears": len(rows), "expected_linears": len(expected), "ranks": 1,
         "gptq_loss_median": statistics.median(losses) if losses else None,
         "gptq_loss_max": max(losses) if losses else None,
@@ -586,7 +686,8 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
         "routing_counts": {str(k): v.tolist() for k, v in counts.items()},
         "dtype_restored": sorted(n for e in journal.layers for n in e["dtype_restored"]),
         "seconds": {"load": round(t_load - t0, 2), "calibrate_and_solve": round(t_calib - t_load, 2),
-                    "save": round(t_save - t_calib, 2), "total": round(t_save - t0, 2), "per_layer": per_layer_s,
+                    "save": round(t_save - t_calib, 2), "total": round(t_save - t0, 2),
+                    "per_layer": _per_layer(journal, start),
                     "io": round(sum(t["read"] + t["write"] for t in per_layer_s), 3),
                     "io_hidden": round(sum(max(0.0, t["read"] - t["waited_for_read"]) +
                                            max(0.0, t["write"] - t["waited_for_write"]) for t in per_layer_s), 3)},
