@@ -51,6 +51,9 @@ COVERED = {
     "nox -s images -- --push REGISTRY": "tests/test_images_docker_calibrate.py (make test-docker)",
     "make pull": "tests/test_images_docker_serve.py (make test-docker)",
     "nox -s quantize -- --run runs/x --runtime docker": "tests/test_images_docker_calibrate.py (make test-docker)",
+    "nox -s lock-sources -- glm-5.2": "tests/test_hub.py (the lock's checks; writing one needs the hub)",
+    "mtpquant publish --run runs/glm-5.2 --repo ORG/GLM-5.2-W4A16-MTP --dry-run": "tests/test_publish.py (a tiny run)",
+    "mtpquant publish --run runs/glm-5.2 --repo ORG/GLM-5.2-W4A16-MTP": "tests/test_publish.py (upload needs the hub)",
 }
 
 

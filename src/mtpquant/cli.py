@@ -193,6 +193,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lock_sources(args: argparse.Namespace) -> int:
+    from mtpquant.hub import lock_models
+
+    for path in lock_models(args.models):
+        console.print(f"[green]locked[/] {path}")
+    return 0
+
+
 def cmd_preflight(args: argparse.Namespace) -> int:
     from mtpquant.preflight import preflight
 
@@ -391,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("summary", help="one panel of the runs' verdicts, accuracies, MTP acceptance, KL, bench")
     s.add_argument("--run", action="append", required=True, help="run directory (repeat for several)")
     s.set_defaults(fn=cmd_summary)
+    s = sub.add_parser("lock-sources", help="write pinned/sources/<model>.lock from the hub (size + sha256 per file)")
+    s.add_argument("models", nargs="+", help="model recipes with a hub source at a pinned commit")
+    s.set_defaults(fn=cmd_lock_sources)
     s = sub.add_parser("preflight", help="refuse a real run this machine cannot finish (GPUs, pins)")
     s.add_argument("--model", required=True)
     s.add_argument("--calibration", required=True)

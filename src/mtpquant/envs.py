@@ -214,6 +214,8 @@ def commands() -> dict[str, tuple[str, list[str], str]]:
     out["eval"] = ("serve", ["eval"], "lm-eval against the served artifact: `-- --run DIR [--suite tiny|seed]`.")
     out["bench"] = ("serve", ["bench"], "`vllm bench serve` with and without MTP: `-- --run DIR [--grid G]`.")
     out["report"] = ("serve", ["report"], "Markdown report of an artifact (verify, eval, bench): `-- --run DIR`.")
+    out["lock-sources"] = ("calibrate", ["lock-sources"], "Write pinned/sources/<model>.lock where the hub answers: "
+                           "`-- MODEL...`.")
     return out
 
 
@@ -224,10 +226,11 @@ def chain(run: str, model: str, calibration: str) -> list[list[str]]:
 
 
 def demo_serving(run: str) -> list[list[str]]:
-    """What the demo runs in the serving env after the chain: eval BF16 and W4A16+MTP, bench, report."""
+    """What the demo runs in the serving env after the chain: eval BF16 and W4A16+MTP, bench, report, the summary."""
     return [["eval", "--run", run, "--artifact", f"{run}/base", "--name", "bf16", "--label", "bf16"],
             ["eval", "--run", run, "--name", "w4a16-mtp", "--label", "w4a16-mtp"],
-            ["bench", "--run", run, "--name", "w4a16"], ["report", "--run", run]]
+            ["bench", "--run", run, "--name", "w4a16"], ["report", "--run", run],
+            ["summary", *(a for d in DEMO for a in ("--run", d[0]))]]
 
 
 def split_runtime(posargs: list[str]) -> tuple[str, list[str]]:

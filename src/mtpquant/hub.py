@@ -3,14 +3,12 @@ code and cache, checked against the recipe's source lock before anything is load
 
 A source lock (`pinned/sources/<model>.lock`, JSON) lists every file `prepare` downloads at the pinned commit
 with its size and sha256 (the LFS sha256 the hub reports; small files hashed after download). It is written by
-`python -m mtpquant.hub lock --model NAME` (`nox -s lock-sources`) where the hub answers, never by hand.
+`mtpquant lock-sources MODEL...` (`nox -s lock-sources -- MODEL...`) where the hub answers, never by hand.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,37 +146,26 @@ def lock_entries(repo: str, revision: str) -> dict[str, LockedFile]:
 def write_lock(repo: str, revision: str, out: Path) -> Path:
     files = lock_entries(repo, revision)
     body = {"format": LOCK_FORMAT, "repo": repo, "revision": revision,
-            "written_by": "python -m mtpquant.hub lock (nox -s lock-sources); never edit by hand",
+            "written_by": "mtpquant lock-sources (nox -s lock-sources); never edit by hand",
             "files": {n: {"size": f.size, "sha256": f.sha256} for n, f in sorted(files.items())}}
     atomic_write_bytes(out, (json.dumps(body, indent=1) + "\n").encode())
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def lock_models(refs: list[str]) -> list[Path]:
+    """Write the source lock of each model recipe (a hub repo at a pinned commit)."""
     from mtpquant import recipes
 
-    p = argparse.ArgumentParser(prog="python -m mtpquant.hub", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    lk = sub.add_parser("lock", help="write pinned/sources/<model>.lock from the hub at the recipe's pinned commit")
-    lk.add_argument("--model", action="append", required=True, help="model recipe (repeatable)")
-    args = p.parse_args(argv)
-    try:
-        for ref in args.model:
-            path = recipes.resolve_path("models", ref)
-            recipe = recipes.load("models", path)
-            src = recipe.source
-            if src.hub is None or src.revision in (None, recipes.UNPINNED):
-                raise MtpquantError(f"{path}: source must be a hub repo at a pinned commit to lock it")
-            print(write_lock(src.hub, src.revision, lock_path(recipe.name)))
-    except MtpquantError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    out = []
+    for ref in refs:
+        path = recipes.resolve_path("models", ref)
+        recipe = recipes.load("models", path)
+        src = recipe.source
+        if src.hub is None or src.revision in (None, recipes.UNPINNED):
+            raise MtpquantError(f"{path}: source must be a hub repo at a pinned commit to lock it")
+        out.append(write_lock(src.hub, src.revision, lock_for(recipe)))
+    return out
 
 
 def describe(lock: SourceLock) -> dict[str, Any]:
     return {"lock": str(lock.path), "files": len(lock.files), "bytes": sum(f.size for f in lock.files.values())}
-
-
-if __name__ == "__main__":
-    sys.exit(main())
