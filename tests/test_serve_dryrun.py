@@ -134,7 +134,8 @@ def test_gpu_profile_without_expert_parallel_refused_for_asymmetric_int4(tmp_pat
     art = tmp_path / "artifact"
     art.mkdir()
     weights = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 128}
-    config = {"quantization_config": {"config_groups": {"g": {"weights": weights}}}}
+    config = {"quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                      "config_groups": {"g": {"weights": weights}}}}
     (art / "config.json").write_text(json.dumps(config))
     tp_only = dataclasses.replace(recipes.load("serve", "h200x8"), enable_expert_parallel=False)
     with pytest.raises(MtpquantError, match="enable_expert_parallel: must be true"):

@@ -181,11 +181,12 @@ def test_swapped_weight_shape_is_caught(artifact_copy):
 def test_sample_checks_a_seeded_fraction(built, family):
     from mtpquant.checkpoint import Checkpoint
     from mtpquant.families import family_for
+    from mtpquant.schemes import DEFAULT
     from mtpquant.verify import check_values
 
     art, base = Checkpoint(built[family]["artifact"]), Checkpoint(built[family]["base"])
     fam = family_for(base.config)
-    c = check_values(art, base, fam, 128, True, workers=2, sample=0.25, seed=1)
+    c = check_values(art, base, fam, DEFAULT, workers=2, sample=0.25, seed=1)
     assert c.ok and c.detail.startswith("12/48 Linears (seeded sample 0.25, seed 1)")
 
 
