@@ -72,7 +72,7 @@ def _expected_parts(scheme: PackedIntScheme, src: TensorInfo | None) -> dict[str
 def check_experts(art: Checkpoint, base: Checkpoint, fam: Family, scheme: PackedIntScheme) -> Check:
     cfg = base.config
     expected = fam.routed_expert_linears(cfg)
-    c = Check(f"every routed-expert Linear is {scheme.label}-packed")
+    c = Check(f"every routed-expert Linear is INT{scheme.num_bits}-packed")
     t = art.tensors
     for mod in expected:
         need = _expected_parts(scheme, base.tensors.get(f"{mod}.weight"))
