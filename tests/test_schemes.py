@@ -1,6 +1,8 @@
 """Quantization schemes (mtpquant.schemes): what each owns, and a second scheme (W8A16) through the chain."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +71,14 @@ def test_w8a16_quantizes_and_verifies(tmp_path):
     assert {p: (art.tensors[f"{mod}.{p}"].dtype, art.tensors[f"{mod}.{p}"].shape) for p in W8.parts()} == \
         W8.tensors(128, 128)
     assert label_of(tmp_path / "artifact") == "W8A16"
+
+
+def test_no_module_but_schemes_names_a_packed_layout():
+    """The on-disk layout (part names, format, packing factors) is spelled only in mtpquant.schemes.
+    expert_gptq.py is exempt: it names llm-compressor's in-memory quantization parameters of a module."""
+    src = Path(__file__).resolve().parents[1] / "src" / "mtpquant"
+    layout = re.compile(r"weight_packed|weight_zero_point|weight_shape|weight_g_idx|pack-quantized|//\s*8\b")
+    exempt = {"schemes.py", "expert_gptq.py"}
+    hits = [f"{p.relative_to(src)}:{i}" for p in sorted(src.rglob("*.py")) if p.name not in exempt
+            for i, line in enumerate(p.read_text().splitlines(), 1) if layout.search(line)]
+    assert hits == []

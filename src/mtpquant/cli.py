@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = stage("bench", cmd_bench, "vllm bench serve over a grid, with and without MTP")
     serving(s)
     s.add_argument("--grid", default="tiny", help="bench grid name or YAML (recipes/bench/)")
-    s = sub.add_parser("dequantize", help="BF16 copy of a pack-quantized artifact (same values; for CPU serving)")
+    s = sub.add_parser("dequantize", help="BF16 copy of a quantized artifact (same values; for CPU serving)")
     s.add_argument("--artifact", required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_dequantize)

@@ -26,6 +26,7 @@ from mtpquant.errors import MtpquantError
 BF16_BYTES = 2
 QUANT_METHOD = "compressed-tensors"
 PACKED = "weight_packed"  # the part that marks a module as quantized
+ZERO_POINT = "weight_zero_point"  # stored only by asymmetric schemes
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class PackedIntScheme:
 
     def parts(self) -> tuple[str, ...]:
         """The parts one quantized Linear of this scheme stores."""
-        return tuple(p for p in self.LAYOUT_PARTS if p != "weight_zero_point" or not self.symmetric)
+        return tuple(p for p in self.LAYOUT_PARTS if p != ZERO_POINT or not self.symmetric)
 
     def tensors(self, n: int, k: int) -> dict[str, tuple[str, tuple[int, ...]]]:
         """part -> (safetensors dtype, shape) of one quantized [n, k] Linear on disk."""

@@ -21,7 +21,16 @@ from mtpquant.checkpoint import Checkpoint, TensorInfo, read_safetensors_header,
 from mtpquant.errors import MtpquantError, VerificationFailed
 from mtpquant.families import Family, family_for, matches
 from mtpquant.progress import byte_progress
-from mtpquant.schemes import DEFAULT, PACKED, QUANT_METHOD, SCHEMES, PackedIntScheme, group_weights, scheme_of_weights
+from mtpquant.schemes import (
+    DEFAULT,
+    PACKED,
+    QUANT_METHOD,
+    SCHEMES,
+    ZERO_POINT,
+    PackedIntScheme,
+    group_weights,
+    scheme_of_weights,
+)
 
 
 @dataclass
@@ -196,7 +205,7 @@ def check_config(art: Checkpoint, base: Checkpoint, fam: Family) -> tuple[Check,
         else:
             scheme = found
     targets = [t for g in groups.values() for t in g.get("targets") or [] if isinstance(t, str)]
-    zero_points = [n for n in art.tensors if n.endswith(".weight_zero_point")]
+    zero_points = [n for n in art.tensors if n.endswith(f".{ZERO_POINT}")]
     if scheme.symmetric and zero_points:
         c.failures.append(f"symmetric: true, but {len(zero_points)} zero points are stored (first: {zero_points[0]})")
     c.failures += target_mismatches(art, base, targets, qc.get("ignore") or [])
