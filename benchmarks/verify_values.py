@@ -31,7 +31,9 @@ def write(root: Path, experts: int, seed: int = 0) -> tuple[Path, Path, list[str
     from compressed_tensors.quantization.utils import calculate_qparams
     from safetensors.torch import save_file
 
-    args = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=128)
+    from mtpquant.schemes import DEFAULT
+
+    args = QuantizationArgs(**DEFAULT.weights_args())
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
     g = torch.Generator().manual_seed(seed)
     base, art, mods, nbytes = {}, {}, [], 0
@@ -61,13 +63,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json")
     a = p.parse_args()
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-
     from mtpquant.checkpoint import Checkpoint
+    from mtpquant.schemes import DEFAULT as scheme
     from mtpquant.verify import value_errors
 
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=4, type="int", symmetric=False, strategy="group", group_size=128))
     with tempfile.TemporaryDirectory() as d:
         art_dir, base_dir, mods, nbytes = write(Path(d), a.experts)
         art, base = Checkpoint(art_dir), Checkpoint(base_dir)
@@ -76,12 +75,12 @@ def main() -> int:
             t0 = time.perf_counter()
             for m in mods:
                 t = time.perf_counter()
-                value_errors(m, art, base, scheme, 128, True)
+                value_errors(m, art, base, scheme)
                 per_linear.append(time.perf_counter() - t)
             serial.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             with ThreadPoolExecutor(a.workers) as pool:
-                list(pool.map(lambda m: value_errors(m, art, base, scheme, 128, True), mods))
+                list(pool.map(lambda m: value_errors(m, art, base, scheme), mods))
             parallel.append(time.perf_counter() - t0)
     gb = nbytes / 1e9
     linears = GLM52["moe_layers"] * GLM52["experts"] * 3

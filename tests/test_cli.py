@@ -13,8 +13,8 @@ from mtpquant.fixture import write_fixture
 from mtpquant.recipes import FixtureSpec
 
 
-def mtpquant(*args, check=True):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def mtpquant(*args, check=True, **env_vars):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **env_vars)
     proc = subprocess.run([sys.executable, "-m", "mtpquant", *map(str, args)], capture_output=True, text=True,
                           env=env)
     if check and proc.returncode != 0:
@@ -71,7 +71,7 @@ def test_verify_failure_exit_code_names_tensor(built, tmp_path):
 ])
 def test_user_mistakes_are_one_line_errors(built, tmp_path, args, expected):
     args = [a.format(tmp=tmp_path, base=built["glm4_moe"]["base"]) for a in args]
-    proc = mtpquant(*args, check=False)
+    proc = mtpquant(*args, check=False, CUDA_VISIBLE_DEVICES="")  # no GPU, also on a machine that has one
     assert proc.returncode == 2
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +18,28 @@ from mtpquant.serve import Launch, ServeError, Server, build_launch, running
 ROOT = Path(__file__).resolve().parents[1]
 ART = "/models/GLM-5.2-W4A16-MTP"
 
-H200X8 = ("VLLM_ENGINE_READY_TIMEOUT_S=3600 vllm serve /models/GLM-5.2-W4A16-MTP --served-model-name GLM-5.2-W4A16-MTP "
-          "--host 0.0.0.0 --port 8000 --tensor-parallel-size 8 --enable-expert-parallel --max-model-len 1048576 "
-          "--kv-cache-dtype fp8 --gpu-memory-utilization 0.92 "
-          "--speculative-config '{\"method\":\"mtp\",\"num_speculative_tokens\":3}' --tool-call-parser glm47 "
-          "--reasoning-parser glm45 --enable-auto-tool-choice")
-H200X4 = ("VLLM_ENGINE_READY_TIMEOUT_S=3600 vllm serve /models/GLM-5.2-W4A16-MTP --served-model-name GLM-5.2-W4A16-MTP "
-          "--host 0.0.0.0 --port 8000 --tensor-parallel-size 4 --enable-expert-parallel --max-model-len 131072 "
-          "--kv-cache-dtype fp8 --gpu-memory-utilization 0.95 "
-          "--speculative-config '{\"method\":\"mtp\",\"num_speculative_tokens\":3}' --tool-call-parser glm47 "
-          "--reasoning-parser glm45 --enable-auto-tool-choice")
+# ServeProfile field -> the vLLM option it becomes (a value, or a switch present when the field is true)
+OPTIONS = {"host": "--host", "port": "--port", "tensor_parallel_size": "--tensor-parallel-size",
+           "max_model_len": "--max-model-len", "kv_cache_dtype": "--kv-cache-dtype",
+           "gpu_memory_utilization": "--gpu-memory-utilization", "tool_call_parser": "--tool-call-parser",
+           "reasoning_parser": "--reasoning-parser"}
+SWITCHES = {"enable_expert_parallel": "--enable-expert-parallel",
+            "enable_auto_tool_choice": "--enable-auto-tool-choice"}
+
+
+def split_command(line: str) -> tuple[dict[str, str], list[str], dict[str, str | bool]]:
+    """'K=V ... vllm serve MODEL --a 1 --b ...' -> (env, leading words, options)."""
+    tokens = shlex.split(line)
+    env = dict(t.split("=", 1) for t in itertools.takewhile(lambda t: "=" in t and not t.startswith("-"), tokens))
+    rest = tokens[len(env):]
+    head = list(itertools.takewhile(lambda t: not t.startswith("--"), rest))
+    opts: dict[str, str | bool] = {}
+    tail = rest[len(head):]
+    for i, t in enumerate(tail):
+        if t.startswith("--"):
+            nxt = tail[i + 1] if i + 1 < len(tail) else "--"
+            opts[t] = True if nxt.startswith("--") else nxt
+    return env, head, opts
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -32,19 +47,27 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "COLUMNS": "200"})
 
 
-@pytest.mark.parametrize(("profile", "expected"), [("h200x8", H200X8), ("h200x4", H200X4)])
-def test_gpu_dry_run_prints_the_vllm_command(profile, expected):
+@pytest.mark.parametrize("profile", ["h200x8", "h200x4"])
+def test_gpu_dry_run_passes_every_profile_field_to_vllm(profile):
+    p = recipes.load("serve", profile)
     r = cli("serve", "--profile", profile, "--run", "/runs/glm-5.2", "--artifact", ART, "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == expected
+    env, head, opts = split_command(r.stdout.strip())
+    assert env == p.env and head == ["vllm", "serve", ART]
+    assert opts.pop("--served-model-name") == Path(ART).name
+    assert json.loads(opts.pop("--speculative-config")) == {"method": "mtp",
+                                                            "num_speculative_tokens": p.num_speculative_tokens}
+    assert opts == {**{flag: str(getattr(p, f)) for f, flag in OPTIONS.items() if getattr(p, f) is not None},
+                    **{flag: True for f, flag in SWITCHES.items() if getattr(p, f)}}
 
 
 def test_gpu_dry_run_without_mtp_drops_only_the_speculative_config():
-    r = cli("serve", "--profile", "h200x8", "--run", "/r", "--artifact", ART, "--dry-run", "--no-mtp")
-    assert r.returncode == 0, r.stderr
-    assert "--speculative-config" not in r.stdout
-    assert r.stdout.strip() == H200X8.replace(
-        " --speculative-config '{\"method\":\"mtp\",\"num_speculative_tokens\":3}'", "")
+    args = ("serve", "--profile", "h200x8", "--run", "/r", "--artifact", ART, "--dry-run")
+    with_mtp, without = cli(*args), cli(*args, "--no-mtp")
+    assert with_mtp.returncode == without.returncode == 0, without.stderr
+    env, head, opts = split_command(with_mtp.stdout.strip())
+    del opts["--speculative-config"]
+    assert split_command(without.stdout.strip()) == (env, head, opts)
 
 
 def test_cpu_dry_run_serves_the_dequantized_copy_and_says_so():
@@ -127,14 +150,14 @@ def test_build_launch_mtp_override_and_host_mapping():
 def test_gpu_profile_without_expert_parallel_refused_for_asymmetric_int4(tmp_path):
     """The seed's TP scale-sharding wall (vLLM #41511/#50196), encoded: TP without EP is refused."""
     import dataclasses
-    import json
 
     from mtpquant.errors import MtpquantError
 
     art = tmp_path / "artifact"
     art.mkdir()
     weights = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 128}
-    config = {"quantization_config": {"config_groups": {"g": {"weights": weights}}}}
+    config = {"quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                      "config_groups": {"g": {"weights": weights}}}}
     (art / "config.json").write_text(json.dumps(config))
     tp_only = dataclasses.replace(recipes.load("serve", "h200x8"), enable_expert_parallel=False)
     with pytest.raises(MtpquantError, match="enable_expert_parallel: must be true"):

@@ -38,8 +38,19 @@ def test_committed_model_has_the_real_layout_and_an_mtp_layer():
     expert_bytes = sum(ck.tensors[f"{m}.weight"].nbytes for m in experts)
     target_bytes = sum(t.nbytes for n, t in ck.tensors.items() if not n.startswith(mtp))
     assert expert_bytes > 0.4 * target_bytes  # the routed experts carry much of the model
-    rec = json.loads((MODEL / "training.json").read_text())
-    assert rec["log"][-1]["lm"] < 0.1  # it learned the task (accuracy itself is measured through vLLM)
+
+
+def test_committed_model_solves_its_task():
+    """Greedy decoding with transformers on problems of a seed it was not trained on (measured 0.975 on 40
+    problems, 2026-12-02; the numbers that count come from vLLM + lm-eval)."""
+    import torch
+    import transformers
+
+    from mtpquant.train_tiny import accuracy
+
+    tok = transformers.AutoTokenizer.from_pretrained(MODEL)
+    model = transformers.AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    assert accuracy(model, tok, problems(12345, 40)) >= 0.8
 
 
 def test_committed_data_files_are_what_the_generator_writes(tmp_path):
@@ -101,6 +112,18 @@ def test_planted_outlier_channels_keep_the_function(tmp_path):
 
 
 def test_committed_model_has_its_planted_outliers():
-    rec = json.loads((MODEL / "training.json").read_text())
-    assert rec["outliers"]["scale"] == 16.0
-    assert [len(v) for v in rec["outliers"]["channels"].values()] == [8, 8]  # both MoE layers
+    """The channels training.json records are the committed weights' outlier columns (> 8x the median column),
+    in the gate and up projections of every MoE layer: training kept what was planted."""
+    import torch
+    from safetensors import safe_open
+
+    ck = Checkpoint(MODEL)
+    fam = FAMILIES["glm4_moe"]
+    channels = json.loads((MODEL / "training.json").read_text())["outliers"]["channels"]
+    assert sorted(channels) == [str(i) for i in fam.moe_layers(ck.config)]
+    for layer, recorded in channels.items():
+        for proj in ("gate_proj", "up_proj"):
+            name = f"model.layers.{layer}.mlp.experts.0.{proj}.weight"
+            with safe_open(str(ck.tensors[name].shard), "pt") as fh:
+                col = fh.get_tensor(name).float().abs().mean(0)
+            assert torch.nonzero(col > 8 * col.median()).flatten().tolist() == recorded, name

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mtpquant.errors import VerificationFailed
+from mtpquant.schemes import DEFAULT
 from mtpquant.verify import raise_on_failure, verify, verify_record
 from tests.conftest import edit_tensors, read_tensor
 
@@ -51,7 +52,7 @@ def test_changed_mtp_bytes(artifact_copy):
 def test_one_expert_left_unquantized(artifact_copy):
     art, base = artifact_copy
     mod = "model.layers.2.mlp.experts.5.up_proj"
-    parts = [f"{mod}.{p}" for p in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")]
+    parts = [f"{mod}.{p}" for p in DEFAULT.parts()]
     edit_tensors(art, remove=parts, add={f"{mod}.weight": read_tensor(base, f"{mod}.weight")})
     f = failures(art, base)["every routed-expert Linear is INT4-packed"]
     assert f"{mod}.weight_packed is missing" in f
@@ -60,13 +61,11 @@ def test_one_expert_left_unquantized(artifact_copy):
 
 def test_quantized_attention_linear(artifact_copy):
     art, base = artifact_copy
-    src = "model.layers.1.mlp.experts.0.gate_proj"
     mod = "model.layers.1.self_attn.o_proj"
     o = read_tensor(art, f"{mod}.weight")
-    add = {f"{mod}.weight_packed": torch.zeros(o.shape[0], o.shape[1] // 8, dtype=torch.int32),
-           f"{mod}.weight_scale": torch.ones(o.shape[0], o.shape[1] // 128, dtype=torch.bfloat16),
-           f"{mod}.weight_zero_point": torch.zeros(o.shape[0] // 8, o.shape[1] // 128, dtype=torch.int32),
-           f"{mod}.weight_shape": read_tensor(art, f"{src}.weight_shape")}
+    dtypes = {"I32": torch.int32, "BF16": torch.bfloat16, "I64": torch.int64}
+    add = {f"{mod}.{p}": torch.ones(shape, dtype=dtypes[d]) for p, (d, shape) in DEFAULT.tensors(*o.shape).items()}
+    add[f"{mod}.weight_shape"] = torch.tensor(list(o.shape))
     edit_tensors(art, remove=[f"{mod}.weight"], add=add)
     f = failures(art, base)
     assert f["nothing but routed experts is quantized"] == [f"{mod} is quantized (attention)"]
@@ -181,11 +180,12 @@ def test_swapped_weight_shape_is_caught(artifact_copy):
 def test_sample_checks_a_seeded_fraction(built, family):
     from mtpquant.checkpoint import Checkpoint
     from mtpquant.families import family_for
+    from mtpquant.schemes import DEFAULT
     from mtpquant.verify import check_values
 
     art, base = Checkpoint(built[family]["artifact"]), Checkpoint(built[family]["base"])
     fam = family_for(base.config)
-    c = check_values(art, base, fam, 128, True, workers=2, sample=0.25, seed=1)
+    c = check_values(art, base, fam, DEFAULT, workers=2, sample=0.25, seed=1)
     assert c.ok and c.detail.startswith("12/48 Linears (seeded sample 0.25, seed 1)")
 
 

@@ -33,6 +33,7 @@ from mtpquant.progress import progress
 from mtpquant.quiet import stdout_to
 from mtpquant.recipes import REPO_ROOT, BenchGrid
 from mtpquant.run import Run
+from mtpquant.schemes import label_of
 
 KEEP = ("completed", "failed", "duration", "total_output_tokens", "output_throughput", "request_throughput",
         "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "median_itl_ms", "mean_tpot_ms",
@@ -155,7 +156,8 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], out: Path, title: str) -> None:
+def plot(rows: list[dict[str, Any]], out: Path, title: str, label: str = "quantized") -> None:
+    """Output throughput against concurrency, with and without MTP; `label`: the artifact's scheme (W4A16)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,14 +165,14 @@ def plot(rows: list[dict[str, Any]], out: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     xs = [r["concurrency"] for r in rows]
-    for tag, label in (("mtp", "W4A16 + MTP"), ("nomtp", "W4A16, no MTP")):
+    for tag, name in (("mtp", f"{label} + MTP"), ("nomtp", f"{label}, no MTP")):
         key = f"{tag}_output_throughput"
         pts = [(r["concurrency"], r[key], r.get(f"{key}_min", r[key]), r.get(f"{key}_max", r[key]))
                for r in rows if r.get(key) is not None]
         if pts:
             x, y, lo, hi = zip(*pts, strict=True)
             yerr = [[a - b for a, b in zip(y, lo, strict=True)], [b - a for a, b in zip(y, hi, strict=True)]]
-            ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=f"{label} (median, min-max)")
+            ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=f"{name} (median, min-max)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel("concurrency")
@@ -253,7 +255,7 @@ def bench(grid_ref: str, launches: dict[bool, Any], run: Run, timeout_s: float, 
     atomic_write_json(run.bench_summary, summary)
     title = f"{launches[grid.mtp[0]].served_name}: vllm bench serve, {grid.dataset} prompts"
     atomic_write_bytes(run.bench_table, markdown(rows, title).encode())
-    plot(rows, run.bench_plot, title)
+    plot(rows, run.bench_plot, title, label_of(launches[grid.mtp[0]].model_dir))
     return summary
 
 

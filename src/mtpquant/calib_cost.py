@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from mtpquant.schemes import PackedIntScheme
+
 BF16, FP32 = 2, 4
 
 
@@ -54,12 +56,11 @@ class MoEShape:
         mtp = self.mtp_layers * (self.moe_layer_params + 2 * self.hidden * self.hidden) if with_mtp else 0
         return BF16 * (self.total_params + mtp)
 
-    def quantized_bytes(self, group: int = 128) -> int:
-        """Output checkpoint: routed experts as packed INT4 + BF16 scales + packed INT32 zero points, the
-        rest BF16, the MTP layer(s) BF16."""
+    def quantized_bytes(self, scheme: PackedIntScheme) -> int:
+        """Output checkpoint: routed experts at the scheme's bytes per weight (packed values, scales, zero
+        points), the rest BF16, the MTP layer(s) BF16."""
         expert = self.moe_layers * self.experts * self.expert_params
-        per_weight = 0.5 + BF16 / group + 0.5 / group  # int4 + one scale and one 4-bit zero per group
-        return int(expert * per_weight) + self.bf16_bytes() - BF16 * expert
+        return int(expert * scheme.bytes_per_weight) + self.bf16_bytes() - BF16 * expert
 
     # ---- FLOPs per token per MoE layer --------------------------------------------------------------
     def attn_flops(self) -> float:

@@ -22,6 +22,7 @@ from mtpquant.atomic import atomic_write_json
 from mtpquant.errors import MtpquantError
 from mtpquant.families import FAMILIES
 from mtpquant.run import Run, manifest_of
+from mtpquant.schemes import DEFAULT, SCHEMES, scheme
 
 console = Console(stderr=True)
 
@@ -271,8 +272,9 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
 def cmd_rtn(args: argparse.Namespace) -> int:
     from mtpquant.dequantize import rtn_checkpoint
 
-    out = rtn_checkpoint(Path(args.base), Path(args.out), group_size=args.group_size)
-    console.print(f"[green]RTN INT4 baseline[/] (routed experts, group {args.group_size}, asymmetric) -> {out}")
+    chosen = scheme(args.scheme)
+    out = rtn_checkpoint(Path(args.base), Path(args.out), chosen)
+    console.print(f"[green]RTN {chosen.label} baseline[/] (routed experts, {chosen.description}) -> {out}")
     return 0
 
 
@@ -320,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = stage("prepare", cmd_prepare, "materialize the base checkpoint of a model recipe in RUN/base")
     s.add_argument("--model", required=True, help="model recipe name or YAML path")
-    s = stage("quantize", cmd_quantize, "GPTQ W4A16 on the routed experts (llm-compressor)")
+    s = stage("quantize", cmd_quantize, "GPTQ on the routed experts (llm-compressor), the recipe's scheme")
     s.add_argument("--model", help="BF16 checkpoint (default RUN/base)")
     s.add_argument("--recipe", default="w4a16-asym-g128", help="quant recipe name or YAML path")
     s.add_argument("--calibration", default="tiny-local", help="calibration recipe name or YAML path")
@@ -381,14 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = stage("bench", cmd_bench, "vllm bench serve over a grid, with and without MTP")
     serving(s)
     s.add_argument("--grid", default="tiny", help="bench grid name or YAML (recipes/bench/)")
-    s = sub.add_parser("dequantize", help="BF16 copy of a pack-quantized artifact (same values; for CPU serving)")
+    s = sub.add_parser("dequantize", help="BF16 copy of a quantized artifact (same values; for CPU serving)")
     s.add_argument("--artifact", required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_dequantize)
-    s = sub.add_parser("rtn", help="round-to-nearest INT4 baseline of a base checkpoint's routed experts (BF16)")
+    s = sub.add_parser("rtn", help="round-to-nearest baseline of a base checkpoint's routed experts (BF16)")
     s.add_argument("--base", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--group-size", type=int, default=128)
+    s.add_argument("--scheme", default=DEFAULT.name, choices=sorted(SCHEMES), help="quantization scheme")
     s.set_defaults(fn=cmd_rtn)
     s = stage("report", cmd_report, "markdown report of an artifact: verify, eval, bench, commands, versions")
     s.add_argument("--artifact", help="default RUN/artifact")

@@ -1,14 +1,14 @@
 """BF16 copies of quantized weights, for platforms without an INT4 MoE kernel (this CPU), and the RTN baseline.
 
-`dequantize_artifact`: every packed INT4 Linear of a compressed-tensors `pack-quantized` checkpoint becomes
-the BF16 tensor with the same values, through compressed-tensors' own per-module
-`PackedQuantizationCompressor.decompress` (transformers' `run_compressed=False` path fails on asymmetric
+`dequantize_artifact`: every packed Linear of a checkpoint whose `quantization_config` is a known scheme
+(mtpquant.schemes) becomes the BF16 tensor with the same values, through the scheme's dequantizer
+(compressed-tensors' own per-module decompressor; transformers' `run_compressed=False` path fails on asymmetric
 per-expert weights). One shard in, one shard out: memory is bounded by a shard. Every other tensor (the MTP
 layer included) is copied as is; `quantization_config` is dropped from config.json and recorded in
 `dequantized.json` with the source's hashes.
 
-`rtn_checkpoint`: the round-to-nearest baseline: the base's routed experts quantized with the same scheme
-(INT4, group, asymmetric; min/max scales from compressed-tensors' `calculate_qparams`) and dequantized
+`rtn_checkpoint`: the round-to-nearest baseline: the base's routed experts quantized with a scheme
+(`PackedIntScheme.rtn`: min/max scales from compressed-tensors' `calculate_qparams`) and dequantized
 back, no calibration. It is what GPTQ must beat.
 """
 
@@ -22,21 +22,11 @@ from typing import Any
 from mtpquant.atomic import atomic_dir
 from mtpquant.checkpoint import INDEX_NAME, Checkpoint, file_sha256, read_json
 from mtpquant.errors import MtpquantError
-from mtpquant.families import family_for, matches
+from mtpquant.families import family_for
 from mtpquant.run import MANIFEST
+from mtpquant.schemes import DEFAULT, PACKED, PackedIntScheme, scheme_for_config
 
 RECORD = "dequantized.json"
-PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
-
-
-def _scheme(qc: dict[str, Any], module: str, where: str) -> Any:
-    from compressed_tensors.quantization import QuantizationScheme
-
-    for gname, g in (qc.get("config_groups") or {}).items():
-        if any(matches(t, module) for t in g.get("targets", [])) or len(qc["config_groups"]) == 1:
-            return QuantizationScheme(targets=g.get("targets", []), weights=g.get("weights"))
-        del gname
-    raise MtpquantError(f"{where}: no quantization_config.config_groups entry targets {module}")
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
@@ -83,36 +73,33 @@ def _rewrite(ck: Checkpoint, out: Path, transform: Any, config: dict[str, Any], 
 
 def dequantize_artifact(artifact: Path, out: Path) -> Path:
     import torch
-    from compressed_tensors.compressors import PackedQuantizationCompressor
 
     ck = Checkpoint(artifact)
     qc = ck.config.get("quantization_config")
     where = str(ck.root / "config.json")
     if not qc:
         raise MtpquantError(f"{where}: no quantization_config: nothing to dequantize")
-    if qc.get("format") != "pack-quantized":
-        raise MtpquantError(f"{where}: quantization_config.format is {qc.get('format')!r}, only pack-quantized "
-                            "can be dequantized here")
+    scheme = scheme_for_config(qc, where)
+    parts = (*scheme.LAYOUT_PARTS, *scheme.EXTRA_PARTS)
     count = 0
 
     def transform(tensors: dict[str, Any]) -> dict[str, Any]:
         nonlocal count
-        out_t = {k: v for k, v in tensors.items() if not k.endswith(tuple("." + p for p in PARTS))}
-        for name in sorted(k for k in tensors if k.endswith(".weight_packed")):
-            mod = name.removesuffix(".weight_packed")
-            local = {p: tensors[f"{mod}.{p}"] for p in PARTS if f"{mod}.{p}" in tensors}
-            if "weight_shape" not in local or "weight_scale" not in local:
-                raise MtpquantError(f"{artifact}: {mod} has weight_packed but no weight_shape/weight_scale "
-                                    "in the same shard")
-            dec = PackedQuantizationCompressor.decompress(local, _scheme(qc, mod, where))
-            out_t[f"{mod}.weight"] = dec["weight"].to(torch.bfloat16).contiguous()
+        out_t = {k: v for k, v in tensors.items() if not k.endswith(tuple("." + p for p in parts))}
+        for name in sorted(k for k in tensors if k.endswith(f".{PACKED}")):
+            mod = name.removesuffix(f".{PACKED}")
+            local = {p: tensors[f"{mod}.{p}"] for p in parts if f"{mod}.{p}" in tensors}
+            missing = [p for p in scheme.parts() if p not in local]
+            if missing:
+                raise MtpquantError(f"{artifact}: {mod} has {PACKED} but no {'/'.join(missing)} in the same shard")
+            out_t[f"{mod}.weight"] = scheme.dequantize(local).to(torch.bfloat16).contiguous()
             count += 1
         return out_t
 
     config = {k: v for k, v in ck.config.items() if k != "quantization_config"}
     record = {"source": str(ck.root.resolve()), "source_sha256": _source_hashes(ck), "quantization_config": qc,
-              "note": "BF16 copy with the artifact's exact dequantized INT4 weight values; every other tensor "
-                      "(MTP layer included) copied unchanged"}
+              "note": f"BF16 copy with the artifact's exact dequantized INT{scheme.num_bits} weight values; every "
+                      "other tensor (MTP layer included) copied unchanged"}
     path = _rewrite(ck, out, transform, config, record)
     rec = read_json(path / RECORD)
     if count == 0:
@@ -123,25 +110,7 @@ def dequantize_artifact(artifact: Path, out: Path) -> Path:
     return path
 
 
-def rtn_weight(w: Any, num_bits: int = 4, group_size: int = 128, symmetric: bool = False) -> Any:
-    """Round-to-nearest fake quantization of a [N, K] weight per group of K, min/max range."""
-    import torch
-    from compressed_tensors.quantization import QuantizationArgs
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-    from compressed_tensors.quantization.utils import calculate_qparams
-
-    args = QuantizationArgs(num_bits=num_bits, type="int", symmetric=symmetric, strategy="group",
-                            group_size=group_size)
-    n, k = w.shape
-    if k % group_size:
-        raise MtpquantError(f"weight [{n}, {k}]: K is not a multiple of group_size {group_size}")
-    x = w.to(torch.float32)
-    grouped = x.reshape(n, k // group_size, group_size)
-    scale, zp = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args)
-    return fake_quantize(x, scale, zp, args).to(torch.bfloat16)
-
-
-def rtn_checkpoint(base: Path, out: Path, num_bits: int = 4, group_size: int = 128, symmetric: bool = False) -> Path:
+def rtn_checkpoint(base: Path, out: Path, scheme: PackedIntScheme = DEFAULT) -> Path:
     ck = Checkpoint(base)
     fam = family_for(ck.config, str(ck.root / "config.json"))
     experts = {f"{m}.weight" for m in fam.routed_expert_linears(ck.config)}
@@ -150,12 +119,12 @@ def rtn_checkpoint(base: Path, out: Path, num_bits: int = 4, group_size: int = 1
     def transform(tensors: dict[str, Any]) -> dict[str, Any]:
         nonlocal seen
         for name in [k for k in tensors if k in experts]:
-            tensors[name] = rtn_weight(tensors[name], num_bits, group_size, symmetric)
+            tensors[name] = scheme.rtn(tensors[name])
             seen += 1
         return tensors
 
     record = {"source": str(ck.root.resolve()), "source_sha256": _source_hashes(ck),
-              "rtn": {"num_bits": num_bits, "group_size": group_size, "symmetric": symmetric,
+              "rtn": {"num_bits": scheme.num_bits, "group_size": scheme.group_size, "symmetric": scheme.symmetric,
                       "targets": "routed experts (MTP layer excluded)"}}
     path = _rewrite(ck, out, transform, dict(ck.config), record)
     if seen != len(experts):

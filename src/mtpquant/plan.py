@@ -276,7 +276,7 @@ def plan_for_shape(name: str, s: MoEShape, samples: int, seq_len: int, quant: Qu
 
     src_gib = s.bf16_bytes() / GIB
     model_gib = s.bf16_bytes(with_mtp=False) / GIB
-    out_gib = s.quantized_bytes() / GIB
+    out_gib = s.quantized_bytes(quant.scheme) / GIB
     cache_gib = samples * seq_len * s.hidden * BF16 * 2 / GIB
     host = model_gib + cache_gib + HOST_RESERVED_GIB * world
     offload = max(0.0, host - host_ram_gib) if host_ram_gib else 0.0

@@ -1,4 +1,4 @@
-"""`quantize`: GPTQ W4A16 on the routed experts with llm-compressor, every expert calibrated.
+"""`quantize`: GPTQ on the routed experts with llm-compressor (the recipe's scheme), every expert calibrated.
 
 Loads the BF16 checkpoint (which drops the MTP layer: `inject-mtp` puts it back), linearizes the fused
 experts into per-expert Linears, refuses any target that would match anything but a routed expert
@@ -67,13 +67,8 @@ def modifier_for(recipe: QuantRecipe, targets: list[str]) -> Any:
     """llm-compressor's GPTQModifier, or with a `fast_experts` section its subclass ExpertGPTQModifier."""
     from llmcompressor.modifiers.gptq import GPTQModifier
 
-    w = recipe.gptq.weights
     common = dict(
-        config_groups={"group_0": {
-            "targets": targets,
-            "weights": {"num_bits": w.num_bits, "type": w.type, "symmetric": w.symmetric,
-                        "strategy": w.strategy, "group_size": w.group_size, "actorder": recipe.gptq.actorder},
-        }},
+        config_groups={"group_0": recipe.scheme.config_group(targets, recipe.gptq.actorder)},
         ignore=list(recipe.gptq.ignore),
         block_size=recipe.gptq.block_size,
         dampening_frac=recipe.gptq.dampening_frac,

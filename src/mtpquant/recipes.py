@@ -18,6 +18,7 @@ import yaml
 
 from mtpquant.errors import MtpquantError
 from mtpquant.locks import SHA40
+from mtpquant.schemes import SCHEMES, PackedIntScheme
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -102,18 +103,9 @@ class ModelRecipe:
 
 
 @dataclass(frozen=True)
-class WeightScheme:
-    num_bits: Literal[4, 8] = 4
-    type: Literal["int"] = "int"
-    symmetric: bool = False
-    strategy: Literal["group"] = "group"
-    group_size: int = 128
-
-
-@dataclass(frozen=True)
 class GPTQSettings:
     targets: list[str]
-    weights: WeightScheme
+    scheme: str  # a name in mtpquant.schemes.SCHEMES: the weights' format, bits, groups, symmetry
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     block_size: int = 128
     dampening_frac: float = 0.01
@@ -160,6 +152,10 @@ class QuantRecipe:
     fast_experts: FastExperts | None = None
     description: str = ""
 
+    @property
+    def scheme(self) -> PackedIntScheme:
+        return SCHEMES[self.gptq.scheme]
+
     def check(self, where: str) -> None:
         if self.fast_experts is not None:
             self.fast_experts.check(key(where, "fast_experts"))
@@ -170,8 +166,9 @@ class QuantRecipe:
             raise RecipeError(
                 f"{key(where, 'moe_calibrate_all_experts')}: must be true: calibrating only routed tokens skips "
                 "rare experts and quietly degrades the model (seed write-up)")
-        if self.gptq.weights.group_size <= 0 or self.gptq.weights.group_size % 8:
-            raise RecipeError(f"{key(where, 'gptq.weights.group_size')}: must be a positive multiple of 8")
+        if self.gptq.scheme not in SCHEMES:
+            raise RecipeError(f"{key(where, 'gptq.scheme')}: unknown scheme {self.gptq.scheme!r}; known: "
+                              f"{', '.join(SCHEMES)}")
         for t in self.gptq.targets:
             if t != ROUTED_EXPERTS and not t.startswith("re:"):
                 raise RecipeError(f"{key(where, 'gptq.targets')}: {t!r} must be '{ROUTED_EXPERTS}' or a 're:' regex")

@@ -19,6 +19,7 @@ from mtpquant import recipes
 from mtpquant.atomic import atomic_write_bytes
 from mtpquant.errors import MtpquantError
 from mtpquant.run import MANIFEST, Run, load_json, manifest_of
+from mtpquant.schemes import label_of
 
 
 def _fmt(v: Any, spec: str = ".4f") -> str:
@@ -215,7 +216,7 @@ def write_report(run: Run, artifact: Path | None = None) -> Path:
     if not run.root.is_dir():
         raise MtpquantError(f"{run.root}: run directory not found")
     artifact = Path(artifact or run.artifact)
-    lines = [f"# {artifact.name}: W4A16 (routed experts INT4, GPTQ) + BF16 MTP", ""]
+    lines = [f"# {artifact.name}: {label_of(artifact)} (routed experts, GPTQ) + BF16 MTP", ""]
     for section in (section_artifact(artifact), section_verify(run), section_eval(run), section_bench(run),
                     section_commands(run)):
         lines += section

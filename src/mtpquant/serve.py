@@ -34,6 +34,7 @@ from typing import Any
 from mtpquant import recipes
 from mtpquant.errors import MtpquantError
 from mtpquant.recipes import ServeProfile
+from mtpquant.schemes import group_weights, scheme_of_weights
 
 SERVE_PYTHON_ENV = "MTPQUANT_SERVE_PYTHON"  # the interpreter of the serving environment (pinned/serve-*.txt)
 
@@ -73,9 +74,9 @@ def speculative_config(tokens: int) -> str:
     return json.dumps({"method": "mtp", "num_speculative_tokens": tokens}, separators=(",", ":"))
 
 
-def refuse_tp_sharded_int4_scales(profile: ServeProfile, model_dir: Path) -> None:
-    """Asymmetric INT4 MoE scales and zero points are mis-sharded under plain tensor parallelism (vLLM #41511,
-    #50196): the experts must be spread by expert parallelism, as the seed served them."""
+def refuse_tp_sharded_scales(profile: ServeProfile, model_dir: Path) -> None:
+    """Schemes whose MoE scales vLLM mis-shards under plain tensor parallelism (asymmetric INT4: vLLM #41511,
+    #50196; `PackedIntScheme.needs_expert_parallel`) need expert parallelism, as the seed served them."""
     if profile.platform != "gpu" or profile.tensor_parallel_size * profile.data_parallel_size <= 1 or \
             profile.enable_expert_parallel:
         return
@@ -84,11 +85,11 @@ def refuse_tp_sharded_int4_scales(profile: ServeProfile, model_dir: Path) -> Non
         qc = json.loads(cfg_path.read_text()).get("quantization_config") or {}
     except (OSError, ValueError):
         return  # not readable here (a path on the serving host): vLLM reports it
-    for group in (qc.get("config_groups") or {}).values():
-        w = group.get("weights") or {}
-        if w.get("num_bits") == 4 and w.get("symmetric") is False:
+    for w in group_weights(qc).values():
+        scheme = scheme_of_weights(w, qc.get("format"))
+        if scheme is not None and scheme.needs_expert_parallel:
             raise MtpquantError(f"serve profile {profile.name}: enable_expert_parallel: must be true for "
-                                f"{cfg_path}'s asymmetric INT4 experts with tensor_parallel_size "
+                                f"{cfg_path}'s {scheme.name} experts with tensor_parallel_size "
                                 f"{profile.tensor_parallel_size} (vLLM #41511/#50196 mis-shard their scales)")
 
 
@@ -96,7 +97,7 @@ def build_launch(profile: ServeProfile, model_dir: Path, served_name: str, host:
                  port: int | None = None, mtp_tokens: int | None = None, python: str | None = None) -> Launch:
     """The vLLM command line and environment for a profile; `mtp_tokens=0` turns MTP off."""
     k = profile.num_speculative_tokens if mtp_tokens is None else mtp_tokens
-    refuse_tp_sharded_int4_scales(profile, model_dir)
+    refuse_tp_sharded_scales(profile, model_dir)
     host = host or profile.host
     port = port or profile.port
     if profile.platform == "gpu":

@@ -1,10 +1,11 @@
 """`verify`: prove the artifact is what it claims, from the files alone.
 
-Checks: the index and shards agree; every routed-expert Linear of every MoE layer is packed INT4 (and
-nothing else is); every MTP tensor is present, unquantized and byte-identical to the base; the MTP
-layers are covered by `quantization_config.ignore`; unquantized tensors keep the base's dtype and
-shape; config and tensors agree; every quantized Linear dequantizes (compressed-tensors' own decompressor) to
-its base weight within GPTQ's measured error. Exit code 3 names the failing tensors.
+Checks: the index and shards agree; every routed-expert Linear of every MoE layer is packed as the config's
+scheme says (mtpquant.schemes; and nothing else is); every MTP tensor is present, unquantized and
+byte-identical to the base; the MTP layers are covered by `quantization_config.ignore`; unquantized tensors
+keep the base's dtype and shape; config and tensors agree; every quantized Linear dequantizes (the scheme's
+dequantizer: compressed-tensors' own decompressor) to its base weight
+within the scheme's bounds. Exit code 3 names the failing tensors.
 """
 
 from __future__ import annotations
@@ -20,8 +21,16 @@ from mtpquant.checkpoint import Checkpoint, TensorInfo, read_safetensors_header,
 from mtpquant.errors import MtpquantError, VerificationFailed
 from mtpquant.families import Family, family_for, matches
 from mtpquant.progress import byte_progress
-
-QUANT_PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+from mtpquant.schemes import (
+    DEFAULT,
+    PACKED,
+    QUANT_METHOD,
+    SCHEMES,
+    ZERO_POINT,
+    PackedIntScheme,
+    group_weights,
+    scheme_of_weights,
+)
 
 
 @dataclass
@@ -59,22 +68,23 @@ def check_index(art: Checkpoint) -> Check:
 
 
 def _quant_modules(names: Any) -> set[str]:
-    return {n.rsplit(".", 1)[0] for n in names if n.endswith(".weight_packed")}
+    return {n.rsplit(".", 1)[0] for n in names if n.endswith(f".{PACKED}")}
 
 
-def check_experts(art: Checkpoint, base: Checkpoint, fam: Family, group: int, asym: bool) -> Check:
+def _expected_parts(scheme: PackedIntScheme, src: TensorInfo | None) -> dict[str, tuple[str | None, Any]]:
+    """part -> (dtype, shape) a module must have; without its base weight only the part names are known."""
+    if src is None or len(src.shape) != 2:
+        return {p: (dtype, None) for p, (dtype, _) in scheme.tensors(1, scheme.group_size).items()}
+    return dict(scheme.tensors(*src.shape))
+
+
+def check_experts(art: Checkpoint, base: Checkpoint, fam: Family, scheme: PackedIntScheme) -> Check:
     cfg = base.config
     expected = fam.routed_expert_linears(cfg)
-    c = Check("every routed-expert Linear is INT4-packed")
+    c = Check(f"every routed-expert Linear is INT{scheme.num_bits}-packed")
     t = art.tensors
     for mod in expected:
-        src = base.tensors.get(f"{mod}.weight")
-        n, k = src.shape if src else (None, None)
-        need = {"weight_packed": ("I32", (n, k // 8) if k else None),
-                "weight_scale": (None, (n, k // group) if k else None),
-                "weight_shape": ("I64", (2,))}
-        if asym:
-            need["weight_zero_point"] = ("I32", (n // 8, k // group) if k else None)
+        need = _expected_parts(scheme, base.tensors.get(f"{mod}.weight"))
         for part, (dtype, shape) in need.items():
             info = t.get(f"{mod}.{part}")
             if info is None:
@@ -167,39 +177,40 @@ def check_unquantized(art: Checkpoint, base: Checkpoint, fam: Family) -> Check:
     return c
 
 
-def check_config(art: Checkpoint, base: Checkpoint, fam: Family) -> tuple[Check, int, bool]:
+def check_config(art: Checkpoint, base: Checkpoint, fam: Family) -> tuple[Check, PackedIntScheme]:
+    """Also returns the scheme the config describes (DEFAULT when it describes none: this check fails)."""
     c = Check("config agrees with base and tensors")
     for key in (*fam.match_keys(), fam.mtp_key):
         if art.config.get(key) != base.config.get(key):
             c.failures.append(f"config.json {key}={art.config.get(key)!r}, base has {base.config.get(key)!r}")
     qc = art.config.get("quantization_config")
-    group, asym = 128, True
+    scheme = DEFAULT
     if not qc:
         c.failures.append("config.json has no quantization_config")
-        return c, group, asym
-    if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != "pack-quantized":
+        return c, scheme
+    formats = sorted({s.format for s in SCHEMES.values()})
+    if qc.get("quant_method") != QUANT_METHOD or qc.get("format") not in formats:
         c.failures.append(f"quantization_config is {qc.get('quant_method')}/{qc.get('format')}, "
-                          "expected compressed-tensors/pack-quantized")
+                          f"expected {QUANT_METHOD}/{'|'.join(formats)}")
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()):
         c.failures.append("quantization_config.config_groups is not a mapping of groups")
-        return c, group, asym
-    targets: list[str] = []
-    for gname, g in groups.items():
-        w = g.get("weights") if isinstance(g.get("weights"), dict) else {}
-        if w.get("num_bits") != 4 or w.get("strategy") != "group" or not isinstance(w.get("group_size"), int):
+        return c, scheme
+    for gname, w in group_weights(qc).items():
+        found = scheme_of_weights(w, qc.get("format"))
+        if found is None:
             c.failures.append(f"config_groups.{gname}: num_bits={w.get('num_bits')} strategy={w.get('strategy')} "
-                              f"group_size={w.get('group_size')}")
+                              f"group_size={w.get('group_size')} symmetric={w.get('symmetric')} is no known "
+                              f"scheme ({', '.join(SCHEMES)})")
         else:
-            group = w["group_size"]
-        asym = not w.get("symmetric", False)
-        targets += [t for t in g.get("targets") or [] if isinstance(t, str)]
-    zero_points = [n for n in art.tensors if n.endswith(".weight_zero_point")]
-    if not asym and zero_points:
+            scheme = found
+    targets = [t for g in groups.values() for t in g.get("targets") or [] if isinstance(t, str)]
+    zero_points = [n for n in art.tensors if n.endswith(f".{ZERO_POINT}")]
+    if scheme.symmetric and zero_points:
         c.failures.append(f"symmetric: true, but {len(zero_points)} zero points are stored (first: {zero_points[0]})")
     c.failures += target_mismatches(art, base, targets, qc.get("ignore") or [])
-    c.detail = f"group_size={group}, {'asymmetric' if asym else 'symmetric'}"
-    return c, group, asym
+    c.detail = f"{scheme.name}: group_size={scheme.group_size}, {'symmetric' if scheme.symmetric else 'asymmetric'}"
+    return c, scheme
 
 
 def target_mismatches(art: Checkpoint, base: Checkpoint, targets: list[str], ignore: list[Any]) -> list[str]:
@@ -219,19 +230,21 @@ def target_mismatches(art: Checkpoint, base: Checkpoint, targets: list[str], ign
     return out + ([f"... {extra} more modules where targets and tensors disagree"] if extra > 0 else [])
 
 
-def check_no_strays(art: Checkpoint, base: Checkpoint) -> Check:
-    """Every tensor of the artifact is one of the base's, or a packed part of a module the base has."""
+def check_no_strays(art: Checkpoint, base: Checkpoint, scheme: PackedIntScheme) -> Check:
+    """Every tensor of the artifact is one of the base's, or a part of the scheme's of a module the base has
+    (a stored zero point of a symmetric scheme is the config check's failure)."""
     c = Check("no tensor the base does not explain")
     modules = {n.removesuffix(".weight") for n in base.tensors if n.endswith(".weight")}
     for name in sorted(art.tensors):
         mod, _, part = name.rpartition(".")
-        if name not in base.tensors and not (part in QUANT_PARTS and mod in modules):
+        if name not in base.tensors and not (part in scheme.LAYOUT_PARTS and mod in modules):
             c.failures.append(f"{name} ({art.tensors[name].shard.name}) is not in the base")
     c.detail = f"{len(art.tensors)} tensors"
     return c
 
 
-# Value bounds of a GPTQ INT4 weight against its BF16 source, measured 2026-12-01 on the tests' tiny fixtures (both
+# The value bounds (each scheme's max_error_vs_rtn and max_group_relative, mtpquant.schemes) of a GPTQ INT4 weight
+# against its BF16 source, measured 2026-12-01 on the tests' tiny fixtures (both
 # families, 96 expert Linears, random weights) and on the trained tiny-arith model (48 expert Linears, planted
 # outlier channels, its own calibration): a module's relative Frobenius error is at most 1.45x (fixtures) and
 # 1.78x (tiny-arith) the same weight's round-to-nearest error (GPTQ trades weight error for output error), and
@@ -240,8 +253,6 @@ def check_no_strays(art: Checkpoint, base: Checkpoint) -> Check:
 # per-element bound is sound; a single flipped nibble is found by hashes (`manifest`), not by values.
 # Bounds with margin: a swapped or foreign expert (~14x RTN), a scale off by orders of magnitude, a zero point
 # off by ~8 steps or garbage in a group lie far outside them.
-MAX_ERROR_VS_RTN = 3.0
-MAX_GROUP_RELATIVE = 2.0
 # Without --sample, at most this many Linears are value-checked (a seeded sample beyond it, coverage printed):
 # measured 1.45 s per GLM-5.2-shaped Linear on 2 cores (benchmarks/verify_values.py), so all 57,600 of GLM-5.2
 # would take ~15 h there; 4096 take ~50 min on 2 cores and a few minutes on a GPU host's CPUs.
@@ -258,31 +269,28 @@ def _load(infos: list[TensorInfo]) -> dict[str, Any]:
     return out
 
 
-def value_errors(mod: str, art: Checkpoint, base: Checkpoint, scheme: Any, group: int, asym: bool) -> dict[str, float]:
-    """Dequantize one module with compressed-tensors' own decompressor and measure it against the base weight."""
+def value_errors(mod: str, art: Checkpoint, base: Checkpoint, scheme: PackedIntScheme) -> dict[str, float]:
+    """Dequantize one module with the scheme's dequantizer and measure it against the base weight."""
     import torch
-    from compressed_tensors.compressors import PackedQuantizationCompressor
 
-    from mtpquant.dequantize import rtn_weight
-
-    parts = _load([art.tensors[f"{mod}.{p}"] for p in QUANT_PARTS if f"{mod}.{p}" in art.tensors])
+    parts = _load([art.tensors[f"{mod}.{p}"] for p in scheme.parts() if f"{mod}.{p}" in art.tensors])
     w = _load([base.tensors[f"{mod}.weight"]])[f"{mod}.weight"]
     local = {k.rsplit(".", 1)[1]: v for k, v in parts.items()}
-    w_hat = PackedQuantizationCompressor.decompress(local, scheme)["weight"].float()
+    w_hat = scheme.dequantize(local).float()
     w32 = w.float()
     if w_hat.shape != w32.shape:
         return {"shape": 1.0}
     err = w_hat - w32
     norm = w32.norm().clamp_min(1e-12)
-    rtn = (rtn_weight(w, 4, group, not asym).float() - w32).norm() / norm
-    n, k = w32.shape
+    rtn = (scheme.rtn(w).float() - w32).norm() / norm
+    n, k, group = *w32.shape, scheme.group_size
     groups, e = w32.reshape(n, k // group, group), err.reshape(n, k // group, group)
     return {"relative": float(err.norm() / norm), "rtn": float(rtn),
             "group_relative": float((e.norm(dim=-1) / groups.norm(dim=-1).clamp_min(1e-12)).max()),
             "finite": float(torch.isfinite(w_hat).all())}
 
 
-def check_values(art: Checkpoint, base: Checkpoint, fam: Family, group: int, asym: bool, workers: int,
+def check_values(art: Checkpoint, base: Checkpoint, fam: Family, scheme: PackedIntScheme, workers: int,
                  sample: float | None = None, seed: int = 0) -> Check:
     """Every quantized Linear (or a seeded `sample` of them; by default all up to DEFAULT_MAX_LINEARS)
     dequantized and compared with its base weight."""
@@ -290,24 +298,19 @@ def check_values(art: Checkpoint, base: Checkpoint, fam: Family, group: int, asy
 
     from rich.progress import Progress
 
-    from mtpquant.dequantize import _scheme
-
     c = Check("quantized weights dequantize to their base weights (within GPTQ's measured error)")
-    qc = art.config.get("quantization_config") or {}
     mods = [m for m in fam.routed_expert_linears(base.config)
-            if all(f"{m}.{p}" in art.tensors for p in ("weight_packed", "weight_scale", "weight_shape"))
-            and f"{m}.weight" in base.tensors]
+            if all(f"{m}.{p}" in art.tensors for p in scheme.parts()) and f"{m}.weight" in base.tensors]
     if sample is None:
         sample = min(1.0, DEFAULT_MAX_LINEARS / max(len(mods), 1))
     chosen = sorted(random.Random(seed).sample(mods, max(1, round(len(mods) * sample)))) if sample < 1 else mods
-    scheme = _scheme(qc, chosen[0], str(art.root / "config.json")) if chosen else None
     worst: dict[str, float] = {}
     with Progress(console=Console(stderr=True), transient=True) as progress, ThreadPoolExecutor(workers) as pool:
         task = progress.add_task("dequantizing and comparing", total=len(chosen))
 
         def one(mod: str) -> tuple[str, dict[str, float] | str]:
             try:
-                return mod, value_errors(mod, art, base, scheme, group, asym)
+                return mod, value_errors(mod, art, base, scheme)
             except Exception as exc:  # noqa: BLE001  (a corrupt packed tensor fails this check, named)
                 return mod, f"cannot be dequantized ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
             finally:
@@ -323,12 +326,12 @@ def check_values(art: Checkpoint, base: Checkpoint, fam: Family, group: int, asy
             ratio = r["relative"] / max(r["rtn"], 1e-12)
             worst["vs_rtn"] = max(worst.get("vs_rtn", 0.0), ratio)
             worst["group"] = max(worst.get("group", 0.0), r["group_relative"])
-            if ratio > MAX_ERROR_VS_RTN:
+            if ratio > scheme.max_error_vs_rtn:
                 c.failures.append(f"{mod}: relative error {r['relative']:.3f} is {ratio:.2f}x its RTN error "
-                                  f"{r['rtn']:.3f} (bound {MAX_ERROR_VS_RTN}x)")
-            elif r["group_relative"] > MAX_GROUP_RELATIVE:
+                                  f"{r['rtn']:.3f} (bound {scheme.max_error_vs_rtn}x)")
+            elif r["group_relative"] > scheme.max_group_relative:
                 c.failures.append(f"{mod}: a group's error is {r['group_relative']:.2f}x that group's weight norm "
-                                  f"(bound {MAX_GROUP_RELATIVE}x)")
+                                  f"(bound {scheme.max_group_relative}x)")
     coverage = f"{len(chosen)}/{len(mods)} Linears" + (f" (seeded sample {sample:g}, seed {seed})"
                                                        if sample < 1 else "")
     c.detail = coverage + (f"; worst: {worst['vs_rtn']:.2f}x its RTN error, a group's error "
@@ -341,13 +344,13 @@ def run_checks(art: Checkpoint, base: Checkpoint, fam: Family, workers: int,
     idx = check_index(art)
     checks = [idx]
     if idx.ok:  # the tensor checks need a consistent index
-        cfg, group, asym = check_config(art, base, fam)
-        experts = check_experts(art, base, fam, group, asym)
-        checks += [experts, check_nothing_else(art, base, fam), check_no_strays(art, base),
+        cfg, scheme = check_config(art, base, fam)
+        experts = check_experts(art, base, fam, scheme)
+        checks += [experts, check_nothing_else(art, base, fam), check_no_strays(art, base, scheme),
                    check_mtp(art, base, fam, workers), check_mtp_ignored(art, base, fam),
                    check_unquantized(art, base, fam), cfg]
         if experts.ok:  # values need the tensors the format check found
-            checks.insert(2, check_values(art, base, fam, group, asym, workers, sample))
+            checks.insert(2, check_values(art, base, fam, scheme, workers, sample))
     return checks
 
 
