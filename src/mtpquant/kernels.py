@@ -20,8 +20,8 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from mtpquant.locks import SHA40
-
+# Not imported from mtpquant.locks: this file runs alone inside the image's build stage (stdlib only).
+SHA40 = re.compile(r"^[0-9a-f]{40}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # What must be in the built wheel for GLM-5's sparse attention to run: FlashMLA's sparse kernels and DeepGEMM.
 REQUIRED_IN_WHEEL = (re.compile(r"^vllm/_flashmla_C\..*so$"), re.compile(r"^vllm/third_party/deep_gemm/"))

@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import io
 import json
-import sys
 import tarfile
 import tempfile
 from collections import Counter
@@ -23,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mtpquant.errors import MtpquantError
+from mtpquant.errors import MtpquantError, run_command
 from mtpquant.images.daemon import client
 from mtpquant.images.pins import SOURCE_DATE_EPOCH
 from mtpquant.locks import EXCLUDE_NEWER
@@ -201,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     n.add_argument("ref")
     n.add_argument("--tag")
     args = p.parse_args(argv)
-    try:
+
+    def body() -> int:
         if args.action == "diff":
             report = diff(args.a, args.b)
             text = json.dumps(report, indent=1)
@@ -210,10 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
             return 0 if report["identical"] else 1
         print(normalize(args.ref, args.tag))
-    except MtpquantError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":
