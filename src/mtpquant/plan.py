@@ -393,14 +393,14 @@ def stream_plan(name: str, s: MoEShape, samples: int, seq_len: int, quant: Quant
     seconds["total"] = sum(seconds.values())
     big = max(layer_bytes)
     routed = s.experts * s.expert_params if s.moe_layers else 0
-    out_layer = big - BF16 * routed + routed * (0.5 + (BF16 + 0.5) / 128)  # a packed layer (quantized_bytes' rule)
+    out_layer = big - BF16 * routed + routed * quant.scheme.bytes_per_weight  # a packed layer
     # one layer read ahead, the one being built (its tensors and the fused expert copies), one packed layer
     # being written; activations: on the host both sets (pinned), else the writer's host copy of one
     host = HOST_RESERVED_GIB + (3 * big + out_layer + (1 if on_gpu else 2) * cache) / GIB
-    out_gib = s.quantized_bytes() / GIB
+    out_gib = s.quantized_bytes(quant.scheme) / GIB
     io = sum(read) + sum(write)
     exposed = layers_s - sum(gpu_s)
-    out_bytes = s.quantized_bytes()
+    out_bytes = s.quantized_bytes(quant.scheme)
     worst_step = max(max(g, r, w) for g, r, w in zip(gpu_s, read, write, strict=True)) if gpu_s else 0.0
     plan = Plan(name, f"1x{gpu.type} ({gpu.memory_gib:g} GiB)", samples * seq_len, base.path, [dense, moe],
                 round(max(dense.gpu_peak_gib, moe.gpu_peak_gib), 2), round(host, 1),
