@@ -113,27 +113,44 @@ def test_mtp_only_load_report_is_recognized_and_nothing_else():
     assert not mtp_only_load_report(report(""), ())
 
 
-def test_stage_logs_keep_known_noise_in_the_log_and_say_it_once(tmp_path, capfd):
+STAGE = """
+import json, sys
+from loguru import logger
+from transformers.utils import logging as tlog
+from mtpquant.quiet import stage_logs
+sys.path.insert(0, sys.argv[2])
+from test_terminal import report
+said = []
+with stage_logs(sys.argv[1], ["model.layers.3."], 70, said.append):
+    for _ in range(3):
+        logger.log("METRIC", "time 0.12s")
+    logger.warning("No accelerator available! Compressing model on CPU instead")
+    logger.warning("Could not find MTP weights with prefix mtp")
+    logger.info("Compression lifecycle initialized")
+    logger.warning("a new warning")
+    tlog.get_logger("transformers.modeling_utils").warning(report(""))
+    tlog.get_logger("transformers.modeling_utils").warning(report("lm_head.weight | MISSING | "))
+print(json.dumps(said))
+"""
+
+
+def test_stage_logs_keep_known_noise_in_the_log_and_say_it_once(tmp_path):
+    """In a fresh interpreter, as a stage runs: the loggers' handlers are the process's own (inside pytest,
+    earlier tests' handlers may hold another stderr)."""
+    import json
+    import os
+    import subprocess
+
     import pytest
 
     pytest.importorskip("llmcompressor")
-    from loguru import logger
-    from transformers.utils import logging as tlog
-
-    from mtpquant.quiet import stage_logs
-
     log = tmp_path / "quantize.log"
-    said: list[str] = []
-    with stage_logs(log, ["model.layers.3."], 70, said.append):
-        for _ in range(3):
-            logger.log("METRIC", "time 0.12s")
-        logger.warning("No accelerator available! Compressing model on CPU instead")
-        logger.warning("Could not find MTP weights with prefix mtp")
-        logger.info("Compression lifecycle initialized")
-        logger.warning("a new warning")
-        tlog.get_logger("transformers.modeling_utils").warning(report(""))
-        tlog.get_logger("transformers.modeling_utils").warning(report("lm_head.weight | MISSING | "))
-    err = capfd.readouterr().err
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", STAGE, str(log), str(Path(__file__).parent)], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    err, said = r.stderr, json.loads(r.stdout.splitlines()[-1])
     assert "a new warning" in err and "lm_head.weight" in err  # news reaches the terminal
     for noise in ("METRIC", "No accelerator", "Could not find MTP", "lifecycle", "eh_proj"):
         assert noise not in err.replace(report("lm_head.weight | MISSING | "), ""), noise
