@@ -1,4 +1,4 @@
-"""Sessions, named for what users type; the logic lives in mtpquant.envs (environments, what `-- ARGS` become).
+"""Sessions, named for what users type; the logic lives in mtpquant.pins.envs (environments, what `-- ARGS` become).
 
 Sessions that need the same locks share one environment (`.venv`: calibrate + dev), rebuilt when a lock changes.
 Options go after `--`: `nox -s quantize -- --run DIR [--runtime docker]`.
@@ -11,7 +11,7 @@ from pathlib import Path
 import nox
 
 sys.path.insert(0, str(Path(__file__).parent / "src"))
-from mtpquant import envs  # noqa: E402  (stdlib only)
+from mtpquant.pins import envs  # noqa: E402  (stdlib only)
 
 nox.options.sessions = ["tests"]
 GLM5 = ("glm-5.2", "glm5-code-instruct")
@@ -102,7 +102,7 @@ for _name, (_env, _argv, _doc) in envs.commands().items():  # plan, train-tiny, 
 def lock(session: nox.Session) -> None:
     """Regenerate every lockfile in pinned/ (`-- --check [--strict]`: report what would change today)."""
     session.install("--require-hashes", "-r", "pinned/tools.txt")
-    session.run("python", "-m", "mtpquant.locks", *envs.lock_command(session.posargs), env={"PYTHONPATH": "src"})
+    session.run("python", "-m", "mtpquant.pins.locks", *envs.lock_command(session.posargs), env={"PYTHONPATH": "src"})
 
 
 @nox.session(python=False)

@@ -15,7 +15,7 @@ process (clean CUDA context, clean peak-memory counters):
   stage-plain     `mtpquant quantize` with the shipped recipe minus fast_experts
 
 Each path reports wall time split into load / calibration / solve / save, peak GPU memory, GPTQ loss per
-Linear and achieved TFLOP/s against the FLOPs counted in mtpquant.calib_cost. Under torchrun
+Linear and achieved TFLOP/s against the FLOPs counted in mtpquant.calib.calib_cost. Under torchrun
 (`--nproc-per-node N`) the fast paths run data parallel; rank 0 writes the result.
 
     python benchmarks/calib_speed.py --experts 64 --samples 64 --seq-len 2048 --paths baseline,fast
@@ -50,7 +50,7 @@ def sync() -> None:
 
 def write_inputs(work: Path, experts: int, samples: int, seq_len: int, small: bool) -> tuple[Path, Path, float]:
     """(checkpoint, calibration recipe, seconds to write the checkpoint); reused when already there."""
-    from mtpquant.shaped_fixture import SMALL_DIMS, glm5_config, write_shaped_checkpoint
+    from mtpquant.tiny.shaped_fixture import SMALL_DIMS, glm5_config, write_shaped_checkpoint
 
     ckpt = work / f"glm5-shaped-e{experts}{'-small' if small else ''}"
     t = time.perf_counter()
@@ -157,9 +157,9 @@ def run_baseline(ckpt: Path, calib_yaml: Path, out: Path, tf32: bool) -> dict[st
     from llmcompressor.modeling.moe.linearize import linearize_moe
     from llmcompressor.modifiers.gptq import GPTQModifier
 
-    from mtpquant import recipes
-    from mtpquant.calibration import build_dataset
-    from mtpquant.quantize import recording_gptq
+    from mtpquant.calib.calibration import build_dataset
+    from mtpquant.calib.quantize import recording_gptq
+    from mtpquant.model import recipes
 
     torch.backends.cuda.matmul.allow_tf32 = tf32
     t0 = time.perf_counter()
@@ -182,8 +182,8 @@ def run_baseline(ckpt: Path, calib_yaml: Path, out: Path, tf32: bool) -> dict[st
 
 
 def run_stage(ckpt: Path, quant_yaml: Path, calib_yaml: Path, out: Path) -> dict[str, Any]:
-    from mtpquant.atomic import atomic_write_json
-    from mtpquant.quantize import quantize
+    from mtpquant.calib.quantize import quantize
+    from mtpquant.core.atomic import atomic_write_json
 
     rep = quantize(ckpt, str(quant_yaml), str(calib_yaml), out)
     if rep["rank"] == 0:
@@ -226,8 +226,8 @@ def child(args: argparse.Namespace) -> None:
 
 
 def flop_summary(experts: int, tokens: int, res: dict[str, Any], path: str, small: bool) -> dict[str, float]:
-    from mtpquant.calib_cost import shape_from_config
-    from mtpquant.shaped_fixture import SMALL_DIMS, glm5_config
+    from mtpquant.calib.calib_cost import shape_from_config
+    from mtpquant.tiny.shaped_fixture import SMALL_DIMS, glm5_config
 
     shape = shape_from_config(glm5_config(num_experts=experts, **(SMALL_DIMS if small else {})).to_dict())
     fast = not path.startswith("baseline") and path != "stage-plain"

@@ -1,6 +1,6 @@
 """Load + linearize under torchrun, the phase that kept run C from measuring 4 GPUs: per rank, seconds to load
-through compressed-tensors' shared CPU offload (`mtpquant.ranks.load_model`) and to linearize the experts,
-with llm-compressor's `linearize_moe` on every rank or with `mtpquant.ranks.linearize` (only the source rank
+through compressed-tensors' shared CPU offload (`mtpquant.calib.ranks.load_model`) and to linearize the experts,
+with llm-compressor's `linearize_moe` on every rank or with `mtpquant.calib.ranks.linearize` (only the source rank
 copies). Runs on CPUs (gloo) too.
 
     python benchmarks/dist_load.py --experts 16 --nproc 2 --out results/dist_load.json
@@ -24,7 +24,7 @@ def child(ckpt: Path, mode: str, out: Path) -> None:
     import torch.distributed as dist
     import transformers
 
-    from mtpquant import ranks
+    from mtpquant.calib import ranks
 
     rank = ranks.init()
     t0 = time.perf_counter()
@@ -79,7 +79,7 @@ def main() -> None:
         rank = os.environ.get("RANK", "0")
         (Path(args.child[2]).parent / f"profile-{args.child[1]}-{rank}.txt").write_text(buf.getvalue())
         return None
-    from mtpquant.shaped_fixture import glm5_config, write_shaped_checkpoint
+    from mtpquant.tiny.shaped_fixture import glm5_config, write_shaped_checkpoint
 
     work = Path(args.work)
     ckpt = work / f"glm5-shaped-e{args.experts}"

@@ -27,8 +27,8 @@ from rich.table import Table
 CHILD = """
 import sys, time
 from pathlib import Path
-from mtpquant.checkpoint import Checkpoint
-from mtpquant.inject_mtp import inject_mtp
+from mtpquant.core.checkpoint import Checkpoint
+from mtpquant.chain.inject_mtp import inject_mtp
 base, q, out, mode = sys.argv[1:5]
 t = time.perf_counter()
 if mode == "inject":
@@ -52,10 +52,10 @@ def child(*args: str) -> tuple[float, float]:
 
 def big_base(work: Path, gb: float) -> tuple[Path, Path, int]:
     """A tiny base whose MTP layer is replaced by `gb` GB of tensors, its quantized twin, and the MTP bytes."""
-    from mtpquant.checkpoint import safetensors_header_bytes
-    from mtpquant.fixture import write_fixture
-    from mtpquant.quantize import quantize
-    from mtpquant.recipes import FixtureSpec
+    from mtpquant.calib.quantize import quantize
+    from mtpquant.core.checkpoint import safetensors_header_bytes
+    from mtpquant.model.recipes import FixtureSpec
+    from mtpquant.tiny.fixture import write_fixture
 
     base = write_fixture("glm4_moe", FixtureSpec(), work / "base")
     quantize(base, "w4a16-asym-g128", "tiny-local", work / "quantized")

@@ -28,7 +28,7 @@ def gpu_type(device: str) -> str:
 def recipe_for(path: str, routed_default: str, activations: str) -> Any:
     """The quant recipe a measured path ran with; `activations`: where its activations were (the result's
     `activations_on`), since the shipped recipe's `auto` was `cpu` when runs A-D's plain `fast` ran."""
-    from mtpquant.recipes import FastExperts, load
+    from mtpquant.model.recipes import FastExperts, load
 
     quant = load("quant", "w4a16-asym-g128")
     if path.startswith("baseline"):
@@ -65,9 +65,9 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from mtpquant.calib_cost import shape_from_config
-    from mtpquant.plan import GPUSpec, plan_for_shape
-    from mtpquant.shaped_fixture import glm5_config
+    from mtpquant.calib.calib_cost import shape_from_config
+    from mtpquant.calib.plan import GPUSpec, plan_for_shape
+    from mtpquant.tiny.shaped_fixture import glm5_config
 
     rows = []
     for pt in points():

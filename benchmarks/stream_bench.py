@@ -4,12 +4,12 @@ One process per engine run (clean CUDA context and peak counters), each under `/
 RSS of the whole process) with `nvidia-smi` sampled every 200 ms (peak GPU memory as the driver sees it, the
 CUDA context included) beside the report's own `memory` field (torch's peak allocated). Phases:
 
-  gen     write the checkpoint (mtpquant.shaped_fixture, GPU when there is one) and the calibration set
+  gen     write the checkpoint (mtpquant.tiny.shaped_fixture, GPU when there is one) and the calibration set
   floor   page cache dropped (where allowed), every source shard read once sequentially (16 MiB reads):
           the read floor; 4 GiB written and fsynced: the write floor
-  memory  `mtpquant.quantize.quantize` (the in-memory engine), per-subgraph spans through calib_speed's
+  memory  `mtpquant.calib.quantize.quantize` (the in-memory engine), per-subgraph spans through calib_speed's
           PipelineTimer (llm-compressor's own pipeline functions)
-  stream  `mtpquant.stream.quantize_stream` (--restart), the report's seconds.per_layer
+  stream  `mtpquant.calib.stream.quantize_stream` (--restart), the report's seconds.per_layer
   kill    the stream engine SIGKILLed while layer 2 runs (its journal lists layers 0 and 1, then
           --kill-delay seconds), then the same call again (resume); every output file's sha256 compared
           with the uninterrupted stream run's (this run's, or --ref-json's)
@@ -58,7 +58,7 @@ def log(msg: str) -> None:
 
 
 def config_for(args: argparse.Namespace) -> Any:
-    from mtpquant.shaped_fixture import SMALL_DIMS, glm5_config
+    from mtpquant.tiny.shaped_fixture import SMALL_DIMS, glm5_config
 
     return glm5_config(num_experts=args.experts, num_layers=1 + args.moe_layers, dense_layers=1,
                        **(SMALL_DIMS if args.small else {}))
@@ -70,7 +70,7 @@ def ckpt_dir(args: argparse.Namespace) -> Path:
 
 def expected_bytes(config: Any) -> tuple[int, dict[int, int]]:
     """(total bytes, bytes per decoder layer) the shaped checkpoint will have, from the meta model's specs."""
-    from mtpquant.shaped_fixture import tensor_specs
+    from mtpquant.tiny.shaped_fixture import tensor_specs
 
     total, per_layer = 0, {}
     for name, shape, dtype in tensor_specs(config):
@@ -89,7 +89,7 @@ def disk_need(args: argparse.Namespace, config: Any, total: int, ckpt: Path) -> 
     output (routed experts at ~0.26 of their BF16 bytes: INT4 plus a BF16 scale and packed zero point per 128),
     the stream engine's two activation files at a layer boundary (hidden states plus ~35% for the indexer's top-k
     indices and pickling), a margin."""
-    from mtpquant.shaped_fixture import tensor_specs
+    from mtpquant.tiny.shaped_fixture import tensor_specs
 
     experts = 0
     for name, shape, _ in tensor_specs(config):
@@ -232,11 +232,11 @@ def child(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     with PipelineTimer() as timer:
         if args.child == "memory":
-            from mtpquant.quantize import quantize
+            from mtpquant.calib.quantize import quantize
 
             rep = quantize(Path(args.ckpt), RECIPE, args.calib, Path(args.dest))
         else:
-            from mtpquant.stream import quantize_stream
+            from mtpquant.calib.stream import quantize_stream
 
             rep = quantize_stream(Path(args.ckpt), RECIPE, args.calib, Path(args.dest), restart=args.restart)
     rep["process_s_after_imports"] = round(time.perf_counter() - t, 2)
@@ -312,7 +312,7 @@ def run_engine(args: argparse.Namespace, engine: str, ckpt: Path, calib: Path, d
 def wait_and_kill(proc: subprocess.Popen, dest: Path, layer: int, delay: float) -> dict[str, Any]:
     """SIGKILL the run's process group once its journal lists `layer` finished layers (0..layer-1) and
     `delay` more seconds have passed (layer `layer` is then being read or calibrated)."""
-    from mtpquant.stream import JOURNAL, work_dir_for
+    from mtpquant.calib.stream import JOURNAL, work_dir_for
 
     jpath = work_dir_for(dest) / JOURNAL
     while proc.poll() is None:
@@ -510,7 +510,7 @@ def main() -> None:
 
     if "gen" in phases or not (ckpt / "config.json").exists():
         if not (ckpt / "config.json").exists():
-            from mtpquant.shaped_fixture import write_shaped_checkpoint
+            from mtpquant.tiny.shaped_fixture import write_shaped_checkpoint
 
             t = time.perf_counter()
             write_shaped_checkpoint(config, ckpt)

@@ -1,6 +1,6 @@
 """Hyperparameter sweep for the tiny arithmetic model (run on a GPU to choose the CPU training recipe).
 
-For each configuration: train (mtpquant.train_tiny.fit), then on 400 held-out problems the greedy accuracy
+For each configuration: train (mtpquant.tiny.train_tiny.fit), then on 400 held-out problems the greedy accuracy
 in BF16 and with the routed experts round-to-nearest INT4 (group 128, asymmetric, min/max), and the MTP
 layer's top-1 agreement with the target. Not part of the product: a record of how TrainConfig was chosen.
 Usage: python benchmarks/tiny_sweep.py OUT.json '[{"lr": 3e-3}, ...]'
@@ -33,8 +33,8 @@ def one(args):
 
     import torch
 
-    from mtpquant.tiny_task import problems
-    from mtpquant.train_tiny import TrainConfig, accuracy, fit, mtp_agreement, tokenizer
+    from mtpquant.tiny.tiny_task import problems
+    from mtpquant.tiny.train_tiny import TrainConfig, accuracy, fit, mtp_agreement, tokenizer
 
     cfg = TrainConfig(**kw)
     tok = tokenizer(Path(tempfile.mkdtemp()))

@@ -31,7 +31,7 @@ def write(root: Path, experts: int, seed: int = 0) -> tuple[Path, Path, list[str
     from compressed_tensors.quantization.utils import calculate_qparams
     from safetensors.torch import save_file
 
-    from mtpquant.schemes import DEFAULT
+    from mtpquant.model.schemes import DEFAULT
 
     args = QuantizationArgs(**DEFAULT.weights_args())
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
@@ -63,9 +63,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json")
     a = p.parse_args()
-    from mtpquant.checkpoint import Checkpoint
-    from mtpquant.schemes import DEFAULT as scheme
-    from mtpquant.verify import value_errors
+    from mtpquant.chain.verify import value_errors
+    from mtpquant.core.checkpoint import Checkpoint
+    from mtpquant.model.schemes import DEFAULT as scheme
 
     with tempfile.TemporaryDirectory() as d:
         art_dir, base_dir, mods, nbytes = write(Path(d), a.experts)

@@ -19,7 +19,7 @@ ARG APT_PACKAGES=""
 # Ubuntu snapshot (YYYYMMDDTHHMMSSZ) that apt resolves APT_PACKAGES against, so their versions are pinned too.
 # Only Ubuntu's archive has snapshots: one-line sources (NVIDIA's cuda*.list in the CUDA images; nothing is
 # installed from it) are set aside while apt runs against the snapshot.
-# (hadolint cannot see inside the variable: `python -m mtpquant.policy` checks each flavour's values.)
+# (hadolint cannot see inside the variable: `python -m mtpquant.pins.policy` checks each flavour's values.)
 ARG APT_SNAPSHOT=""
 # hadolint ignore=DL3008,SC2086
 RUN if [ -n "${APT_PACKAGES}" ]; then \
@@ -74,7 +74,7 @@ RUN echo "${LOCK_SHA256}  /tmp/lock.txt" | sha256sum -c - \
 # This project, editable so that its recipes/ and data/ resolve next to src/ (no deps: all came from the lock).
 COPY pyproject.toml /opt/mtpquant/
 COPY src/ /opt/mtpquant/src/
-COPY recipes/ /opt/mtpquant/recipes/
+COPY recipes/ /opt/mtpquant/model/recipes/
 COPY data/ /opt/mtpquant/data/
 COPY pinned/ /opt/mtpquant/pinned/
 RUN /opt/venv/bin/pip install --no-compile --no-deps --no-index --no-build-isolation -e /opt/mtpquant \

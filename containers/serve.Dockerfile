@@ -23,7 +23,7 @@ ARG APT_PACKAGES="libnuma1=2.0.16-1 g++=4:12.2.0-3 g++-12=12.2.0-14+deb12u1"
 # Ubuntu snapshot (YYYYMMDDTHHMMSSZ) apt resolves unversioned APT_PACKAGES against (cuda), pinning them too.
 # Only Ubuntu's archive has snapshots: one-line sources (NVIDIA's cuda*.list in the CUDA images; nothing is
 # installed from it) are set aside while apt runs against the snapshot.
-# (hadolint cannot see inside the variables: `python -m mtpquant.policy` checks each flavour's values.)
+# (hadolint cannot see inside the variables: `python -m mtpquant.pins.policy` checks each flavour's values.)
 ARG APT_SNAPSHOT=""
 # hadolint ignore=DL3008,SC2086
 RUN missing=""; \
@@ -63,7 +63,7 @@ ARG NVCC_THREADS=2
 COPY containers/certs/ /tmp/certs/
 COPY pinned/kernels.lock /tmp/kernels.lock
 COPY pinned/serve-cuda-build.txt /tmp/build-lock.txt
-COPY src/mtpquant/kernels.py /tmp/kernels.py
+COPY src/mtpquant/pins/kernels.py /tmp/kernels.py
 # hadolint ignore=DL3008,SC2086
 RUN mkdir -p /wheels \
     && if [ "${KERNELS}" = cuda ]; then \
@@ -111,7 +111,7 @@ RUN if [ -n "$(find /tmp/wheels -name '*.whl')" ]; then \
 # This project, editable so that its recipes/ and data/ resolve next to src/ (no deps: all came from the lock).
 COPY pyproject.toml /opt/mtpquant/
 COPY src/ /opt/mtpquant/src/
-COPY recipes/ /opt/mtpquant/recipes/
+COPY recipes/ /opt/mtpquant/model/recipes/
 COPY data/ /opt/mtpquant/data/
 COPY pinned/ /opt/mtpquant/pinned/
 # pyc compiled once, hash-based (no mtimes inside: reproducible); like pip, files that do not compile under
@@ -137,7 +137,7 @@ LABEL org.opencontainers.image.title="mtpquant-serve-${FLAVOUR}" \
       io.mtpquant.flavour="${FLAVOUR}" \
       io.mtpquant.lock="pinned/${LOCK}.txt" \
       io.mtpquant.lock.sha256="${LOCK_SHA256}" \
-      io.mtpquant.kernels.sha256="${KERNELS_LOCK_SHA256}"
+      io.mtpquant.pins.kernels.sha256="${KERNELS_LOCK_SHA256}"
 USER 10001:10001
 WORKDIR /work
 EXPOSE 8000

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from mtpquant.fixture import write_fixture
-from mtpquant.inject_mtp import inject_mtp
-from mtpquant.quantize import quantize
-from mtpquant.recipes import FixtureSpec
-from mtpquant.run import Run
+from mtpquant.calib.quantize import quantize
+from mtpquant.chain.inject_mtp import inject_mtp
+from mtpquant.core.run import Run
+from mtpquant.model.recipes import FixtureSpec
+from mtpquant.tiny.fixture import write_fixture
 
 FAMILIES = ["glm_moe_dsa", "glm4_moe"]
 

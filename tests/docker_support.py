@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mtpquant import images, locks
+from mtpquant import images
+from mtpquant.pins import locks
 
 STATE = Path(os.environ.get("MTPQUANT_DOCKER_STATE", "/var/tmp/mtpquant-docker"))
 REGISTRY = os.environ.get("MTPQUANT_REGISTRY", "127.0.0.1:5000")

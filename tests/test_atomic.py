@@ -1,6 +1,6 @@
 import pytest
 
-from mtpquant.atomic import atomic_dir, atomic_write_json
+from mtpquant.core.atomic import atomic_dir, atomic_write_json
 
 
 def test_success_replaces_previous(tmp_path):

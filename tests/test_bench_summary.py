@@ -2,8 +2,8 @@
 its own noise) stated as a speedup. The points are shaped like `mtpquant bench`'s bench.json, numbers made up
 for the case each test names (the real bench runs in tests/test_serve_chain.py)."""
 
-from mtpquant.bench import markdown, schedule, summarize
-from mtpquant.recipes import load
+from mtpquant.model.recipes import load
+from mtpquant.serving.bench import markdown, schedule, summarize
 
 
 def point(mtp: bool, rep: int, tok_s: float, length: float = 1.95) -> dict:

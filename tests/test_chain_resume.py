@@ -41,8 +41,8 @@ def reference(tmp_path_factory) -> dict:
 
 # The stage runs as users run it, in its own process, and that process SIGKILLs itself at a chosen point of the
 # real write (inside the output's temp dir): a deterministic kill, which a timer racing a tiny model is not.
-KILL_AT = {"quantize": ("mtpquant.quantize", "restore_dtypes", ".quantized.tmp-*"),
-           "inject-mtp": ("mtpquant.inject_mtp", "write_shard_from", ".artifact.tmp-*")}
+KILL_AT = {"quantize": ("mtpquant.calib.quantize", "restore_dtypes", ".quantized.tmp-*"),
+           "inject-mtp": ("mtpquant.chain.inject_mtp", "write_shard_from", ".artifact.tmp-*")}
 KILLER = """
 import importlib, os, signal, sys
 mod = importlib.import_module(sys.argv[1])

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from mtpquant.checkpoint import Checkpoint, file_sha256
-from mtpquant.families import FAMILIES
-from mtpquant.fixture import write_fixture
-from mtpquant.recipes import FixtureSpec
+from mtpquant.core.checkpoint import Checkpoint, file_sha256
+from mtpquant.model.families import FAMILIES
+from mtpquant.model.recipes import FixtureSpec
+from mtpquant.tiny.fixture import write_fixture
 
 
 def mtpquant(*args, check=True, **env_vars):

@@ -1,4 +1,4 @@
-"""mtpquant.envs: one environment per lock set, rebuilt only when its locks change; what sessions' `-- ARGS`
+"""mtpquant.pins.envs: one environment per lock set, rebuilt only when its locks change; what sessions' `-- ARGS`
 become; the preflight that needs no heavy package; the noxfile stays a list of short sessions."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mtpquant import envs
+from mtpquant.pins import envs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,4 +94,4 @@ def test_noxfile_is_short_sessions():
         if isinstance(node, ast.FunctionDef) and node.decorator_list:
             doc = ast.get_docstring(node)
             assert doc and "\n" not in doc, f"session {node.name}: one-line docstring"
-            assert len(node.body) <= 6, f"session {node.name}: logic belongs in mtpquant.envs"
+            assert len(node.body) <= 6, f"session {node.name}: logic belongs in mtpquant.pins.envs"

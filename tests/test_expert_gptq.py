@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtpquant.recipes import RECIPES_DIR, FixtureSpec
+from mtpquant.model.recipes import RECIPES_DIR, FixtureSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,10 +33,10 @@ def run_oneshot(base: Path, calib_path: Path, modifier_cls: type, **kw):
     from llmcompressor import oneshot
     from llmcompressor.modeling.moe.linearize import linearize_moe
 
-    from mtpquant import recipes
-    from mtpquant.calibration import build_dataset
-    from mtpquant.families import FAMILIES
-    from mtpquant.quantize import recording_gptq
+    from mtpquant.calib.calibration import build_dataset
+    from mtpquant.calib.quantize import recording_gptq
+    from mtpquant.model import recipes
+    from mtpquant.model.families import FAMILIES
 
     cfg = json.loads((base / "config.json").read_text())
     target = FAMILIES["glm_moe_dsa"].routed_experts_target(cfg)
@@ -55,7 +55,7 @@ def run_oneshot(base: Path, calib_path: Path, modifier_cls: type, **kw):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from mtpquant.fixture import write_fixture
+    from mtpquant.tiny.fixture import write_fixture
 
     root = tmp_path_factory.mktemp("egptq")
     return write_fixture("glm_moe_dsa", FixtureSpec(num_hidden_layers=3), root / "base"), root
@@ -66,7 +66,7 @@ def test_same_hessians_and_losses_as_llm_compressor(tiny, tmp_path):
     the down Hessians are equal too; the per-Linear GPTQ losses agree."""
     from llmcompressor.modifiers.gptq import GPTQModifier
 
-    from mtpquant.expert_gptq import ExpertGPTQModifier
+    from mtpquant.calib.expert_gptq import ExpertGPTQModifier
 
     seen: dict[str, dict] = {"plain": {}, "fast": {}}
 
@@ -116,7 +116,7 @@ def test_shared_hessian_solve_matches_quantize_weight():
     from compressed_tensors.quantization.utils import calculate_qparams
     from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
 
-    from mtpquant.expert_gptq import factor_shared, shared_hessian_solve
+    from mtpquant.calib.expert_gptq import factor_shared, shared_hessian_solve
 
     g = torch.Generator().manual_seed(0)
     n_mod, rows, cols = 3, 32, 256
@@ -141,7 +141,7 @@ def test_shared_hessian_solve_matches_quantize_weight():
 
 @pytest.mark.parametrize("inputs", ["fp32", "tf32", "bf16"])
 def test_add_gram_is_exact_for_bf16_activations(inputs):
-    from mtpquant.expert_gptq import add_gram
+    from mtpquant.calib.expert_gptq import add_gram
 
     x = torch.randn(300, 64).to(torch.bfloat16)
     acc = torch.zeros(64, 64)
@@ -154,8 +154,8 @@ def test_add_gram_is_exact_for_bf16_activations(inputs):
 DP_CHILD = """
 import sys
 from pathlib import Path
-from mtpquant.atomic import atomic_write_json
-from mtpquant.quantize import quantize
+from mtpquant.core.atomic import atomic_write_json
+from mtpquant.calib.quantize import quantize
 rep = quantize(Path(sys.argv[1]), sys.argv[2], "tiny-local", Path(sys.argv[3]))
 if rep["rank"] == 0:
     atomic_write_json(Path(sys.argv[4]), rep)
@@ -194,7 +194,7 @@ def test_sorted_routed_forward_equals_llm_compressor_forward(tiny):
     import transformers
     from llmcompressor.modeling.moe.linearize import linearize_moe
 
-    from mtpquant.expert_gptq import grouped_routed_forward, sorted_routed_forward, stack_experts
+    from mtpquant.calib.expert_gptq import grouped_routed_forward, sorted_routed_forward, stack_experts
 
     base, _ = tiny
     model = transformers.GlmMoeDsaForCausalLM.from_pretrained(base, dtype=torch.float32)

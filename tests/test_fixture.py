@@ -4,10 +4,10 @@ import pytest
 import torch
 import transformers
 
-from mtpquant.checkpoint import Checkpoint
-from mtpquant.families import FAMILIES
-from mtpquant.fixture import write_fixture
-from mtpquant.recipes import FixtureSpec
+from mtpquant.core.checkpoint import Checkpoint
+from mtpquant.model.families import FAMILIES
+from mtpquant.model.recipes import FixtureSpec
+from mtpquant.tiny.fixture import write_fixture
 
 
 def digest(path):

@@ -15,10 +15,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mtpquant import cli, recipes
-from mtpquant.checkpoint import Checkpoint, read_safetensors_header
-from mtpquant.errors import MtpquantError
-from mtpquant.families import family_for
+from mtpquant import cli
+from mtpquant.core.checkpoint import Checkpoint, read_safetensors_header
+from mtpquant.core.errors import MtpquantError
+from mtpquant.model import recipes
+from mtpquant.model.families import family_for
 
 CASES = 200  # per reader target; the end-to-end stage target runs STAGE_CASES
 STAGE_CASES = 25

@@ -15,9 +15,9 @@ import sys
 import pytest
 
 from mtpquant import cli
-from mtpquant.atomic import atomic_dir, remove_stale
-from mtpquant.checkpoint import read_safetensors_header
-from mtpquant.errors import MtpquantError
+from mtpquant.core.atomic import atomic_dir, remove_stale
+from mtpquant.core.checkpoint import read_safetensors_header
+from mtpquant.core.errors import MtpquantError
 
 
 def first_shard(ckpt) -> str:
@@ -164,7 +164,7 @@ def test_reader_bounds_the_header_without_reading_it(tmp_path):
 KILLED_INSIDE = """
 import os, signal, sys
 from pathlib import Path
-from mtpquant.atomic import atomic_dir
+from mtpquant.core.atomic import atomic_dir
 with atomic_dir(Path(sys.argv[1])) as tmp:
     (tmp / "half-written.safetensors").write_bytes(b"x" * 1000)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -187,7 +187,7 @@ def test_a_running_process_keeps_its_temp_dir(tmp_path):
     final = tmp_path / "artifact"
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        from mtpquant.atomic import HOST
+        from mtpquant.core.atomic import HOST
 
         mine = tmp_path / f".artifact.tmp-{HOST}-{live.pid}-abcd1234"
         mine.mkdir()
@@ -210,7 +210,7 @@ def test_chat_calibration_without_a_chat_template_fails_before_the_model_loads(b
     tc = json.loads((base / "tokenizer_config.json").read_text())
     tc.pop("chat_template", None)
     (base / "tokenizer_config.json").write_text(json.dumps(tc))
-    from mtpquant import ranks
+    from mtpquant.calib import ranks
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the calibration set was checked")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mtpquant.fixture import write_fixture
-from mtpquant.recipes import FixtureSpec
+from mtpquant.model.recipes import FixtureSpec
+from mtpquant.tiny.fixture import write_fixture
 
 REPO = "tiny-org/tiny-glm4"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from mtpquant import images, kernels, runtime
-from mtpquant.checkpoint import file_sha256
-from mtpquant.errors import MtpquantError
+from mtpquant import images
+from mtpquant.core.checkpoint import file_sha256
+from mtpquant.core.errors import MtpquantError
+from mtpquant.pins import kernels, runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 PINNED = ROOT / "pinned"

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from mtpquant import images
-from mtpquant.checkpoint import file_sha256
-from mtpquant.errors import MtpquantError
+from mtpquant.core.checkpoint import file_sha256
+from mtpquant.core.errors import MtpquantError
 from tests.docker_support import REGISTRY, base, built_image, leave_no_images, log, publish_remove_pull, record
 
 pytestmark = pytest.mark.docker

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from mtpquant import images
-from mtpquant.evaluate import spec_counters
-from mtpquant.serve import free_port
+from mtpquant.serving.evaluate import spec_counters
+from mtpquant.serving.serve import free_port
 from tests.docker_support import built_image, leave_no_images, publish_remove_pull, record
 
 pytestmark = pytest.mark.docker

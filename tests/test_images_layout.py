@@ -36,14 +36,14 @@ def test_images_modules_import_only_downward():
 def test_sha40_is_defined_once():
     """Once in the package; kernels.py keeps its own copy because it runs alone in the image (next test)."""
     defined = sorted(str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if re.search(r"\{40\}", p.read_text()))
-    assert defined == ["kernels.py", "locks.py"], defined
+    assert defined == ["pins/kernels.py", "pins/locks.py"], defined
 
 
 def test_kernels_script_runs_alone(tmp_path):
     """The serving Dockerfile copies kernels.py to /tmp and runs it with the build venv's python: no mtpquant."""
     script = tmp_path / "kernels.py"
-    shutil.copy(SRC / "kernels.py", script)
+    shutil.copy(SRC / "pins" / "kernels.py", script)
     r = subprocess.run([sys.executable, "-I", str(script), "plan", str(SRC.parents[1] / "pinned" / "kernels.lock")],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert {m.split(".")[0] for m in imported(SRC / "kernels.py")} <= set(sys.stdlib_module_names)
+    assert {m.split(".")[0] for m in imported(SRC / "pins" / "kernels.py")} <= set(sys.stdlib_module_names)

@@ -4,11 +4,11 @@ import shutil
 
 import pytest
 
-from mtpquant.checkpoint import Checkpoint, tensor_sha256
-from mtpquant.errors import MtpquantError
-from mtpquant.fixture import write_fixture
-from mtpquant.inject_mtp import inject_mtp
-from mtpquant.recipes import FixtureSpec
+from mtpquant.chain.inject_mtp import inject_mtp
+from mtpquant.core.checkpoint import Checkpoint, tensor_sha256
+from mtpquant.core.errors import MtpquantError
+from mtpquant.model.recipes import FixtureSpec
+from mtpquant.tiny.fixture import write_fixture
 
 
 def test_mtp_tensors_survive_byte_for_byte(built, family):
@@ -95,6 +95,6 @@ def test_buffered_fallback_writes_the_same_bytes(built, tmp_path, monkeypatch):
     b = built["glm_moe_dsa"]
     inject_mtp(b["base"], b["quantized"], tmp_path / "kernel")
     monkeypatch.delattr(os, "copy_file_range")
-    monkeypatch.setattr("mtpquant.checkpoint.CHUNK", 4096)  # many chunks per tensor
+    monkeypatch.setattr("mtpquant.core.checkpoint.CHUNK", 4096)  # many chunks per tensor
     inject_mtp(b["base"], b["quantized"], tmp_path / "buffered")
     assert _digest(tmp_path / "kernel") == _digest(tmp_path / "buffered")

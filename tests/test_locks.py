@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mtpquant import locks
+from mtpquant.pins import locks
 
 ROOT = Path(__file__).resolve().parents[1]
 PINNED = ROOT / "pinned"
@@ -37,7 +37,7 @@ def test_committed_locks_pass_the_gate_with_the_network_disabled():
     dead = "http://127.0.0.1:9/simple"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "UV_INDEX_URL": dead, "PIP_INDEX_URL": dead,
            "UV_OFFLINE": "1", "PIP_NO_INDEX": "1"}
-    code = NO_NETWORK + "from mtpquant.locks import main; raise SystemExit(main(['check']))"
+    code = NO_NETWORK + "from mtpquant.pins.locks import main; raise SystemExit(main(['check']))"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"({len(locks.PY_LOCKS) + 1} checked)" in proc.stdout

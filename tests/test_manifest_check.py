@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from mtpquant import cli
-from mtpquant.manifest import write_manifest
-from mtpquant.run import Run
+from mtpquant.chain.manifest import write_manifest
+from mtpquant.core.run import Run
 
 
 @pytest.fixture

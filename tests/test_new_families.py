@@ -12,14 +12,14 @@ import pytest
 import torch
 import transformers
 
-from mtpquant.checkpoint import Checkpoint, tensor_sha256
-from mtpquant.families import FAMILIES
-from mtpquant.inject_mtp import inject_mtp
-from mtpquant.manifest import check_manifest, write_manifest
-from mtpquant.prepare import prepare
-from mtpquant.quantize import quantize
-from mtpquant.run import Run
-from mtpquant.verify import verify
+from mtpquant.calib.quantize import quantize
+from mtpquant.chain.inject_mtp import inject_mtp
+from mtpquant.chain.manifest import check_manifest, write_manifest
+from mtpquant.chain.prepare import prepare
+from mtpquant.chain.verify import verify
+from mtpquant.core.checkpoint import Checkpoint, tensor_sha256
+from mtpquant.core.run import Run
+from mtpquant.model.families import FAMILIES
 
 RECIPES = {"deepseek_v3": "tiny-deepseek-v3", "qwen3_next": "tiny-qwen3-next"}
 
@@ -89,7 +89,7 @@ def test_chain_verifies_and_has_a_manifest(chain):
 
 def test_registry_is_the_only_list_of_families():
     from mtpquant.cli import build_parser
-    from mtpquant.recipes import load
+    from mtpquant.model.recipes import load
 
     fixture = next(a for a in build_parser()._subparsers._group_actions[0].choices["fixture"]._actions
                    if a.dest == "family")
@@ -100,8 +100,8 @@ def test_registry_is_the_only_list_of_families():
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_targets_and_ignore_keep_mtp_out(family):
-    from mtpquant.families import matches
-    from mtpquant.recipes import FixtureSpec
+    from mtpquant.model.families import matches
+    from mtpquant.model.recipes import FixtureSpec
 
     fam = FAMILIES[family]
     cfg = fam.fixture_config(FixtureSpec())
@@ -116,8 +116,8 @@ def test_targets_and_ignore_keep_mtp_out(family):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_cost_model_reads_the_family(family):
-    from mtpquant.calib_cost import shape_from_config
-    from mtpquant.recipes import FixtureSpec
+    from mtpquant.calib.calib_cost import shape_from_config
+    from mtpquant.model.recipes import FixtureSpec
 
     spec = FixtureSpec(num_hidden_layers=4, first_k_dense_replace=2, n_routed_experts=6)
     shape = shape_from_config(FAMILIES[family].fixture_config(spec))

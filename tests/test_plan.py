@@ -7,10 +7,8 @@ import json
 
 import pytest
 
-from mtpquant.calib_cost import shape_from_config
-from mtpquant.cli import main
-from mtpquant.errors import MtpquantError
-from mtpquant.plan import (
+from mtpquant.calib.calib_cost import shape_from_config
+from mtpquant.calib.plan import (
     GPUSpec,
     activation_copy_s,
     make_plan,
@@ -19,7 +17,9 @@ from mtpquant.plan import (
     refuse,
     stream_plan,
 )
-from mtpquant.recipes import RECIPES_DIR, load
+from mtpquant.cli import main
+from mtpquant.core.errors import MtpquantError
+from mtpquant.model.recipes import RECIPES_DIR, load
 
 
 def test_parameter_count_matches_the_model():
@@ -27,8 +27,8 @@ def test_parameter_count_matches_the_model():
     import torch
     import transformers
 
-    from mtpquant.fixture import config_for
-    from mtpquant.recipes import FixtureSpec
+    from mtpquant.model.recipes import FixtureSpec
+    from mtpquant.tiny.fixture import config_for
 
     cfg = config_for("glm_moe_dsa", FixtureSpec(num_hidden_layers=4, first_k_dense_replace=2, n_routed_experts=6))
     shape = shape_from_config(cfg.to_dict())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mtpquant import images
-from mtpquant.policy import check_dockerfile, main
+from mtpquant.pins.policy import check_dockerfile, main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted((ROOT / "containers").glob("*.Dockerfile"))

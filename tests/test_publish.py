@@ -12,9 +12,9 @@ import pytest
 from huggingface_hub import ModelCard
 
 from mtpquant import cli
-from mtpquant.errors import MtpquantError
-from mtpquant.publish import publish
-from mtpquant.run import Run
+from mtpquant.chain.publish import publish
+from mtpquant.core.errors import MtpquantError
+from mtpquant.core.run import Run
 from tests.test_hub import COMMIT, REPO, make_hub_cache, prepare, write_lock
 
 

@@ -3,11 +3,11 @@ import resource
 
 import pytest
 
-from mtpquant.checkpoint import Checkpoint
-from mtpquant.errors import MtpquantError
-from mtpquant.families import FAMILIES
-from mtpquant.quantize import quantize
-from mtpquant.recipes import RECIPES_DIR
+from mtpquant.calib.quantize import quantize
+from mtpquant.core.checkpoint import Checkpoint
+from mtpquant.core.errors import MtpquantError
+from mtpquant.model.families import FAMILIES
+from mtpquant.model.recipes import RECIPES_DIR
 
 
 def test_real_gptq_packs_every_routed_expert(built, family):
@@ -74,8 +74,8 @@ def test_refuses_targets_beyond_routed_experts(built, tmp_path, targets, hit):
 
 @pytest.mark.parametrize("family,refused", [("glm_moe_dsa", True), ("glm4_moe", False)])
 def test_per_linear_sequential_targets_refused_where_the_indexer_cannot_trace(built, tmp_path, family, refused):
-    from mtpquant import recipes
-    from mtpquant.quantize import refuse_untraceable_sequential_targets
+    from mtpquant.calib.quantize import refuse_untraceable_sequential_targets
+    from mtpquant.model import recipes
 
     text = (RECIPES_DIR / "quant" / "w4a16-asym-g128.yaml").read_text()
     p = tmp_path / "r.yaml"

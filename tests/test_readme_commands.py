@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHEAP = {
     "make dev": "source .venv/bin/activate",
     "source .venv/bin/activate && mtpquant --help": "prepare",
-    "python -m mtpquant.locks check": "",
+    "python -m mtpquant.pins.locks check": "",
     "mtpquant plan --model glm-5.2 --calibration glm5-code-instruct --gpu h200 --gpus 8": "",
     "nox -s serve-h200x8 -- --run runs/glm-5.2 --dry-run": "--tensor-parallel-size 8",
     "nox -s serve-h200x4 -- --run runs/glm-5.2 --dry-run": "--tensor-parallel-size 4",

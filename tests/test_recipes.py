@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from mtpquant import recipes
-from mtpquant.recipes import RECIPES_DIR, RecipeError
+from mtpquant.model import recipes
+from mtpquant.model.recipes import RECIPES_DIR, RecipeError
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")

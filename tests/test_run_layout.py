@@ -1,4 +1,4 @@
-"""mtpquant.run owns the run directory: no other module spells a name in it, and each record has one writer."""
+"""mtpquant.core.run owns the run directory: no other module spells a name in it, and each record has one writer."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from mtpquant.run import RECORDS, Run, manifest_of
+from mtpquant.core.run import RECORDS, Run, manifest_of
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "mtpquant"
-OWNER = SRC / "run.py"
+OWNER = SRC / "core" / "run.py"
 
 # File names and name templates of the run layout (f-string fields written as {}): wrong in any string
 # literal but run.py's, docstrings aside.
@@ -95,7 +95,7 @@ def test_no_module_but_run_spells_a_run_dir_name():
             continue
         rel = path.relative_to(SRC.parent.parent)
         found += [f"{rel}:{line}: {lit!r}" for line, lit in layout_literals(path.read_text(), path.name)]
-    assert not found, "run-dir names belong to mtpquant.run (ask Run for the path):\n" + "\n".join(found)
+    assert not found, "run-dir names belong to mtpquant.core.run (ask Run for the path):\n" + "\n".join(found)
 
 
 @pytest.mark.parametrize("line", [

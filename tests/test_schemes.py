@@ -1,4 +1,4 @@
-"""Quantization schemes (mtpquant.schemes): what each owns, and a second scheme (W8A16) through the chain."""
+"""Quantization schemes (mtpquant.model.schemes): what each owns, and a second scheme (W8A16) through the chain."""
 
 import json
 import re
@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from mtpquant.checkpoint import Checkpoint
-from mtpquant.errors import MtpquantError
-from mtpquant.fixture import write_fixture
-from mtpquant.inject_mtp import inject_mtp
-from mtpquant.quantize import quantize
-from mtpquant.recipes import RECIPES_DIR, FixtureSpec
-from mtpquant.schemes import DEFAULT, SCHEMES, label_of, scheme, scheme_for_config
-from mtpquant.verify import verify
+from mtpquant.calib.quantize import quantize
+from mtpquant.chain.inject_mtp import inject_mtp
+from mtpquant.chain.verify import verify
+from mtpquant.core.checkpoint import Checkpoint
+from mtpquant.core.errors import MtpquantError
+from mtpquant.model.recipes import RECIPES_DIR, FixtureSpec
+from mtpquant.model.schemes import DEFAULT, SCHEMES, label_of, scheme, scheme_for_config
+from mtpquant.tiny.fixture import write_fixture
 
 W8 = SCHEMES["w8a16-asym-g128"]
 
@@ -74,7 +74,7 @@ def test_w8a16_quantizes_and_verifies(tmp_path):
 
 
 def test_no_module_but_schemes_names_a_packed_layout():
-    """The on-disk layout (part names, format, packing factors) is spelled only in mtpquant.schemes.
+    """The on-disk layout (part names, format, packing factors) is spelled only in mtpquant.model.schemes.
     expert_gptq.py is exempt: it names llm-compressor's in-memory quantization parameters of a module."""
     src = Path(__file__).resolve().parents[1] / "src" / "mtpquant"
     layout = re.compile(r"weight_packed|weight_zero_point|weight_shape|weight_g_idx|pack-quantized|//\s*8\b")

@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from mtpquant.fixture import write_fixture
-from mtpquant.inject_mtp import inject_mtp
-from mtpquant.quantize import quantize
-from mtpquant.run import Run
-from mtpquant.train_tiny import TrainConfig, spec_for
-from mtpquant.verify import verify, verify_record
+from mtpquant.calib.quantize import quantize
+from mtpquant.chain.inject_mtp import inject_mtp
+from mtpquant.chain.verify import verify, verify_record
+from mtpquant.core.run import Run
+from mtpquant.tiny.fixture import write_fixture
+from mtpquant.tiny.train_tiny import TrainConfig, spec_for
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = Path(os.environ.get("MTPQUANT_TINY_MODEL", ROOT / "data" / "models" / "tiny-arith"))
@@ -112,7 +112,7 @@ def test_w4a16_within_005_of_bf16_and_no_worse_than_rtn(evals):
 
 
 def test_w4a16_next_token_distributions_closer_to_bf16_than_rtn(evals):
-    from mtpquant.evaluate import compare_logprobs
+    from mtpquant.serving.evaluate import compare_logprobs
 
     ref = evals("bf16")["answer_logprobs"]
     w4 = compare_logprobs(ref, evals("w4a16")["answer_logprobs"])
@@ -135,7 +135,7 @@ def test_mtp_acceptance_with_quantized_target_and_injected_mtp(evals):
 def test_dequantized_copy_has_int4_values_and_the_injected_mtp(chain, evals):
     from safetensors import safe_open
 
-    from mtpquant.checkpoint import Checkpoint, tensor_sha256
+    from mtpquant.core.checkpoint import Checkpoint, tensor_sha256
 
     evals("w4a16")
     deq = Checkpoint(chain["root"] / "serve-bf16-artifact")
@@ -188,7 +188,8 @@ def test_bench_with_and_without_mtp_and_report(chain, serve_python, evals):
     for p in summary["points"]:
         assert p["result"]["completed"] >= 16 and p["result"]["output_throughput"] > 0
         assert p["vllm_command"].startswith("vllm bench serve --backend openai")
-        assert p["command"].startswith(f"{shlex.quote(serve_python)} -m mtpquant.bench --backend openai")  # runs on CPU
+        # the client line that runs on CPU
+        assert p["command"].startswith(f"{shlex.quote(serve_python)} -m mtpquant.serving.bench --backend openai")
         if p["mtp"]:
             assert p["result"]["spec_decode_acceptance_rate"] > 50
     for r in summary["table"]:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mtpquant import recipes
-from mtpquant.recipes import RecipeError
-from mtpquant.serve import Launch, ServeError, Server, build_launch, running
+from mtpquant.model import recipes
+from mtpquant.model.recipes import RecipeError
+from mtpquant.serving.serve import Launch, ServeError, Server, build_launch, running
 
 ROOT = Path(__file__).resolve().parents[1]
 ART = "/models/GLM-5.2-W4A16-MTP"
@@ -151,7 +151,7 @@ def test_gpu_profile_without_expert_parallel_refused_for_asymmetric_int4(tmp_pat
     """The seed's TP scale-sharding wall (vLLM #41511/#50196), encoded: TP without EP is refused."""
     import dataclasses
 
-    from mtpquant.errors import MtpquantError
+    from mtpquant.core.errors import MtpquantError
 
     art = tmp_path / "artifact"
     art.mkdir()

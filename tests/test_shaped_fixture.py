@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from mtpquant.checkpoint import Checkpoint
-from mtpquant.shaped_fixture import SMALL_DIMS, glm5_config, tensor_specs, write_shaped_checkpoint
+from mtpquant.core.checkpoint import Checkpoint
+from mtpquant.tiny.shaped_fixture import SMALL_DIMS, glm5_config, tensor_specs, write_shaped_checkpoint
 
 
 def test_real_dimensions_by_default():

@@ -18,14 +18,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mtpquant.checkpoint import Checkpoint
+from mtpquant.calib.stream import JOURNAL, Journal, Placement, deterministic, placement, quantize_stream, work_dir_for
+from mtpquant.chain.inject_mtp import inject_mtp
+from mtpquant.chain.verify import verify
 from mtpquant.cli import main
-from mtpquant.errors import MtpquantError
-from mtpquant.inject_mtp import inject_mtp
-from mtpquant.recipes import RECIPES_DIR
-from mtpquant.recipes import load as load_recipe
-from mtpquant.stream import JOURNAL, Journal, Placement, deterministic, placement, quantize_stream, work_dir_for
-from mtpquant.verify import verify
+from mtpquant.core.checkpoint import Checkpoint
+from mtpquant.core.errors import MtpquantError
+from mtpquant.model.recipes import RECIPES_DIR
+from mtpquant.model.recipes import load as load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def test_sigkill_then_resume_gives_the_same_files(built, streamed, tmp_path):
     # killed while layer 1's shard was being written: the temp file is left, layer 1 is not finished
     proc = _cli(run, base, out, env={"MTPQUANT_STREAM_KILL": "write:1"})
     assert proc.returncode == -9, proc.stderr[-2000:]
-    # the temp name carries its owner (mtpquant.atomic): the resume removes what the dead process left
+    # the temp name carries its owner (mtpquant.core.atomic): the resume removes what the dead process left
     assert layers() == [0] and any(p.name.startswith(".model-00002-of-") and ".safetensors.tmp-" in p.name
                                    for p in work.iterdir())
     # resumed, then killed right after layer 1's journal entry
@@ -167,8 +167,8 @@ def test_journal_keeps_only_intact_layers_and_restart_starts_over(tmp_path):
 def test_two_mtp_layers_are_left_to_inject_mtp(tmp_path):
     """GLM-4.5 layout with 2 MTP layers: the stream engine reads only decoder layers 0..n-1 (the MTP layers,
     like from_pretrained's, are skipped), and inject-mtp + verify accept the result."""
-    from mtpquant.fixture import write_fixture
-    from mtpquant.recipes import FixtureSpec
+    from mtpquant.model.recipes import FixtureSpec
+    from mtpquant.tiny.fixture import write_fixture
 
     base = write_fixture("glm4_moe", FixtureSpec(num_nextn_predict_layers=2), tmp_path / "base")
     quantize_stream(base, "w4a16-asym-g128", "tiny-local", tmp_path / "q")

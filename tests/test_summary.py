@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mtpquant.atomic import atomic_write_bytes, atomic_write_json
-from mtpquant.bench import summarize
 from mtpquant.cli import main
-from mtpquant.report import write_report
-from mtpquant.run import Run
+from mtpquant.core.atomic import atomic_write_bytes, atomic_write_json
+from mtpquant.core.run import Run
+from mtpquant.serving.bench import summarize
+from mtpquant.serving.report import write_report
 
 
 def eval_record(label: str, value: float, rate: float | None, logprobs: list) -> dict:
@@ -89,7 +89,7 @@ def test_report_commands_are_pasteable(tmp_path):
                        "profile": "cpu"}
     for pt in b["points"]:
         pt["server_command"] = f"{py} -m vllm.entrypoints.openai.api_server --model M --port 41235"
-        pt["command"] = f"{py} -m mtpquant.bench --base-url http://127.0.0.1:41235 --model w4a16"
+        pt["command"] = f"{py} -m mtpquant.serving.bench --base-url http://127.0.0.1:41235 --model w4a16"
     atomic_write_json(run.bench_summary, b)
     text = write_report(run).read_text()
     commands = text[text.index("## Commands"):]
@@ -101,5 +101,5 @@ def test_report_commands_are_pasteable(tmp_path):
             "--profile cpu") in commands
     assert f"{py} -m mtpquant bench --run {run.root} --artifact {run.artifact} --name w4a16 --grid tiny" in commands
     assert f"{py} -m mtpquant serve --run {run.root}" in commands
-    assert f"{py} -m mtpquant.bench --base-url http://127.0.0.1:8000 --model w4a16" in commands
+    assert f"{py} -m mtpquant.serving.bench --base-url http://127.0.0.1:8000 --model w4a16" in commands
     assert "41234" not in commands and "41235" not in commands and "--port 8000" in commands

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from mtpquant.serve import Launch, Server, last_line
+from mtpquant.serving.serve import Launch, Server, last_line
 
 # A server that, like `vllm serve`, stops its engine child itself on SIGINT and exits 0; on SIGTERM to the
 # whole group (the old shutdown) the child dies under it first.
@@ -61,7 +61,7 @@ def test_last_line_is_the_logs_last_nonempty_line(tmp_path):
 def test_stdout_to_keeps_a_librarys_printout_in_its_log(tmp_path, capfd):
     import os
 
-    from mtpquant.quiet import stdout_to
+    from mtpquant.core.quiet import stdout_to
 
     log = tmp_path / "bench" / "client.log"
     print("before")
@@ -76,7 +76,7 @@ def test_stdout_to_keeps_a_librarys_printout_in_its_log(tmp_path, capfd):
 
 
 def test_a_wait_inside_a_progress_is_a_line_of_the_same_display():
-    from mtpquant import progress as p
+    from mtpquant.core import progress as p
 
     with p.progress("bench points", total=3) as update:
         bar = p._active[0]
@@ -102,7 +102,7 @@ def report(rest: str) -> str:
 
 
 def test_mtp_only_load_report_is_recognized_and_nothing_else():
-    from mtpquant.quiet import mtp_only_load_report
+    from mtpquant.core.quiet import mtp_only_load_report
 
     prefixes = ("model.layers.3.",)
     assert mtp_only_load_report(report(""), prefixes)
@@ -117,7 +117,7 @@ STAGE = """
 import json, sys
 from loguru import logger
 from transformers.utils import logging as tlog
-from mtpquant.quiet import stage_logs
+from mtpquant.core.quiet import stage_logs
 sys.path.insert(0, sys.argv[2])
 from test_terminal import report
 said = []
@@ -162,10 +162,10 @@ def test_stage_logs_keep_known_noise_in_the_log_and_say_it_once(tmp_path):
 
 
 def test_the_bench_client_line_is_the_one_that_runs_on_the_platform():
-    from mtpquant.bench import client_command
+    from mtpquant.serving.bench import client_command
 
     args = ["--backend", "openai", "--base-url", "http://127.0.0.1:8000"]
     assert client_command(["vllm", "serve", "/m"], args) == "vllm bench serve --backend openai --base-url " \
         "http://127.0.0.1:8000"
     assert client_command(["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"], args) == \
-        "/venv/bin/python -m mtpquant.bench --backend openai --base-url http://127.0.0.1:8000"
+        "/venv/bin/python -m mtpquant.serving.bench --backend openai --base-url http://127.0.0.1:8000"

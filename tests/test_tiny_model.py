@@ -6,10 +6,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from mtpquant.checkpoint import Checkpoint
-from mtpquant.families import FAMILIES
-from mtpquant.tiny_task import DATA, problems, write_data
-from mtpquant.train_tiny import SUMS, TrainConfig, fit, tokenizer
+from mtpquant.core.checkpoint import Checkpoint
+from mtpquant.model.families import FAMILIES
+from mtpquant.tiny.tiny_task import DATA, problems, write_data
+from mtpquant.tiny.train_tiny import SUMS, TrainConfig, fit, tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "data" / "models" / "tiny-arith"
@@ -46,7 +46,7 @@ def test_committed_model_solves_its_task():
     import torch
     import transformers
 
-    from mtpquant.train_tiny import accuracy
+    from mtpquant.tiny.train_tiny import accuracy
 
     tok = transformers.AutoTokenizer.from_pretrained(MODEL)
     model = transformers.AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
@@ -87,8 +87,8 @@ def test_planted_outlier_channels_keep_the_function(tmp_path):
     import torch
     import transformers
 
-    from mtpquant.fixture import fixture_tensors, write_checkpoint
-    from mtpquant.train_tiny import plant_outliers, spec_for
+    from mtpquant.tiny.fixture import fixture_tensors, write_checkpoint
+    from mtpquant.tiny.train_tiny import plant_outliers, spec_for
 
     spec = spec_for(TrainConfig())
     tensors = fixture_tensors("glm4_moe", spec)

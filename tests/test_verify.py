@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from mtpquant.errors import VerificationFailed
-from mtpquant.schemes import DEFAULT
-from mtpquant.verify import raise_on_failure, verify, verify_record
+from mtpquant.chain.verify import raise_on_failure, verify, verify_record
+from mtpquant.core.errors import VerificationFailed
+from mtpquant.model.schemes import DEFAULT
 from tests.conftest import edit_tensors, read_tensor
 
 
@@ -128,7 +128,7 @@ PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
 def xor_byte(art, name: str, offset: int, mask: int) -> None:
     """Flip bits of one byte of a tensor, in place in its shard file (what a bad disk or copy does)."""
-    from mtpquant.checkpoint import Checkpoint
+    from mtpquant.core.checkpoint import Checkpoint
 
     info = Checkpoint(art).tensors[name]
     with info.shard.open("r+b") as fh:
@@ -178,10 +178,10 @@ def test_swapped_weight_shape_is_caught(artifact_copy):
 
 
 def test_sample_checks_a_seeded_fraction(built, family):
-    from mtpquant.checkpoint import Checkpoint
-    from mtpquant.families import family_for
-    from mtpquant.schemes import DEFAULT
-    from mtpquant.verify import check_values
+    from mtpquant.chain.verify import check_values
+    from mtpquant.core.checkpoint import Checkpoint
+    from mtpquant.model.families import family_for
+    from mtpquant.model.schemes import DEFAULT
 
     art, base = Checkpoint(built[family]["artifact"]), Checkpoint(built[family]["base"])
     fam = family_for(base.config)
@@ -222,7 +222,7 @@ def test_symmetric_with_stored_zero_points_is_caught(artifact_copy):
 
 
 def test_base_that_is_the_artifact_or_quantized_is_refused(built, family):
-    from mtpquant.errors import MtpquantError
+    from mtpquant.core.errors import MtpquantError
 
     art = built[family]["artifact"]
     with pytest.raises(MtpquantError, match="--base is the artifact itself"):

@@ -10,12 +10,12 @@ import pytest
 import torch
 import yaml
 
-from mtpquant.recipes import RECIPES_DIR, FixtureSpec
+from mtpquant.model.recipes import RECIPES_DIR, FixtureSpec
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from mtpquant.fixture import write_fixture
+    from mtpquant.tiny.fixture import write_fixture
 
     return write_fixture("glm_moe_dsa", FixtureSpec(), tmp_path_factory.mktemp("wt") / "base")
 
@@ -38,8 +38,8 @@ def expert_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_overlap_and_gpu_activations_change_nothing(base, tmp_path, monkeypatch):
-    from mtpquant import weight_transfers
-    from mtpquant.quantize import quantize
+    from mtpquant.calib import weight_transfers
+    from mtpquant.calib.quantize import quantize
 
     plain = quantize(base, str(recipe_with(tmp_path)), "tiny-local", tmp_path / "a")
     used: list[weight_transfers.WeightTransfers] = []
@@ -77,7 +77,7 @@ def test_queue_orders_reads_after_writes_and_drops_stale_prefetch():
     from compressed_tensors.offload import disable_offloading, update_offload_parameter
     from compressed_tensors.offload.cache.cpu import CPUCache
 
-    from mtpquant.weight_transfers import WeightTransfers
+    from mtpquant.calib.weight_transfers import WeightTransfers
 
     lin = torch.nn.Linear(8, 4)
     lin._parameters = CPUCache.from_mapping(lin._parameters, "cpu")
@@ -105,8 +105,8 @@ def test_queue_orders_reads_after_writes_and_drops_stale_prefetch():
 def test_activation_device():
     import dataclasses
 
-    from mtpquant import recipes
-    from mtpquant.quantize import activation_bytes, activation_device, oneshot_options
+    from mtpquant.calib.quantize import activation_bytes, activation_device, oneshot_options
+    from mtpquant.model import recipes
 
     quant = recipes.load("quant", "w4a16-asym-g128")
     fe = quant.fast_experts
@@ -129,8 +129,8 @@ def test_activation_device():
 
 
 def test_recipe_refuses_unknown_activation_place(tmp_path):
-    from mtpquant import recipes
-    from mtpquant.errors import MtpquantError
+    from mtpquant.core.errors import MtpquantError
+    from mtpquant.model import recipes
 
     bad = recipe_with(tmp_path, activations="disk")
     with pytest.raises(MtpquantError, match="fast_experts.activations: 'disk' is not one of"):
@@ -140,7 +140,7 @@ def test_recipe_refuses_unknown_activation_place(tmp_path):
 def test_failed_prefetch_falls_back_to_a_plain_onload(monkeypatch):
     from compressed_tensors.offload.cache.cpu import CPUCache
 
-    from mtpquant.weight_transfers import WeightTransfers
+    from mtpquant.calib.weight_transfers import WeightTransfers
 
     lin = torch.nn.Linear(8, 4)
     lin._parameters = CPUCache.from_mapping(lin._parameters, "cpu")

@@ -6,7 +6,7 @@ Stages read and write a run directory (default layout below) and record what the
     RUN/artifact/      inject-mtp   quantized + MTP layer(s) in BF16            + RUN/inject-mtp.json
                        verify                                                   + RUN/verify.json
     RUN/artifact/manifest.json      manifest
-The whole layout: mtpquant.run.
+The whole layout: mtpquant.core.run.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any
 
 from rich.console import Console
 
-from mtpquant.atomic import atomic_write_json
-from mtpquant.errors import MtpquantError
-from mtpquant.families import FAMILIES
-from mtpquant.run import Run, manifest_of
-from mtpquant.schemes import DEFAULT, SCHEMES, scheme
+from mtpquant.core.atomic import atomic_write_json
+from mtpquant.core.errors import MtpquantError
+from mtpquant.core.run import Run, manifest_of
+from mtpquant.model.families import FAMILIES
+from mtpquant.model.schemes import DEFAULT, SCHEMES, scheme
 
 console = Console(stderr=True)
 
@@ -44,14 +44,14 @@ def _done(run: Run, stage: str, inputs: dict, args: argparse.Namespace) -> bool:
 
 
 def _inputs(*paths: Path, **extra: Any) -> dict[str, Any]:
-    from mtpquant.run import code_sha256, signature
+    from mtpquant.core.run import code_sha256, signature
 
     return {"files": signature(*paths), "code": code_sha256(), **extra}
 
 
 def cmd_fixture(args: argparse.Namespace) -> int:
-    from mtpquant.fixture import write_fixture
-    from mtpquant.recipes import FixtureSpec
+    from mtpquant.model.recipes import FixtureSpec
+    from mtpquant.tiny.fixture import write_fixture
 
     spec = FixtureSpec(num_hidden_layers=args.layers, first_k_dense_replace=args.dense_layers,
                        n_routed_experts=args.experts, num_nextn_predict_layers=args.mtp_layers,
@@ -63,8 +63,8 @@ def cmd_fixture(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from mtpquant import recipes
-    from mtpquant.prepare import prepare
+    from mtpquant.chain.prepare import prepare
+    from mtpquant.model import recipes
 
     run = Run(args.run)
     run.root.mkdir(parents=True, exist_ok=True)
@@ -85,8 +85,8 @@ def _say(line: str) -> None:
 def _mtp_tensors(model: Path) -> tuple[list[str], int]:
     """The MTP layers' name prefixes and tensor count in a checkpoint; none where it cannot be read (the stage
     itself then reports why, in its own words)."""
-    from mtpquant.checkpoint import Checkpoint
-    from mtpquant.families import family_for
+    from mtpquant.core.checkpoint import Checkpoint
+    from mtpquant.model.families import family_for
 
     try:
         ck = Checkpoint(model)
@@ -97,10 +97,10 @@ def _mtp_tensors(model: Path) -> tuple[list[str], int]:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from mtpquant import recipes
-    from mtpquant.manifest import consumed
-    from mtpquant.quantize import quantize
-    from mtpquant.quiet import stage_logs
+    from mtpquant.calib.quantize import quantize
+    from mtpquant.chain.manifest import consumed
+    from mtpquant.core.quiet import stage_logs
+    from mtpquant.model import recipes
 
     run = Run(args.run)
     model = Path(args.model or run.base)
@@ -112,7 +112,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return 0
     with stage_logs(run.stage_log("quantize"), *_mtp_tensors(model), _say):
         if args.engine == "stream":
-            from mtpquant.stream import quantize_stream
+            from mtpquant.calib.stream import quantize_stream
 
             rep = quantize_stream(model, args.recipe, args.calibration, out, restart=args.restart)
         else:
@@ -130,7 +130,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
-    from mtpquant.inject_mtp import inject_mtp
+    from mtpquant.chain.inject_mtp import inject_mtp
 
     run = Run(args.run)
     base, quantized, out = Path(args.base or run.base), Path(args.quantized or run.quantized), Path(
@@ -147,7 +147,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from mtpquant.verify import raise_on_failure, render, verify, verify_record
+    from mtpquant.chain.verify import raise_on_failure, render, verify, verify_record
 
     run = Run(args.run)
     art, base = Path(args.artifact or run.artifact), Path(args.base or run.base)
@@ -162,7 +162,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
-    from mtpquant.manifest import write_manifest
+    from mtpquant.chain.manifest import write_manifest
 
     run = Run(args.run)
     art = Path(args.artifact or run.artifact)
@@ -172,7 +172,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from mtpquant.manifest import check_manifest, raise_on_mismatch
+    from mtpquant.chain.manifest import check_manifest, raise_on_mismatch
 
     result = check_manifest(Path(args.artifact))
     raise_on_mismatch(result, Path(args.artifact))
@@ -182,7 +182,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from mtpquant.publish import publish, render
+    from mtpquant.chain.publish import publish, render
 
     plan = publish(Run(args.run), args.repo, Path(args.artifact) if args.artifact else None, dry_run=args.dry_run)
     out = Console(width=None if sys.stdout.isatty() else 160)
@@ -195,7 +195,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_lock_sources(args: argparse.Namespace) -> int:
-    from mtpquant.hub import lock_models
+    from mtpquant.chain.hub import lock_models
 
     for path in lock_models(args.models):
         console.print(f"[green]locked[/] {path}")
@@ -203,7 +203,7 @@ def cmd_lock_sources(args: argparse.Namespace) -> int:
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
-    from mtpquant.preflight import preflight
+    from mtpquant.chain.preflight import preflight
 
     for line in preflight(args.model, args.calibration):
         console.print(f"[green]ok[/] {line}")
@@ -211,7 +211,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from mtpquant.plan import GPUSpec, make_plan, refuse, render
+    from mtpquant.calib.plan import GPUSpec, make_plan, refuse, render
 
     plan = make_plan(args.model, args.calibration, args.recipe, GPUSpec.of(args.gpu, args.gpus, args.gpu_memory_gib),
                      host_ram_gib=args.host_ram_gib, disk_gib=args.disk_gib, engine=args.engine)
@@ -225,7 +225,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_train_tiny(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from mtpquant.train_tiny import TrainConfig, run_training
+    from mtpquant.tiny.train_tiny import TrainConfig, run_training
 
     cfg = TrainConfig(seed=args.seed)
     if args.steps is not None:
@@ -233,8 +233,8 @@ def cmd_train_tiny(args: argparse.Namespace) -> int:
     if args.lr is not None:
         cfg = dataclasses.replace(cfg, lr=args.lr)
     if args.data_only:
-        from mtpquant.recipes import REPO_ROOT
-        from mtpquant.tiny_task import write_data
+        from mtpquant.model.recipes import REPO_ROOT
+        from mtpquant.tiny.tiny_task import write_data
 
         for p in write_data(REPO_ROOT):
             console.print(f"[green]wrote[/] {p}")
@@ -244,25 +244,25 @@ def cmd_train_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from mtpquant.serve_cli import serve_command
+    from mtpquant.serving.serve_cli import serve_command
 
     return serve_command(args, console)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mtpquant.evaluate import eval_command
+    from mtpquant.serving.evaluate import eval_command
 
     return eval_command(args, console)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mtpquant.bench import bench_command
+    from mtpquant.serving.bench import bench_command
 
     return bench_command(args, console)
 
 
 def cmd_dequantize(args: argparse.Namespace) -> int:
-    from mtpquant.dequantize import dequantize_artifact
+    from mtpquant.model.dequantize import dequantize_artifact
 
     out = dequantize_artifact(Path(args.artifact), Path(args.out))
     console.print(f"[bold yellow]DEQUANTIZED[/] {args.artifact} -> {out} (BF16, same weight values)")
@@ -270,7 +270,7 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
 
 
 def cmd_rtn(args: argparse.Namespace) -> int:
-    from mtpquant.dequantize import rtn_checkpoint
+    from mtpquant.model.dequantize import rtn_checkpoint
 
     chosen = scheme(args.scheme)
     out = rtn_checkpoint(Path(args.base), Path(args.out), chosen)
@@ -279,7 +279,7 @@ def cmd_rtn(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mtpquant.report import write_report
+    from mtpquant.serving.report import write_report
 
     path = write_report(Run(args.run), Path(args.artifact) if args.artifact else None)
     console.print(f"[green]report[/] -> {path}")
@@ -287,7 +287,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from mtpquant.summary import summary_command
+    from mtpquant.serving.summary import summary_command
 
     missing = [r for r in args.run if not Path(r).is_dir()]
     if missing:

@@ -8,6 +8,8 @@ tag names one content: `pull` fetches the published digest only when its tag mat
 Modules, each importing only those above it: pins (the inputs), context (files, tag, BuildSpec, context tar,
 plan), daemon (the engine connection), reproducible (normalize and diff images), engine (build, push, pull,
 run), cli (`python -m mtpquant.images {build,push,pull,run,tag,plan} [options] [-- COMMAND for run]`).
+
+Imports: mtpquant.core, mtpquant.pins.
 """
 
 from mtpquant.images.cli import main

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mtpquant.errors import MtpquantError
+from mtpquant.core.errors import MtpquantError
 from mtpquant.images.context import plan_lines, spec
 from mtpquant.images.engine import build, publish, pull, run
 from mtpquant.images.pins import FLAVOURS

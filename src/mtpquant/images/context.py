@@ -14,9 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from mtpquant import kernels, locks
-from mtpquant.checkpoint import file_sha256
-from mtpquant.errors import MtpquantError
+from mtpquant.core.checkpoint import file_sha256
+from mtpquant.core.errors import MtpquantError
 from mtpquant.images.pins import (
     FLAVOURS,
     NOT_CONTENT,
@@ -28,6 +27,7 @@ from mtpquant.images.pins import (
     base_ref,
     load_images_lock,
 )
+from mtpquant.pins import kernels, locks
 
 
 def revision(root: Path = ROOT) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mtpquant.errors import MtpquantError
+from mtpquant.core.errors import MtpquantError
 
 
 def client():

@@ -8,12 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mtpquant import kernels, locks
-from mtpquant.errors import MtpquantError
+from mtpquant.core.errors import MtpquantError
 from mtpquant.images.context import fill_wheelhouse, write_context
 from mtpquant.images.daemon import client
 from mtpquant.images.pins import FLAVOURS, PINNED, BuildSpec, load_images_lock
 from mtpquant.images.reproducible import normalize as canonical
+from mtpquant.pins import kernels, locks
 
 
 def _stream(lines: Iterator[dict], log) -> None:

@@ -8,8 +8,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from mtpquant import locks
-from mtpquant.errors import MtpquantError
+from mtpquant.core.errors import MtpquantError
+from mtpquant.pins import locks
 
 ROOT = locks.REPO_ROOT
 PINNED = ROOT / "pinned"

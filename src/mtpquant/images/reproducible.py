@@ -22,10 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mtpquant.errors import MtpquantError, run_command
+from mtpquant.core.errors import MtpquantError, run_command
 from mtpquant.images.daemon import client
 from mtpquant.images.pins import SOURCE_DATE_EPOCH
-from mtpquant.locks import EXCLUDE_NEWER
+from mtpquant.pins.locks import EXCLUDE_NEWER
 
 # Config fields the legacy builder fills with per-build values.
 BUILD_FIELDS = ("created", "container", "container_config", "docker_version")

@@ -1,0 +1,700 @@
+"""`quantize --engine stream`: GPTQ one decoder layer at a time, straight from the source shards, resumable.
+
+The memory engine (mtpquant.calib.quantize) loads the whole BF16 model and hands it to `oneshot`. This engine never
+holds more than one decoder layer with real weights:
+
+1. The model skeleton is built on the meta device from config.json; only the embedding (read alone from its
+   shard) and the rotary tables get real values. The model's own forward runs up to layer 0, where a catcher
+   records what it passes to every decoder layer (hidden states, mask, position embeddings) per batch.
+2. For each decoder layer in order: exactly that layer's tensors are read from the shards the index names
+   (`safetensors.safe_open`), the layer is built with them and its experts linearized (llm-compressor's
+   classes), and the project's modifier (`quantize.modifier_for`: llm-compressor's GPTQModifier or
+   ExpertGPTQModifier) runs its lifecycle on it as llm-compressor's SequentialPipeline does for one subgraph:
+   a calibration pass with the hooks on, `sequential_epoch_end` (the solve), a propagation pass through the
+   quantized layer with the hooks off, under `calibration_forward_context` and `DisableQuantization`.
+   The batches are llm-compressor's own (`format_calibration_data`: its sampler and collator).
+   compressed-tensors' `ModelCompressor` packs the layer; its shard is written to a temp file and renamed.
+3. The embedding, final norm and lm_head are copied from the source; config.json gets `quantization_config`
+   from compressed-tensors' own code (`ModelCompressor.update_config` of a meta model carrying the schemes).
+
+Resume: `<out>.work/journal.json` records per finished layer its shard and sha256 and the activations saved
+at that boundary (file and sha256), under a fingerprint of every input. A layer counts as finished only once
+its journal entry is written (after its shard and activations were renamed into place) and its files still
+hash as recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mtpquant.calib.quantize import (
+    activation_bytes,
+    activation_device,
+    checked_inputs,
+    few_token_experts,
+    modifier_for,
+    oneshot_options,
+    recording_gptq,
+    routing_counts,
+)
+from mtpquant.core.atomic import atomic_dir, atomic_write, atomic_write_json
+from mtpquant.core.checkpoint import INDEX_NAME, Checkpoint, file_sha256
+from mtpquant.core.errors import MtpquantError
+from mtpquant.core.measure import peak_memory
+from mtpquant.model import recipes
+from mtpquant.model.families.base import LAYERS, layer_prefix
+from mtpquant.model.recipes import QuantRecipe
+
+ENGINE_VERSION = "stream-2"  # 2: deterministic algorithms on the GPU (outputs there changed)
+JOURNAL = "journal.json"
+PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors", "safetensors")
+
+
+def work_dir_for(out_dir: Path) -> Path:
+    return Path(out_dir).with_name(Path(out_dir).name + ".work")
+
+
+def shard_name(k: int, n: int) -> str:
+    return f"model-{k:05d}-of-{n:05d}.safetensors"
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(source: Checkpoint, qpath: Path, cpath: Path, token_ids_sha256: str) -> dict[str, str]:
+    """Everything the output depends on; a resume is refused when any of it changed."""
+    from importlib.metadata import version
+
+    index = source.index_path if source.index_path.exists() else source.root / "model.safetensors"
+    fp = {
+        "source_index": file_sha256(index) if index.name == INDEX_NAME else
+        _sha256_bytes(json.dumps(source.index, sort_keys=True).encode()),
+        "source_config": file_sha256(source.root / "config.json"),
+        "recipe": recipes.recipe_sha256("quant", qpath),
+        "calibration": recipes.recipe_sha256("calibration", cpath),
+        "token_ids": token_ids_sha256,
+        "engine": ENGINE_VERSION,
+    }
+    for pkg in PACKAGES:
+        fp[f"version:{pkg}"] = version(pkg)
+    return fp
+
+
+class Journal:
+    """`journal.json` in the work dir: the fingerprint and the finished layers, rewritten atomically."""
+
+    def __init__(self, work: Path, fp: dict[str, str], restart: bool):
+        self.work = work
+        self.path = work / JOURNAL
+        if restart and work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        self.layers: list[dict[str, Any]] = []
+        if self.path.exists():
+            old = json.loads(self.path.read_text())
+            changed = [k for k in sorted(set(fp) | set(old["fingerprint"]))
+                       if fp.get(k) != old["fingerprint"].get(k)]
+            if changed:
+                raise MtpquantError(
+                    f"quantize --engine stream: cannot resume {work}: {', '.join(changed)} changed since it "
+                    "started; re-run with --restart to start over")
+            for entry in old["layers"]:  # a layer whose shard is gone or differs is not finished
+                if not _intact(work, entry["shard"], entry["shard_sha256"]):
+                    break
+                self.layers.append(entry)
+            # resuming needs the activations after the last finished layer (earlier ones are deleted as the
+            # run goes): without them intact, back off to an earlier boundary, down to a fresh start
+            while self.layers and not _intact(work, self.layers[-1]["activations"],
+                                              self.layers[-1]["activations_sha256"]):
+                self.layers.pop()
+        self.fp = fp
+        self._write()
+
+    def _write(self) -> None:
+        atomic_write_json(self.path, {"engine": ENGINE_VERSION, "fingerprint": self.fp, "layers": self.layers})
+
+    def finish(self, entry: dict[str, Any]) -> None:
+        self.layers.append(entry)
+        self._write()
+        _kill_point("after", entry["layer"])
+
+
+def _intact(work: Path, name: str, sha256: str) -> bool:
+    return (work / name).is_file() and file_sha256(work / name) == sha256
+
+
+def _kill_point(phase: str, layer: int) -> None:
+    """Tests: MTPQUANT_STREAM_KILL=PHASE:LAYER SIGKILLs this process there ("write": layer's shard written to
+    its temp file, not yet renamed; "after": right after the layer's journal entry)."""
+    if os.environ.get("MTPQUANT_STREAM_KILL") == f"{phase}:{layer}":
+        os.kill(os.getpid(), 9)
+
+
+def _atomic_save(path: Path, write: Callable[[Path], None], layer: int | None = None) -> str:
+    """mtpquant.core.atomic's write (owner-named temp, fsync, rename; a dead process's temp removed first), with
+    the tests' kill point before the rename; returns the file's sha256."""
+    atomic_write(path, write, None if layer is None else lambda: _kill_point("write", layer))
+    return file_sha256(path)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where activations wait between layers: the GPU when the recipe's `fast_experts.activations` says so
+    (quantize.activation_device, the memory engine's rule), else host memory, pinned when CUDA is there (the
+    host<->device copies of both passes run from page-locked memory)."""
+
+    device: str = "cpu"
+    pin: bool = False
+
+    def put(self, obj: Any) -> Any:
+        """Tensors in `obj` (nested tuples, lists, dicts) moved to where activations wait."""
+        if self.device != "cpu" or not self.pin:
+            return _to(obj, self.device)
+        return _map_tensors(obj, _pinned_copy)
+
+
+def placement(recipe: QuantRecipe, cache_bytes: int, gpu: tuple[str, int] | None = None,
+              cuda: bool | None = None) -> Placement:
+    """`cache_bytes`: what the activations take at a layer boundary (the stream engine holds a layer's inputs
+    and outputs at once). `gpu`, `cuda`: as quantize.activation_device, for tests (None asks torch)."""
+    import torch
+
+    device = activation_device(recipe, cache_bytes, gpu)
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return Placement(device, pin=device == "cpu" and cuda)
+
+
+def _pinned_copy(t: Any) -> Any:
+    import torch
+
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t)
+    return out
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool) -> Iterator[dict[str, Any]]:
+    """What makes a GPU run reproduce itself bit for bit (and a resumed run its uninterrupted twin): torch's
+    deterministic algorithms (the routed forward's `index_add_` over duplicate token indices, mtpquant.
+    expert_gptq and transformers' MoE, otherwise accumulates bf16 with float atomics in a varying order, so a
+    MoE layer's outputs, and every layer after it, change run to run), cuBLAS with a fixed workspace
+    (CUBLAS_WORKSPACE_CONFIG, read when cuBLAS starts), no TF32 for FP32 matmuls (torch's default, kept).
+    `warn_only`: an op without a deterministic kernel warns instead of failing the run. Uninitialized memory
+    is not filled with NaN (the mode's default: it would cost a pass over every `torch.empty`, e.g. the
+    pinned activation buffers, and the engine overwrites what it allocates). Off on the CPU (its
+    kernels are deterministic; the engines' bit-equality there stays as it was). Restores what it changed."""
+    import torch
+
+    settings = {"enabled": enabled}
+    if not enabled:
+        yield settings
+        return
+    import torch.utils.deterministic as det
+
+    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           det.fill_uninitialized_memory)
+    env = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = False
+    settings.update(deterministic_algorithms="warn_only", cublas_workspace_config=os.environ["CUBLAS_WORKSPACE_CONFIG"],
+                    allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                    float32_matmul_precision=torch.get_float32_matmul_precision())
+    try:
+        yield settings
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+        det.fill_uninitialized_memory = was[2]
+        if env is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+def read_tensors(source: Checkpoint, names: list[str]) -> dict[str, Any]:
+    """Exactly these tensors, each read from the shard the index names."""
+    from safetensors import safe_open
+
+    by_shard: dict[str, list[str]] = {}
+    for n in names:
+        by_shard.setdefault(source.weight_map[n], []).append(n)
+    out = {}
+    for shard, group in sorted(by_shard.items()):
+        with safe_open(str(source.root / shard), "pt") as fh:
+            for n in group:
+                out[n] = fh.get_tensor(n)
+    return out
+
+
+def layer_names(source: Checkpoint, i: int) -> list[str]:
+    prefix = layer_prefix(i)
+    return sorted(n for n in source.weight_map if n.startswith(prefix))
+
+
+def fuse_experts(tensors: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """On-disk per-expert 2-D tensors -> the fused 3-D parameters the transformers module holds (the inverse
+    of fixture.unfuse_experts, as transformers' load conversion does). Names relative to the layer."""
+    import re
+
+    import torch
+
+    pat = re.compile(r"^(.*mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+    out, experts = {}, {}
+    for name, t in tensors.items():
+        rel = name.removeprefix(prefix)
+        m = pat.match(rel)
+        if m:
+            experts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = t
+        else:
+            out[rel] = t
+    for base, parts in experts.items():
+        n = 1 + max(e for e, _ in parts)
+        out[f"{base}.gate_up_proj"] = torch.stack([torch.cat([parts[(e, "gate")], parts[(e, "up")]])
+                                                   for e in range(n)])
+        out[f"{base}.down_proj"] = torch.stack([parts[(e, "down")] for e in range(n)])
+    return out
+
+
+def build_layer(skeleton: Any, i: int, source: Checkpoint, device: Any, tensors: dict[str, Any] | None = None) -> Any:
+    """Decoder layer i with its real weights on `device` (dtypes as the skeleton's, as from_pretrained gives
+    them), experts linearized with llm-compressor's classes. `tensors`: the layer's tensors already read
+    (the prefetcher's); read here when not given."""
+    import copy
+
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+    from llmcompressor.modeling.moe.linearize import get_non_linearized_moes
+
+    meta_layer = skeleton.model.layers[i]
+    prefix = layer_prefix(i)
+    if tensors is None:
+        tensors = read_tensors(source, layer_names(source, i))
+    state = fuse_experts(tensors, prefix)
+    expected = meta_layer.state_dict()
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise MtpquantError(f"{source.root}: layer {i}: tensors do not match the model "
+                            f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    state = {k: v.to(device=device, dtype=expected[k].dtype) for k, v in state.items()}
+    layer = copy.deepcopy(meta_layer, {id(skeleton.config): skeleton.config})  # one config: contexts that
+    # switch the attention implementation (llm-compressor's eager attention) must reach the layer too
+    layer.load_state_dict(state, assign=True, strict=True)
+    for name, mod in get_non_linearized_moes(layer):
+        cls = LinearExperts2D.get_linear_experts_cls(mod.__class__)
+        layer.set_submodule(name, cls.from_experts_module(mod, getattr(mod, "config", skeleton.config)))
+    left = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers()) if t.is_meta]
+    if left:
+        raise MtpquantError(f"layer {i}: tensors still on the meta device after loading: {left[:3]}")
+    return layer
+
+
+def meta_skeleton(cls: Any, config: Any) -> Any:
+    import torch
+
+    with torch.device("meta"):
+        model = cls._from_config(config, dtype=torch.bfloat16)
+    model.eval()
+    return model
+
+
+class _Caught(Exception):
+    pass
+
+
+def layer_inputs(skeleton: Any, config: Any, source: Checkpoint, batches: list[dict[str, Any]]) -> tuple[
+        list[Any], list[dict[str, Any]]]:
+    """Per batch: (hidden states entering layer 0, the other arguments the model passes every decoder layer),
+    from the model's own forward with a real embedding and rotary table and a catcher at layer 0."""
+    import torch
+    from llmcompressor.utils.helpers import calibration_forward_context
+
+    inner = skeleton.model
+    emb = read_tensors(source, ["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+    embed = torch.nn.Embedding(emb.shape[0], emb.shape[1], padding_idx=inner.embed_tokens.padding_idx,
+                               dtype=inner.embed_tokens.weight.dtype, device="cpu")
+    embed.load_state_dict({"weight": emb.to(embed.weight.dtype)})
+    rotary = type(inner.rotary_emb)(config=config)
+    first = inner.layers[0]
+    caught: list[tuple[Any, dict[str, Any]]] = []
+
+    class Catcher(torch.nn.Module):
+        def forward(self, hidden_states: Any, **kwargs: Any) -> Any:
+            caught.append((hidden_states, kwargs))
+            raise _Caught
+
+    saved = (inner.embed_tokens, inner.rotary_emb)
+    inner.embed_tokens, inner.rotary_emb, inner.layers[0] = embed, rotary, Catcher()
+    try:
+        with calibration_forward_context(skeleton):
+            for b in batches:
+                with contextlib.suppress(_Caught):
+                    inner(**b)
+    finally:
+        (inner.embed_tokens, inner.rotary_emb), inner.layers[0] = saved, first
+    return [h for h, _ in caught], [kw for _, kw in caught]
+
+
+def _split_output(out: Any) -> tuple[Any, Any]:
+    """(hidden states, what the next layer gets as prev_topk_indices): GLM-5's layers return both."""
+    if isinstance(out, tuple):
+        return out[0], out[1] if len(out) > 1 else None
+    return out, None
+
+
+def _map_tensors(obj: Any, fn: Callable[[Any], Any]) -> Any:
+    """`fn` applied to every tensor in (nested tuples, lists, dicts of) `obj`."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(x, fn) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _to(obj: Any, device: Any) -> Any:
+    """Tensors in (nested tuples, lists, dicts of) `obj` moved to `device` (the same objects where they are)."""
+    return _map_tensors(obj, lambda t: t.to(device))
+
+
+def _call(layer: Any, hidden: Any, kwargs: dict[str, Any], prev: Any, device: Any, place: Placement) -> Any:
+    """The layer on its execution device; what it returns goes where activations wait between layers (on a
+    CPU-only machine every move is a no-op)."""
+    if "prev_topk_indices" in kwargs:
+        kwargs = {**kwargs, "prev_topk_indices": prev}
+    return place.put(layer(_to(hidden, device), **_to(kwargs, device)))
+
+
+def calibrate_layer(skeleton: Any, i: int, layer: Any, recipe: QuantRecipe, targets: list[str],
+                    hidden: list[Any], prev: list[Any], kwargs: list[dict[str, Any]], fam: Any,
+                    config_dict: dict[str, Any], device: Any, place: Placement = Placement()) -> tuple[
+                        list[Any], list[Any], list[Any], Any, dict]:
+    """One subgraph of llm-compressor's SequentialPipeline for decoder layer i: calibration pass, solve,
+    propagation pass through the quantized layer. Returns (hidden out, topk out, GPTQ rows, routing counts,
+    modifier fields the solve resolved)."""
+    from llmcompressor.core import LifecycleCallbacks, active_session
+    from llmcompressor.modeling.moe.context import moe_calibration_context
+    from llmcompressor.modeling.offset_norm import norm_calibration_context
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+    from llmcompressor.utils.helpers import DisableQuantization, calibration_forward_context
+
+    skeleton.model.layers[i] = layer
+    if not any(n.startswith(layer_prefix(i)) for n in fam.routed_expert_linears(config_dict)):
+        # nothing to quantize here (a dense layer): the pipeline's two passes give the same outputs
+        with calibration_forward_context(skeleton):
+            pairs = [_split_output(_call(layer, hidden[b], kwargs[b], prev[b], device, place))
+                     for b in range(len(hidden))]
+        return [h for h, _ in pairs], [t for _, t in pairs], [], None, {}
+    opts = oneshot_options(recipe)
+    modifier = modifier_for(recipe, targets)
+    session = active_session()
+    session.reset()
+    outs: list[Any] = []
+    tops: list[Any] = []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(norm_calibration_context(skeleton))
+        if opts["moe_calibrate_all_experts"]:
+            stack.enter_context(moe_calibration_context())
+        rec = stack.enter_context(recording_gptq(skeleton))
+        counts = stack.enter_context(routing_counts(skeleton, fam, config_dict))
+        session.initialize(model=skeleton, start=-1, recipe=modifier, sequential_targets=opts["sequential_targets"])
+        LifecycleCallbacks.calibration_start()
+        with calibration_forward_context(skeleton), DisableQuantization(skeleton):
+            for b in range(len(hidden)):
+                session.state.current_batch_idx = b
+                _call(layer, hidden[b], kwargs[b], prev[b], device, place)
+            LifecycleCallbacks.sequential_epoch_end(list(layer.modules()))
+            with HooksMixin.disable_hooks():
+                for b in range(len(hidden)):
+                    h, t = _split_output(_call(layer, hidden[b], kwargs[b], prev[b], device, place))
+                    outs.append(h)
+                    tops.append(t)
+        LifecycleCallbacks.calibration_end()
+    session.finalize()
+    layer_state = {"batched_quantization": getattr(modifier, "batched_quantization", None)}
+    return outs, tops, rec.rows, counts.get(i), layer_state
+
+
+def pack_layer(skeleton: Any, layer: Any, i: int) -> dict[str, Any]:
+    """compressed-tensors' own compression of the layer's quantized modules; its tensors by checkpoint name."""
+    from compressed_tensors.compressors import ModelCompressor
+
+    compressor = ModelCompressor.from_pretrained_model(skeleton)
+    compressor.compress_model(layer, skip_compressed=True)
+    return {layer_prefix(i) + k: v.contiguous() for k, v in layer.state_dict().items()}
+
+
+def restore_source_dtypes(tensors: dict[str, Any], source: Checkpoint) -> list[str]:
+    """What quantize.restore_dtypes does after the memory engine's save: an unquantized tensor whose dtype
+    differs from the source's is written with the source's bytes."""
+    names = []
+    src = source.tensors
+    changed = [n for n, t in tensors.items() if n in src and _st_dtype(t) != src[n].dtype]
+    if changed:
+        tensors.update(read_tensors(source, changed))
+        names = changed
+    return names
+
+
+def _st_dtype(t: Any) -> str:
+    import torch
+
+    return {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16", torch.int32: "I32",
+            torch.int64: "I64", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}[t.dtype]
+
+
+def final_config(cls: Any, config: Any, modifier: Any, out: Path, source_root: Path) -> Any:
+    """config.json as llm-compressor's save writes it: transformers' config, `resave_config`, then
+    compressed-tensors' `update_config` from the schemes the modifier attaches to a meta model of all layers."""
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationStatus
+    from compressed_tensors.utils import patch_attr
+    from llmcompressor.core import active_session
+    from llmcompressor.modeling.moe import linear_experts
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+    from llmcompressor.transformers.compression.compressed_tensors_utils import (
+        resave_config,
+        update_and_save_recipe,
+    )
+
+    model = meta_skeleton(cls, config)
+    with contextlib.ExitStack() as stack, torch.device("meta"):  # names and schemes only: no weights to copy
+        for c in (linear_experts.ExpertMLPWithGate, linear_experts.ExpertMLPWithoutGate):
+            stack.enter_context(patch_attr(c, "copy_from_experts_module", lambda self, experts, index: None))
+        stack.enter_context(patch_attr(linear_experts, "offload_module", lambda module, **kw: None))
+        linearize_moe(model)
+    session = active_session()
+    session.reset()
+    session.initialize(model=model, start=-1, recipe=modifier)
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.quantization_config.quantization_status = QuantizationStatus.COMPRESSED
+    config.save_pretrained(out)
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+    resave_config(config, out)
+    compressor.update_config(out)
+    update_and_save_recipe(str(source_root), str(out))
+    session.reset()
+    return compressor
+
+
+def _save_acts(path: Path, hidden: list[Any], tops: list[Any]) -> str:
+    import torch
+
+    acts = _to({"hidden": hidden, "topk": tops}, "cpu")  # the file does not depend on where they waited
+    return _atomic_save(path, lambda tmp: torch.save(acts, tmp))
+
+
+def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path,
+                    restart: bool = False) -> dict[str, Any]:
+    import torch
+
+    # MTPQUANT_STREAM_DETERMINISTIC=0: off on a GPU too (to measure what it costs or changes)
+    on = torch.cuda.is_available() and os.environ.get("MTPQUANT_STREAM_DETERMINISTIC", "1") != "0"
+    with deterministic(on) as settings:
+        report = _quantize_stream(model_dir, quant_ref, calib_ref, out_dir, restart)
+    report["deterministic"] = settings
+    return report
+
+
+def _per_layer(journal: Journal, start: int) -> list[dict[str, Any]]:
+    """Every layer's seconds and file hashes, by layer number, also those an earlier process finished
+    (`resumed`: their timestamps count from that process's start)."""
+    return [{"layer": e["layer"], "resumed": k < start, "shard_sha256": e["shard_sha256"],
+             "activations_sha256": e["activations_sha256"], **e["seconds"]} for k, e in enumerate(journal.layers)]
+
+
+def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path,
+                     restart: bool) -> dict[str, Any]:
+    import torch
+    import transformers
+    from llmcompressor.args import DatasetArguments
+    from llmcompressor.datasets.utils import format_calibration_data
+    from llmcompressor.utils.dev import get_main_device
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from safetensors.torch import save_file
+
+    from mtpquant.calib import ranks
+    from mtpquant.calib.calibration import build_dataset
+
+    if ranks.world() > 1:
+        raise MtpquantError("quantize --engine stream: torchrun is not supported yet (use --engine memory)")
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    source, config_dict, fam, qpath, cpath, recipe, calib, targets = checked_inputs(model_dir, quant_ref, calib_ref)
+    if recipe.pipeline != "sequential" or recipe.sequential_targets:
+        raise MtpquantError(f"{qpath}: the stream engine runs whole decoder layers with the sequential pipeline "
+                            "(pipeline: sequential, sequential_targets: null)")
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source.root)
+    dataset, data_summary = build_dataset(calib, tokenizer, str(cpath))
+    loader = format_calibration_data(
+        DatasetArguments(num_calibration_samples=len(dataset), max_seq_length=calib.max_seq_length,
+                         shuffle_calibration_samples=False), dataset, tokenizer)
+    batches = list(loader)
+    # a layer's inputs and outputs are held at once
+    place = placement(recipe, 2 * activation_bytes(config_dict, len(dataset), calib.max_seq_length))
+    fp = fingerprint(source, qpath, cpath, data_summary["token_ids_sha256"])
+    fp["deterministic_algorithms"] = str(torch.are_deterministic_algorithms_enabled())  # GPU outputs depend on it
+    journal = Journal(work_dir_for(out_dir), fp, restart)
+    work = journal.work
+
+    config = transformers.AutoConfig.from_pretrained(source.root)
+    cls = getattr(transformers, fam.architecture)
+    skeleton = meta_skeleton(cls, config)
+    n_layers = fam.num_layers(config_dict)
+    n_shards = n_layers + 1
+    expected = fam.routed_expert_linears(config_dict)
+
+    hidden, kwargs = layer_inputs(skeleton, config, source, batches)
+    prev = [None] * len(hidden)
+    start = len(journal.layers)
+    if start:  # resume: the activations saved after the last finished layer
+        acts = torch.load(work / journal.layers[-1]["activations"], weights_only=True, map_location="cpu")
+        hidden, prev = acts["hidden"], acts["topk"]
+    hidden, prev = place.put(hidden), place.put(prev)
+    if place.device != "cpu":  # masks and rotary tables: moved once, not per call
+        kwargs = _to(kwargs, place.device)
+    t_load = time.perf_counter()
+
+    device = get_main_device()  # llm-compressor's execution device: the GPU when there is one
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("[bold]stream[/] {task.description}"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total} layers"), TimeElapsedColumn(), console=console)
+    task = progress.add_task(fam.architecture, total=n_layers, completed=start)
+    per_layer_s: list[dict[str, float]] = []  # this process's layers (their timestamps share t0)
+
+    def timed_read(i: int) -> tuple[dict[str, Any], float, float]:
+        a = time.perf_counter()
+        tensors = read_tensors(source, layer_names(source, i))
+        return tensors, a - t0, time.perf_counter() - t0
+
+    def timed_write(i: int, tensors: dict[str, Any], hidden: list[Any], prev: list[Any]) -> dict[str, Any]:
+        a = time.perf_counter()
+        name = shard_name(i + 1, n_shards)
+        shard_sha = _atomic_save(work / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}), i)
+        acts_name = f"activations-after-{i:05d}.pt"
+        acts_sha = _save_acts(work / acts_name, hidden, prev)
+        return {"shard": name, "shard_sha256": shard_sha, "activations": acts_name, "activations_sha256": acts_sha,
+                "write_start": a - t0, "write_end": time.perf_counter() - t0}
+
+    def finish(pending: tuple[Future, dict[str, Any]]) -> None:
+        """Waits for a layer's shard and activations to be durable, then (only then) journals the layer."""
+        fut, entry = pending
+        w0 = time.perf_counter()
+        files = fut.result()
+        waited = time.perf_counter() - w0
+        t = entry["seconds"]
+        t.update(write=round(files.pop("write_end") - files["write_start"], 3), waited_for_write=round(waited, 3),
+                 write_start=round(files.pop("write_start"), 3))
+        prev_acts = journal.layers[-1]["activations"] if journal.layers else None
+        journal.finish({"layer": entry["layer"], **files, **{k: v for k, v in entry.items() if k != "layer"}})
+        if prev_acts:  # only the newest boundary is needed to resume
+            (work / prev_acts).unlink(missing_ok=True)
+        per_layer_s.append(t)
+        progress.advance(task)
+
+    # I/O overlaps compute: one thread reads layer i+1 while layer i calibrates (at most one layer ahead), one
+    # writes layer i's shard while layer i+1 computes (at most one write in flight); a layer is journaled only
+    # once its files are durable, so resume is as before
+    with progress, ThreadPoolExecutor(1, thread_name_prefix="stream-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="stream-write") as writer:
+        ahead = reader.submit(timed_read, start) if start < n_layers else None
+        pending: tuple[Future, dict[str, Any]] | None = None
+        for i in range(start, n_layers):
+            w0 = time.perf_counter()
+            tensors, r_start, r_end = ahead.result()
+            waited_read = time.perf_counter() - w0
+            ahead = reader.submit(timed_read, i + 1) if i + 1 < n_layers else None
+            tb = time.perf_counter()
+            meta_layer = skeleton.model.layers[i]
+            layer = build_layer(skeleton, i, source, device, tensors)
+            del tensors
+            hidden, prev, rows, counts, mod_state = calibrate_layer(
+                skeleton, i, layer, recipe, targets, hidden, prev, kwargs, fam, config_dict, device, place)
+            packed = pack_layer(skeleton, layer, i)
+            restored = restore_source_dtypes(packed, source)
+            skeleton.model.layers[i] = meta_layer  # the real layer is dropped: its weights are freed
+            del layer
+            tc = time.perf_counter()
+            if pending is not None:
+                finish(pending)
+            entry = {"layer": i, "tensors": sorted(packed), "per_linear": rows,
+                     "routing_counts": counts.tolist() if counts is not None else None,
+                     "dtype_restored": restored, "modifier": mod_state,
+                     "seconds": {"read": round(r_end - r_start, 3), "waited_for_read": round(waited_read, 3),
+                                 "compute": round(tc - tb, 3), "read_start": round(r_start, 3),
+                                 "compute_start": round(tb - t0, 3), "compute_end": round(tc - t0, 3)}}
+            pending = (writer.submit(timed_write, i, packed, hidden, prev), entry)
+            del packed
+        if pending is not None:
+            finish(pending)
+    t_calib = time.perf_counter()
+
+    # the rest: every tensor outside the decoder layers (MTP layers are dropped, as the memory engine does)
+    in_model = set(skeleton.state_dict())
+    rest_names = [n for n in source.weight_map if not n.startswith(LAYERS) and n in in_model]
+    rest = read_tensors(source, rest_names)
+    modifier = modifier_for(recipe, targets)
+    for e in journal.layers:  # fields the solve resolved (e.g. batched_quantization "auto"), as recipe.yaml
+        for k, v in e["modifier"].items():  # of the memory engine records them
+            setattr(modifier, k, v)
+    with atomic_dir(out_dir) as tmp:
+        weight_map: dict[str, str] = {}
+        total = 0
+        for entry in journal.layers:
+            os.link(work / entry["shard"], tmp / entry["shard"])
+            weight_map.update(dict.fromkeys(entry["tensors"], entry["shard"]))
+        last = shard_name(n_shards, n_shards)
+        save_file(rest, str(tmp / last), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(rest, last))
+        for f in set(weight_map.values()):
+            total += (tmp / f).stat().st_size
+        atomic_write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total},
+                                             "weight_map": dict(sorted(weight_map.items()))})
+        final_config(cls, config, modifier, tmp, source.root)
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(work, ignore_errors=True)
+    t_save = time.perf_counter()
+
+    rows = [r for e in journal.layers for r in e["per_linear"]]
+    counts = {e["layer"]: torch.tensor(e["routing_counts"]) for e in journal.layers if e["routing_counts"]}
+    losses = [r["loss"] for r in rows if r["loss"] is not None]
+    report = {
+        "stage": "quantize", "engine": "stream", "engine_version": ENGINE_VERSION,
+        "model": str(source.root), "family": fam.model_type, "output": str(out_dir),
+        "recipe": {"path": str(qpath), "sha256": recipes.recipe_sha256("quant", qpath), "targets": targets},
+        "calibration": {"path": str(cpath), "sha256": recipes.recipe_sha256("calibration", cpath), **data_summary},
+        "activations_on": place.device, "activations_pinned": place.pin, "resumed_after_layers": start,
+        "quantized_linears": len(rows), "expected_linears": len(expected), "ranks": 1,
+        "gptq_loss_median": statistics.median(losses) if losses else None,
+        "gptq_loss_max": max(losses) if losses else None,
+        "few_token_experts": few_token_experts(counts, int(config_dict.get("num_experts_per_tok", 1))),
+        "routing_counts": {str(k): v.tolist() for k, v in counts.items()},
+        "dtype_restored": sorted(n for e in journal.layers for n in e["dtype_restored"]),
+        "seconds": {"load": round(t_load - t0, 2), "calibrate_and_solve": round(t_calib - t_load, 2),
+                    "save": round(t_save - t_calib, 2), "total": round(t_save - t0, 2),
+                    "per_layer": _per_layer(journal, start),
+                    "io": round(sum(t["read"] + t["write"] for t in per_layer_s), 3),
+                    "io_hidden": round(sum(max(0.0, t["read"] - t["waited_for_read"]) +
+                                           max(0.0, t["write"] - t["waited_for_write"]) for t in per_layer_s), 3)},
+        "memory": peak_memory(),
+        "per_linear": rows,
+        "rank": 0,
+    }
+    if len(rows) != len(expected):
+        raise MtpquantError(f"GPTQ compressed {len(rows)} Linears, expected {len(expected)}")
+    return report
