@@ -77,27 +77,24 @@ def check_snapshot(snapshot: Path, lock: SourceLock) -> None:
     """Every locked file present with its size and sha256, and nothing the lock does not list: one line each."""
     from huggingface_hub.utils import filter_repo_objects
 
-    from mtpquant.chain.manifest import hash_files
+    from mtpquant.chain.manifest import compare_files
 
     present = {str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file() or p.is_symlink()}
     present = set(filter_repo_objects(sorted(present), allow_patterns=PATTERNS))
-    missing = sorted(set(lock.files) - present)
-    if missing:
+    found = compare_files({n: snapshot / n for n in present},
+                          {n: (want.size, want.sha256) for n, want in lock.files.items()})
+    if found["missing"]:
+        missing = found["missing"]
         raise MtpquantError(f"{snapshot}: {len(missing)} file(s) of {lock.path.name} missing: "
                             f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-    extra = sorted(present - set(lock.files))
-    if extra:
-        raise MtpquantError(f"{snapshot}: {extra[0]} is not in the source lock {lock.path}")
-    for name, want in sorted(lock.files.items()):
-        size = (snapshot / name).stat().st_size
+    if found["extra"]:
+        raise MtpquantError(f"{snapshot}: {found['extra'][0]} is not in the source lock {lock.path}")
+    for name in found["changed"]:
+        want, size = lock.files[name], (snapshot / name).stat().st_size
         if size != want.size:
             raise MtpquantError(f"{snapshot / name}: {size} bytes, the source lock {lock.path.name} says {want.size}")
-    hashes = hash_files([snapshot / n for n in sorted(lock.files)])
-    for name, want in sorted(lock.files.items()):
-        got = hashes[snapshot / name]
-        if got != want.sha256:
-            raise MtpquantError(f"{snapshot / name}: sha256 {got[:12]}..., the source lock {lock.path.name} says "
-                                f"{want.sha256[:12]}...; the download is corrupt or the lock is wrong")
+        raise MtpquantError(f"{snapshot / name}: sha256 differs from the source lock {lock.path.name} "
+                            f"({want.sha256[:12]}...); the download is corrupt or the lock is wrong")
 
 
 def download(repo: str, revision: str, lock: SourceLock) -> Path:

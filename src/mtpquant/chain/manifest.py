@@ -37,8 +37,24 @@ def artifact_files(artifact: Path) -> list[Path]:
     return sorted(p for p in Path(artifact).rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
+def compare_files(present: dict[str, Path], expected: dict[str, tuple[int | None, str]],
+                  workers: int = 8) -> dict[str, list[str]]:
+    """A listing against what it should hold ({name: (bytes or None, sha256)}): missing, extra and changed names,
+    sizes compared first so that only same-size files are hashed. The one owner of this comparison (manifest check,
+    hub snapshot check)."""
+    missing = sorted(set(expected) - set(present))
+    extra = sorted(set(present) - set(expected))
+    both = sorted(set(expected) & set(present))
+    changed = [n for n in both if expected[n][0] not in (None, present[n].stat().st_size)]
+    same_size = [n for n in both if n not in changed]
+    hashes = hash_files([present[n] for n in same_size], workers)
+    changed += [n for n in same_size if hashes[present[n]] != expected[n][1]]
+    return {"missing": missing, "extra": extra, "changed": sorted(changed)}
+
+
 def check_manifest(artifact: Path, workers: int = 8) -> dict[str, Any]:
-    """Every file of `artifact` against its manifest.json: missing, extra and changed files (size, then sha256)."""
+    """Every file of `artifact` against its manifest.json: missing, extra and changed files (size, then sha256);
+    `entries` is the manifest's `files` section as read."""
     artifact = Path(artifact)
     if not artifact.is_dir():
         raise MtpquantError(f"{artifact}: artifact directory not found")
@@ -47,14 +63,8 @@ def check_manifest(artifact: Path, workers: int = 8) -> dict[str, Any]:
                                               for e in files.values()):
         raise MtpquantError(f"{manifest_of(artifact)}: 'files' must map each file to its sha256 and bytes")
     present = {str(p.relative_to(artifact)): p for p in artifact_files(artifact)}
-    missing = sorted(set(files) - set(present))
-    extra = sorted(set(present) - set(files))
-    both = sorted(set(files) & set(present))
-    changed = [n for n in both if present[n].stat().st_size != files[n].get("bytes", present[n].stat().st_size)]
-    same_size = [n for n in both if n not in changed]
-    hashes = hash_files([present[n] for n in same_size], workers)
-    changed += [n for n in same_size if hashes[present[n]] != files[n]["sha256"]]
-    return {"files": len(files), "missing": missing, "extra": extra, "changed": sorted(changed),
+    result = compare_files(present, {n: (e.get("bytes"), e["sha256"]) for n, e in files.items()}, workers)
+    return {"files": len(files), **result, "entries": files,
             "bytes": sum(p.stat().st_size for p in present.values())}
 
 

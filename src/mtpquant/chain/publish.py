@@ -41,9 +41,9 @@ def checked_files(run: Run, artifact: Path) -> list[Upload]:
                             "an artifact that fails verify is never published")
     if not manifest_of(artifact).is_file():
         raise MtpquantError(f"{manifest_of(artifact)}: missing; run `mtpquant manifest --run {run.root}` first")
-    raise_on_mismatch(check_manifest(artifact), artifact)
-    files = load_json(manifest_of(artifact))["files"]
-    out = [Upload(name, artifact / name, e["bytes"], e["sha256"]) for name, e in sorted(files.items())]
+    checked = check_manifest(artifact)
+    raise_on_mismatch(checked, artifact)
+    out = [Upload(name, artifact / name, e["bytes"], e["sha256"]) for name, e in sorted(checked["entries"].items())]
     from mtpquant.core.checkpoint import file_sha256
 
     m = manifest_of(artifact)
