@@ -74,7 +74,7 @@ RUN echo "${LOCK_SHA256}  /tmp/lock.txt" | sha256sum -c - \
 # This project, editable so that its recipes/ and data/ resolve next to src/ (no deps: all came from the lock).
 COPY pyproject.toml /opt/mtpquant/
 COPY src/ /opt/mtpquant/src/
-COPY recipes/ /opt/mtpquant/model/recipes/
+COPY recipes/ /opt/mtpquant/recipes/
 COPY data/ /opt/mtpquant/data/
 COPY pinned/ /opt/mtpquant/pinned/
 RUN /opt/venv/bin/pip install --no-compile --no-deps --no-index --no-build-isolation -e /opt/mtpquant \

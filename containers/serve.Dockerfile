@@ -111,7 +111,7 @@ RUN if [ -n "$(find /tmp/wheels -name '*.whl')" ]; then \
 # This project, editable so that its recipes/ and data/ resolve next to src/ (no deps: all came from the lock).
 COPY pyproject.toml /opt/mtpquant/
 COPY src/ /opt/mtpquant/src/
-COPY recipes/ /opt/mtpquant/model/recipes/
+COPY recipes/ /opt/mtpquant/recipes/
 COPY data/ /opt/mtpquant/data/
 COPY pinned/ /opt/mtpquant/pinned/
 # pyc compiled once, hash-based (no mtimes inside: reproducible); like pip, files that do not compile under
