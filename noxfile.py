@@ -113,6 +113,12 @@ def images(session: nox.Session) -> None:
         session.run(python, "-m", "mtpquant.images", *argv, external=True)
 
 
+@nox.session(name="images-cuda", python=False)
+def images_cuda(session: nox.Session) -> None:
+    """Build, check, push, pull by digest and rebuild the CUDA images here, for real (~1 h; not in CI)."""
+    session.run(env(session, "docker"), "-m", "mtpquant.images.release", *session.posargs, external=True)
+
+
 @nox.session(python=False)
 def pull(session: nox.Session) -> None:
     """Fetch the published images by digest (a local build where none matches): `-- --image ... --flavour ...`."""

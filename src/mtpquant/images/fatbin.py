@@ -3,10 +3,11 @@
 A CUDA shared object keeps its device code in `.nv_fatbin`: containers (magic 0xBA55ED50, u16 version, u16 header
 size, u64 size of the entries) of entries, each with a header of u16 kind (1 PTX, 2 cubin ELF), u16 version, u32
 header size, u64 payload size, the SM number at offset 28 and a flags word at offset 40. Measured here with nvcc
-13.0.88 (tests/data/fatbin/): the same kernel for sm_90 and sm_90a gives identical cubins (e_flags included) and
-differs only in bit 0x100000 of that flags word: the arch-specific ("a") variant, which the wgmma/TMA kernels of
-FlashMLA and DeepGEMM need. Payloads may be compressed (PTX was, zstd); the headers never are, so nothing is
-decompressed. NVIDIA does not document this layout: anything that does not parse is an error naming the file.
+13.0.88 (tests/data/fatbin/): the same kernel for sm_90 and sm_90a gives cubins with the same e_flags (they differ
+in the embedded ptxas options, "-arch sm_90a", and one byte of a note) and entries that differ in bit 0x100000 of
+that flags word: the arch-specific ("a") variant, which the wgmma/TMA kernels of FlashMLA and DeepGEMM need.
+Payloads may be compressed (vLLM's are, zstd); the headers never are, so nothing is decompressed. NVIDIA does
+not document this layout: anything that does not parse is an error naming the file.
 
 Stdlib only: the serving image runs it alone (`python fatbin.py SO...`).
 """

@@ -59,8 +59,8 @@ FLAVOURS: dict[str, dict[str, Flavour]] = {
         "cuda": Flavour("serve-cuda", "cuda", python="3.12", apt_packages=_PY_CUDA + " g++", toolchain=True),
         # For GPU archs the wheel does not cover: vLLM compiled from its hashed sdist (pinned/kernels.lock).
         "cuda-source": Flavour("serve-cuda", "cuda-devel", python="3.12", apt_packages=_PY_CUDA,
-                               build_base="cuda-devel", build_apt_packages="git ca-certificates python3-dev python3-venv",
-                               kernels=True),
+                               build_base="cuda-devel", kernels=True,
+                               build_apt_packages="git ca-certificates python3-dev python3-venv"),
     },
 }
 
