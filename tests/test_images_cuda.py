@@ -78,3 +78,10 @@ def test_serve_cuda_puts_the_locked_nvcc_on_path(capsys):
     assert "vllm==0.32.0" in out and "flashinfer-python==0.7.0.post1" in out and "nvidia-cuda-nvcc==13.0.88" in out
     assert "toolchain cuda-toolkit[nvcc,cccl]==13.0.3 from pinned/serve-cuda.txt" in out
     assert "UNRESOLVED" not in out  # nothing is compiled: the kernel sources' pins do not gate this flavour
+
+
+def test_images_cuda_session_runs_the_release():
+    from mtpquant import envs
+
+    assert envs.images_commands(["--image", "serve"], "images-cuda") == [["release", "--image", "serve"]]
+    assert envs.images_commands(["--plan"]) == [["plan"]]

@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shm-size", help="run: /dev/shm size (e.g. 64g)")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="run: environment variable")
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["release"]:  # nox -s images-cuda: its own options
+        from mtpquant.images.release import main as release
+
+        return release(argv[1:])
     command = argv[argv.index("--") + 1:] if "--" in argv else []
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     try:
