@@ -105,12 +105,12 @@ def lock(session: nox.Session) -> None:
     session.run("python", "-m", "mtpquant.pins.locks", *envs.lock_command(session.posargs), env={"PYTHONPATH": "src"})
 
 
+@nox.session(name="images-cuda", python=False)
 @nox.session(python=False)
 def images(session: nox.Session) -> None:
-    """Build the images: `-- [--image calibrate|serve] [--flavour cpu|cuda|all] [--plan] [--push REGISTRY]`."""
-    python = env(session, "docker")
-    for argv in checked(session, envs.images_commands, session.posargs):
-        session.run(python, "-m", "mtpquant.images", *argv, external=True)
+    """Build the images (`-- [--image I] [--flavour F] [--plan] [--push R]`); images-cuda: build+check+rebuild CUDA."""
+    for argv in checked(session, envs.images_commands, session.posargs, session.name):
+        session.run(env(session, "docker"), "-m", "mtpquant.images", *argv, external=True)
 
 
 @nox.session(python=False)

@@ -13,8 +13,9 @@ ARG BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm@sha256:2e32f7d302adc1
 
 FROM ${BASE_IMAGE} AS base
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# OS packages the runtime needs beyond the base (cuda: python3.12 + venv, which Ubuntu 24.04 lacks in the CUDA
-# base). Empty for cpu: the base already has Python, so the cpu image runs no apt at all.
+# OS packages the runtime needs beyond the base (cuda: python3.12 + venv, which NVIDIA's CUDA base lacks).
+# Empty for cpu: the base already has Python, so the cpu image runs no apt at all. Packages the base already has
+# (the project's own Ubuntu base has them all) are not fetched.
 ARG APT_PACKAGES=""
 # Ubuntu snapshot (YYYYMMDDTHHMMSSZ) that apt resolves APT_PACKAGES against, so their versions are pinned too.
 # Only Ubuntu's archive has snapshots: one-line sources (NVIDIA's cuda*.list in the CUDA images; nothing is
@@ -22,10 +23,16 @@ ARG APT_PACKAGES=""
 # (hadolint cannot see inside the variable: `python -m mtpquant.pins.policy` checks each flavour's values.)
 ARG APT_SNAPSHOT=""
 # hadolint ignore=DL3008,SC2086
-RUN if [ -n "${APT_PACKAGES}" ]; then \
+RUN missing=""; \
+    for p in ${APT_PACKAGES}; do \
+      dpkg-query -W -f='${Status} ${Version}\n' "${p%%=*}" 2>/dev/null \
+        | grep -qx "install ok installed $(case "$p" in *=*) echo "${p#*=}";; *) echo '.*';; esac)" \
+        || missing="${missing} ${p}"; \
+    done; \
+    if [ -n "${missing}" ]; then \
       { [ -z "${APT_SNAPSHOT}" ] || mv /etc/apt/sources.list.d/*.list /tmp/ 2>/dev/null || true; } \
       && apt-get update ${APT_SNAPSHOT:+--snapshot "${APT_SNAPSHOT}"} \
-      && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${APT_PACKAGES} \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${missing} \
       && { mv /tmp/*.list /etc/apt/sources.list.d/ 2>/dev/null || true; } \
       && rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log /var/cache/ldconfig/aux-cache; \
     fi

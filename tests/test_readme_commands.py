@@ -28,7 +28,8 @@ CHEAP = {
     "mtpquant plan --model glm-5.2 --calibration glm5-code-instruct --gpu h200 --gpus 8": "",
     "nox -s serve-h200x8 -- --run runs/glm-5.2 --dry-run": "--tensor-parallel-size 8",
     "nox -s serve-h200x4 -- --run runs/glm-5.2 --dry-run": "--tensor-parallel-size 4",
-    "nox -s images -- --image serve --flavour cuda --plan": "TORCH_CUDA_ARCH_LIST=9.0a",
+    "nox -s images -- --image serve --flavour cuda --plan": "nvidia-cuda-nvcc==13.0.88",
+    "nox -s images -- --image serve --flavour cuda-source --plan": "TORCH_CUDA_ARCH_LIST=9.0a",
 }
 # Run as written on a machine without a GPU: must stop with this one line before any environment is built.
 REFUSED_WITHOUT_GPU = {"make artifact": "no NVIDIA GPU visible"}
@@ -50,6 +51,7 @@ COVERED = {
     "nox -s images -- --base cpu=MIRROR/python@sha256:...": "tests/test_images.py (a mirror of the user's)",
     "nox -s images -- --push REGISTRY": "tests/test_images_docker_calibrate.py (make test-docker)",
     "make pull": "tests/test_images_docker_serve.py (make test-docker)",
+    "nox -s images-cuda": "tests/test_images_docker_cuda.py (pytest -m docker_cuda, after the session; ~1 h)",
     "nox -s quantize -- --run runs/x --runtime docker": "tests/test_images_docker_calibrate.py (make test-docker)",
     "nox -s lock-sources -- glm-5.2": "tests/test_hub.py (the lock's checks; writing one needs the hub)",
     "mtpquant publish --run runs/glm-5.2 --repo ORG/GLM-5.2-W4A16-MTP --dry-run": "tests/test_publish.py (a tiny run)",

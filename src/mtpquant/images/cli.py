@@ -26,7 +26,8 @@ def _parse_bases(items: list[str]) -> dict[str, str]:
 
 def _selected(args: argparse.Namespace) -> list[tuple[str, str]]:
     images = list(FLAVOURS) if args.image == "all" else [args.image]
-    return [(i, f) for i in images for f in ([args.flavour] if args.flavour != "all" else FLAVOURS[i])]
+    return [(i, f) for i in images for f in ([args.flavour] if args.flavour != "all" else FLAVOURS[i])
+            if f in FLAVOURS[i] or args.image != "all"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["build", "push", "pull", "run", "tag", "plan"])
     p.add_argument("--image", default="all", choices=["all", *FLAVOURS])
-    p.add_argument("--flavour", default="cpu", choices=["all", "cpu", "cuda"])
+    p.add_argument("--flavour", default="cpu", choices=["all", "cpu", "cuda", "cuda-source"])
     p.add_argument("--base", action="append", default=[], metavar="KEY=REF",
                    help="use this base (a mirror's name@sha256:...) instead of pinned/images.lock's")
     p.add_argument("--online", action="store_true", help="fetch wheels from the index instead of the wheelhouse")
@@ -53,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shm-size", help="run: /dev/shm size (e.g. 64g)")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="run: environment variable")
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["release"]:  # nox -s images-cuda: its own options
+        from mtpquant.images.release import main as release
+
+        return release(argv[1:])
     command = argv[argv.index("--") + 1:] if "--" in argv else []
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     try:

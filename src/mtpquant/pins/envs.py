@@ -264,9 +264,12 @@ def serve_doc(profile: str) -> str:
     return f"Serve an artifact with recipes/serve/{profile}.yaml: `-- --run DIR [--dry-run]`."
 
 
-def images_commands(posargs: list[str]) -> list[list[str]]:
+def images_commands(posargs: list[str], session: str = "images") -> list[list[str]]:
     """`nox -s images -- ARGS` -> the `python -m mtpquant.images` argvs: `--plan` is the dry run, `--push R` adds
-    a push after the build."""
+    a push after the build. `nox -s images-cuda -- ARGS`: the CUDA images built, checked, pushed, pulled by digest
+    and rebuilt here (mtpquant.images.release)."""
+    if session == "images-cuda":
+        return [["release", *posargs]]
     args = list(posargs)
     if "--plan" in args:
         args.remove("--plan")

@@ -52,6 +52,7 @@ class PyLock:
     python: str = "3.11"  # the CPU images' and this machine's interpreter
     cpu_torch: bool = True  # take torch==2.13.0+cpu from a local wheel folder or PyTorch's CPU index
     extra: tuple[str, ...] = ()
+    toolchain: bool = False  # also resolve the CUDA toolchain of pinned/kernels.in (toolchain_requirement)
 
 
 CUDA_PYTHON = "3.12"  # Ubuntu 24.04's Python, in the CUDA images
@@ -66,8 +67,9 @@ PY_LOCKS = (
     PyLock("serve-cpu", extra=tuple(arg for pkg in ("torchvision", "torchaudio", "torchcodec", "triton")
                                     for arg in ("--no-emit-package", pkg))),
     PyLock("calibrate-cuda", CUDA_PYTHON, cpu_torch=False),
-    # vLLM is compiled in the CUDA serving image from its hashed sdist (kernels.lock): lock its dependencies.
-    PyLock("serve-cuda", CUDA_PYTHON, cpu_torch=False, extra=("--no-emit-package", "vllm")),
+    # vLLM's own wheel (the `cuda` serving image installs it; `cuda-source` compiles it from kernels.lock's sdist
+    # and installs the rest), plus nvcc and its headers at kernels.in's CUDA version for DeepGEMM's JIT.
+    PyLock("serve-cuda", CUDA_PYTHON, cpu_torch=False, toolchain=True),
     PyLock("serve-cuda-build", CUDA_PYTHON, cpu_torch=False),
 )
 
@@ -84,9 +86,22 @@ def torch_source() -> list[str]:
     return ["--find-links", folder] if Path(folder).is_dir() else ["--extra-index-url", TORCH_CPU_INDEX]
 
 
+# The parts of PyPI's `cuda-toolkit` meta-package a JIT compiler needs: nvcc (+ crt headers, nvvm, cudart) and
+# CCCL (CUB/Thrust/libcu++ headers). Its version is kernels.in's toolchain.cuda: one CUDA version, one place.
+TOOLCHAIN_EXTRAS = "nvcc,cccl"
+TOOLCHAIN_IN = "cuda-toolchain.in"  # written next to the .in for the resolve only, never into pinned/
+
+
+def toolchain_requirement(pinned: Path = PINNED) -> str:
+    """`cuda-toolkit[nvcc,cccl]==<toolchain.cuda of pinned/kernels.in>`: the CUDA toolchain as a lock line."""
+    cuda = tomllib.loads((pinned / "kernels.in").read_text())["toolchain"]["cuda"]
+    return f"cuda-toolkit[{TOOLCHAIN_EXTRAS}]=={cuda}"
+
+
 def uv_compile(lock: PyLock, torch_source: list[str]) -> list[str]:
     """The command (run from the repository root, or a copy of pinned/'s parent) that writes pinned/<name>.txt."""
-    return ["uv", "pip", "compile", f"pinned/{lock.name}.in", "-o", f"pinned/{lock.name}.txt",
+    return ["uv", "pip", "compile", f"pinned/{lock.name}.in", *([f"pinned/{TOOLCHAIN_IN}"] if lock.toolchain else []),
+            "-o", f"pinned/{lock.name}.txt",
             "--generate-hashes", "--python-version", lock.python, "--python-platform", PLATFORM,
             "--exclude-newer", EXCLUDE_NEWER, "--quiet", *(torch_source if lock.cpu_torch else []), *lock.extra]
 
@@ -129,6 +144,8 @@ def expected_fields(lock: PyLock, pinned: Path, source: list[str]) -> dict[str, 
                "python": f"{lock.python} {PLATFORM}",
                "torch": TORCH_SOURCES[source[0]] if lock.cpu_torch else "PyPI's default build",
                "args": " ".join(lock.extra) or "-"}
+    if lock.toolchain:
+        fields["toolchain"] = f"{toolchain_requirement(pinned)} (pinned/kernels.in)"
     return fields
 
 
@@ -213,6 +230,23 @@ def check_lock(lock: PyLock, pinned: Path, source: list[str] | None = None) -> l
     left_out = {normalize_name(lock.extra[i + 1]) for i, a in enumerate(lock.extra) if a == "--no-emit-package"}
     in_text = (pinned / f"{lock.name}.in").read_text()
     problems += [f"{where}: {p} (pinned/{lock.name}.in)" for p in unmet_requirements(in_text, entries, left_out)]
+    if lock.toolchain:
+        problems += [f"{where}: {p}" for p in toolchain_problems(entries, pinned)]
+    return problems
+
+
+def toolchain_problems(entries: dict[str, tuple[str, list[str]]], pinned: Path = PINNED) -> list[str]:
+    """The lock's CUDA toolchain is kernels.in's: cuda-toolkit at that version, nvcc of that CUDA release."""
+    cuda = tomllib.loads((pinned / "kernels.in").read_text())["toolchain"]["cuda"]
+    release = ".".join(cuda.split(".")[:2])
+    problems = []
+    toolkit = entries.get("cuda-toolkit", ("-", []))[0]
+    if toolkit.split(".")[:3] != cuda.split("."):
+        problems.append(f"cuda-toolkit=={toolkit}, pinned/kernels.in names CUDA {cuda}: run `nox -s lock`")
+    for name in ("nvidia-cuda-nvcc", "nvidia-cuda-crt", "nvidia-nvvm", "nvidia-cuda-cccl"):
+        version = entries.get(name, ("-", []))[0]
+        if not version.startswith(release + "."):
+            problems.append(f"{name}=={version} is not CUDA {release} (pinned/kernels.in): run `nox -s lock`")
     return problems
 
 
@@ -245,16 +279,20 @@ def uv_executable() -> str:
     return exe
 
 
-def compile_locks(pinned: Path, source: list[str], out: Path) -> None:
-    """Every Python lock made from pinned/*.in into out/ (a fresh resolve, no preferences from old locks), in
-    dependency order so that a lock constrained by another (-c) sees the one just made."""
+def compile_locks(pinned: Path, source: list[str], out: Path, only: set[str] | None = None) -> None:
+    """Every Python lock (or those named in `only`) made from pinned/*.in into out/ (a fresh resolve, no
+    preferences from old locks), in dependency order so that a lock constrained by another (-c) sees the one
+    just made (or, with `only`, the committed one)."""
     root = out.parent
     if out != pinned:
         out.mkdir(parents=True, exist_ok=True)
         for p in pinned.glob("*.in"):
             shutil.copy(p, out / p.name)
-        shutil.copy(pinned / "tools.txt", out / "tools.txt")  # the uv version the header records
+        for p in pinned.glob("*.txt"):  # the uv version the header records; the locks `only` leaves as they are
+            shutil.copy(p, out / p.name)
     for lock in PY_LOCKS:
+        if only is not None and lock.name not in only:
+            continue
         txt = out / f"{lock.name}.txt"
         tmp = root / f".{lock.name}.resolve"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -263,6 +301,8 @@ def compile_locks(pinned: Path, source: list[str], out: Path) -> None:
             shutil.copy(p, tmp / "pinned" / p.name)
         for c in constraints_of((out / f"{lock.name}.in").read_text()):
             shutil.copy(out / c, tmp / "pinned" / c)
+        if lock.toolchain:
+            (tmp / "pinned" / TOOLCHAIN_IN).write_text(toolchain_requirement(out) + "\n")
         proc = subprocess.run([uv_executable(), *uv_compile(lock, source)[1:]], cwd=tmp, env={**os.environ, **UV_ENV},
                               capture_output=True, text=True)
         if proc.returncode != 0:
@@ -315,13 +355,21 @@ def drift(pinned: Path = PINNED) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def write_all(pinned: Path = PINNED) -> list[str]:
-    """`nox -s lock`: every lock in pinned/ made anew; returns notes on moved base image tags."""
+def write_all(pinned: Path = PINNED, only: set[str] | None = None) -> list[str]:
+    """`nox -s lock`: every lock in pinned/ made anew (`--only A,B`: those Python locks alone, the others and
+    kernels/images.lock untouched); returns notes on moved base image tags."""
+    unknown = (only or set()) - {lock.name for lock in PY_LOCKS}
+    if unknown:
+        raise ValueError(f"--only {','.join(sorted(unknown))}: no such lock; known: "
+                         + ", ".join(lock.name for lock in PY_LOCKS))
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "pinned"
-        compile_locks(pinned, torch_source(), out)
+        compile_locks(pinned, torch_source(), out, only)
         for lock in PY_LOCKS:
-            (pinned / f"{lock.name}.txt").write_text((out / f"{lock.name}.txt").read_text())
+            if only is None or lock.name in only:
+                (pinned / f"{lock.name}.txt").write_text((out / f"{lock.name}.txt").read_text())
+    if only is not None:
+        return []
     write_kernels_lock(pinned)
     return write_images_lock(pinned)
 
@@ -547,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("check", help="the offline gate: every lock is what its recorded inputs make, unedited")
-    sub.add_parser("write", help="regenerate every lock (nox -s lock)")
+    w = sub.add_parser("write", help="regenerate every lock (nox -s lock)")
+    w.add_argument("--only", help="comma-separated Python locks to regenerate, the others left as they are")
     d = sub.add_parser("drift", help="what regenerating against today's index would change (nox -s lock -- --check)")
     d.add_argument("--strict", action="store_true", help="exit 1 when anything would change")
     args = parser.parse_args(argv)
@@ -556,7 +605,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(problems) or f"every lock in pinned/ matches its inputs ({len(PY_LOCKS) + 1} checked)")
         return 1 if problems else 0
     if args.cmd == "write":
-        for note in write_all():
+        try:
+            notes = write_all(only=set(args.only.split(",")) if args.only else None)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for note in notes:
             print(f"warning: {note}", file=sys.stderr)
         return 0
     rows = drift()
