@@ -206,3 +206,23 @@ def test_bench_with_and_without_mtp_and_report(chain, serve_python, evals):
     for needle in ("## Verify", "Overall: **PASS**", "## Eval", "tiny_arith", "## Bench", "paired repetitions",
                    "vllm bench serve", "DEQUANTIZED", "## Artifact"):
         assert needle in report, needle
+
+
+def test_vllm_picks_each_familys_mtp_draft_from_its_config(serve_python, tmp_path):
+    """serve passes the generic `mtp` method (serve.speculative_config): vLLM itself must map each family's
+    config to that family's MTP draft model (`Family.vllm_method`), and accept `mtp` as a method."""
+    from mtpquant.model.families import FAMILIES
+    from mtpquant.model.recipes import FixtureSpec
+
+    for name, fam in FAMILIES.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(fam.fixture_config(FixtureSpec())))
+    code = ("import json, sys\nfrom typing import get_args\nfrom transformers import AutoConfig\n"
+            "from vllm.config.speculative import MTPModelTypes, SpeculativeConfig\n"
+            "draft = {n: SpeculativeConfig.hf_config_override(AutoConfig.from_pretrained(sys.argv[1] + '/' + n))"
+            ".model_type for n in sys.argv[2:]}\n"
+            "print(json.dumps({'mtp': 'mtp' in get_args(MTPModelTypes), 'draft': draft}))")
+    r = subprocess.run([serve_python, "-c", code, str(tmp_path), *FAMILIES], capture_output=True, text=True,
+                       check=True)
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got == {"mtp": True, "draft": {name: fam.vllm_method for name, fam in FAMILIES.items()}}

@@ -39,7 +39,9 @@ class Family:
     model_type: str
     architecture: str
     mtp_extra: tuple[str, ...]  # MTP-only tensors, relative to each MTP prefix (mtp_prefixes)
-    vllm_method: str  # vLLM's speculative method for this family's MTP layers
+    # vLLM's MTP draft model type for this family (vLLM derives it from the target's config; the launcher passes
+    # the generic `mtp` method, see mtpquant.serving.serve.speculative_config)
+    vllm_method: str
     tiny_config: Callable[[FixtureSpec, int], Any]  # (spec, decoder layers) -> a transformers config
     has_indexer: bool = False
     layers_key: str = "num_hidden_layers"
