@@ -37,7 +37,7 @@ from mtpquant.model.recipes import FixtureSpec
 from mtpquant.tiny.fixture import config_for, unfuse_experts, write_checkpoint
 from mtpquant.tiny.tiny_task import problems
 
-FAMILY = "glm4_moe"
+FAMILY = "glm4_moe"  # GLM-4.5 only: vLLM's glm4_moe_mtp drafter, built from transformers' Glm4Moe modules
 SPEC = FixtureSpec(num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
                    num_nextn_predict_layers=1, hidden_size=256, moe_intermediate_size=128, intermediate_size=256,
                    num_shards=2, seed=0)
