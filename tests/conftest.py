@@ -70,6 +70,15 @@ def edit_tensors(ckpt: Path, remove: list[str] = (), add: dict | None = None, sh
     index_path.write_text(json.dumps(index))
 
 
+def mtp_prefix(ckpt: Path) -> str:
+    """A checkpoint's (first) MTP prefix, asked of its family: `model.layers.3.` in the tiny GLM fixtures."""
+    from mtpquant.core.checkpoint import read_json
+    from mtpquant.model.families import family_for
+
+    config = read_json(Path(ckpt) / "config.json")
+    return family_for(config).mtp_prefixes(config)[0]
+
+
 def read_tensor(ckpt: Path, name: str):
     wm = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
     return load_file(str(ckpt / wm[name]))[name]

@@ -11,6 +11,7 @@ from mtpquant.core.checkpoint import Checkpoint, file_sha256
 from mtpquant.model.families import FAMILIES
 from mtpquant.model.recipes import FixtureSpec
 from mtpquant.tiny.fixture import write_fixture
+from tests.conftest import mtp_prefix
 
 
 def mtpquant(*args, check=True, **env_vars):
@@ -56,7 +57,7 @@ def test_verify_failure_exit_code_names_tensor(built, tmp_path):
     proc = mtpquant("verify", "--artifact", built["glm4_moe"]["quantized"], "--base", built["glm4_moe"]["base"],
                     "--run", tmp_path, check=False)
     assert proc.returncode == 3
-    assert "model.layers.3." in proc.stderr and "is missing" in proc.stderr
+    assert mtp_prefix(built["glm4_moe"]["base"]) in proc.stderr and "is missing" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert json.loads((tmp_path / "verify.json").read_text())["ok"] is False
 
@@ -82,7 +83,7 @@ def test_no_half_written_output_on_failure(built, tmp_path):
     """A stage that fails leaves no output directory that looks finished (nor a temp one)."""
     base = write_fixture("glm4_moe", FixtureSpec(), tmp_path / "base")
     cfg = json.loads((base / "config.json").read_text())
-    del cfg["num_nextn_predict_layers"]
+    del cfg[FAMILIES["glm4_moe"].mtp_key]
     (base / "config.json").write_text(json.dumps(cfg))
     proc = mtpquant("inject-mtp", "--run", tmp_path, "--quantized", built["glm4_moe"]["quantized"], check=False)
     assert proc.returncode == 2

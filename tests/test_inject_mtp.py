@@ -1,5 +1,6 @@
 import hashlib
 import json
+import re
 import shutil
 
 import pytest
@@ -7,28 +8,33 @@ import pytest
 from mtpquant.chain.inject_mtp import inject_mtp
 from mtpquant.core.checkpoint import Checkpoint, tensor_sha256
 from mtpquant.core.errors import MtpquantError
+from mtpquant.model.families import FAMILIES
 from mtpquant.model.recipes import FixtureSpec
 from mtpquant.tiny.fixture import write_fixture
 
 
 def test_mtp_tensors_survive_byte_for_byte(built, family):
     base, art = Checkpoint(built[family]["base"]), Checkpoint(built[family]["artifact"])
-    mtp = [n for n in base.tensors if n.startswith("model.layers.3.")]
+    fam = FAMILIES[family]
+    (prefix,) = fam.mtp_prefixes(base.config)
+    mtp = [n for n in base.tensors if n.startswith(prefix)]
     assert len(mtp) > 20
     for n in mtp:
         assert art.tensors[n].dtype == base.tensors[n].dtype
         assert tensor_sha256(art.tensors[n]) == tensor_sha256(base.tensors[n])
         assert art.weight_map[n].startswith("mtp-")
-    assert art.config["num_nextn_predict_layers"] == 1
-    assert "re:^model\\.layers\\.3\\..*" in art.config["quantization_config"]["ignore"]
+    assert fam.num_mtp(art.config) == 1
+    assert fam.mtp_ignore(base.config) == ["re:^model\\.layers\\.3\\..*"]  # the tiny spec: 3 decoder layers
+    assert fam.mtp_ignore(base.config)[0] in art.config["quantization_config"]["ignore"]
     assert art.index["metadata"]["total_size"] == sum(t.nbytes for t in art.tensors.values())
 
 
 def test_quantized_input_is_untouched(built, family):
-    q = built[family]["quantized"]
-    assert not (q / "model.safetensors.index.json").exists() or "model.layers.3.eh_proj.weight" not in (
+    q, fam = built[family]["quantized"], FAMILIES[family]
+    eh_proj = fam.mtp_prefixes(Checkpoint(built[family]["base"]).config)[0] + "eh_proj.weight"
+    assert not (q / "model.safetensors.index.json").exists() or eh_proj not in (
         q / "model.safetensors.index.json").read_text()
-    assert "num_nextn_predict_layers" in json.loads((q / "config.json").read_text())
+    assert fam.num_mtp(json.loads((q / "config.json").read_text())) == 1
 
 
 def _digest(d):
@@ -49,17 +55,19 @@ def test_small_shards(built, tmp_path):
     rep = inject_mtp(b["base"], b["quantized"], tmp_path / "a", max_shard_bytes=256 << 10)
     assert rep["shards"] > 3
     art = Checkpoint(tmp_path / "a")
-    assert len({s for n, s in art.weight_map.items() if n.startswith("model.layers.3.")}) == rep["shards"]
+    prefixes = tuple(FAMILIES["glm_moe_dsa"].mtp_prefixes(art.config))
+    assert len({s for n, s in art.weight_map.items() if n.startswith(prefixes)}) == rep["shards"]
 
 
 def test_base_without_mtp_tensors_is_an_error(built, tmp_path):
     b = built["glm4_moe"]
     no_mtp = tmp_path / "base"
     shutil.copytree(b["base"], no_mtp)
+    (prefix,) = FAMILIES["glm4_moe"].mtp_prefixes(Checkpoint(no_mtp).config)
     idx = json.loads((no_mtp / "model.safetensors.index.json").read_text())
-    idx["weight_map"] = {k: v for k, v in idx["weight_map"].items() if not k.startswith("model.layers.3.")}
+    idx["weight_map"] = {k: v for k, v in idx["weight_map"].items() if not k.startswith(prefix)}
     (no_mtp / "model.safetensors.index.json").write_text(json.dumps(idx))
-    with pytest.raises(MtpquantError, match=r"no MTP tensors under model\.layers\.3\."):
+    with pytest.raises(MtpquantError, match=f"no MTP tensors under {re.escape(prefix)}"):
         inject_mtp(no_mtp, b["quantized"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -68,10 +76,11 @@ def test_base_without_num_nextn_is_an_error(built, tmp_path):
     b = built["glm4_moe"]
     base = tmp_path / "base"
     shutil.copytree(b["base"], base)
+    key = FAMILIES["glm4_moe"].mtp_key
     cfg = json.loads((base / "config.json").read_text())
-    del cfg["num_nextn_predict_layers"]
+    del cfg[key]
     (base / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(MtpquantError, match="num_nextn_predict_layers is missing"):
+    with pytest.raises(MtpquantError, match=f"{key} is missing"):
         inject_mtp(base, b["quantized"], tmp_path / "out")
 
 

@@ -15,6 +15,7 @@ from mtpquant import cli
 from mtpquant.chain.publish import publish
 from mtpquant.core.errors import MtpquantError
 from mtpquant.core.run import Run
+from tests.conftest import mtp_prefix
 from tests.test_hub import COMMIT, REPO, make_hub_cache, prepare, write_lock
 
 
@@ -62,7 +63,7 @@ def test_dry_run_lists_every_file_and_a_card_the_hub_parses(run, capsys):
 def test_refuses_an_artifact_that_failed_verify(run):
     index = run.artifact / "model.safetensors.index.json"
     wm = json.loads(index.read_text())
-    mtp = [n for n in wm["weight_map"] if n.startswith("model.layers.3.")]
+    mtp = [n for n in wm["weight_map"] if n.startswith(mtp_prefix(run.artifact))]
     for n in mtp[:3]:
         del wm["weight_map"][n]
     index.write_text(json.dumps(wm))

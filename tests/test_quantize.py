@@ -6,7 +6,7 @@ import pytest
 from mtpquant.calib.quantize import quantize
 from mtpquant.core.checkpoint import Checkpoint
 from mtpquant.core.errors import MtpquantError
-from mtpquant.model.families import FAMILIES
+from mtpquant.model.families import FAMILIES, layer_prefix
 from mtpquant.model.recipes import RECIPES_DIR
 
 
@@ -28,12 +28,15 @@ def test_real_gptq_packs_every_routed_expert(built, family):
     w = qc["config_groups"]["group_0"]["weights"]
     assert (w["num_bits"], w["group_size"], w["symmetric"]) == (4, 128, False)
     # attention, shared experts, router, embeddings and lm_head stay unquantized
-    for name in ("model.layers.1.mlp.shared_experts.gate_proj.weight", "model.layers.0.mlp.gate_proj.weight",
-                 "model.layers.1.mlp.gate.weight", "model.embed_tokens.weight", "lm_head.weight"):
+    fam = FAMILIES[family]
+    moe, dense = fam.moe_layers(cfg)[0], fam.dense_layers(cfg)[0]
+    for name in (f"{layer_prefix(moe)}{fam.shared_expert}.gate_proj.weight",
+                 f"{layer_prefix(dense)}mlp.gate_proj.weight", f"{fam.router_module(moe)}.weight",
+                 "model.embed_tokens.weight", "lm_head.weight"):
         assert t[name].dtype == "BF16"
-    assert t["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == "F32"
+    assert t[f"{fam.router_module(moe)}.{fam.fp32_suffixes[0]}"].dtype == "F32"
     # the MTP layer is dropped by from_pretrained: that is what inject-mtp repairs
-    assert not any(n.startswith("model.layers.3.") for n in t)
+    assert fam.mtp_prefixes(cfg) and not any(n.startswith(tuple(fam.mtp_prefixes(cfg))) for n in t)
 
 
 def test_report(built, family):

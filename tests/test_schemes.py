@@ -11,6 +11,7 @@ from mtpquant.chain.inject_mtp import inject_mtp
 from mtpquant.chain.verify import verify
 from mtpquant.core.checkpoint import Checkpoint
 from mtpquant.core.errors import MtpquantError
+from mtpquant.model.families import FAMILIES
 from mtpquant.model.recipes import RECIPES_DIR, FixtureSpec
 from mtpquant.model.schemes import DEFAULT, SCHEMES, label_of, scheme, scheme_for_config
 from mtpquant.tiny.fixture import write_fixture
@@ -67,7 +68,7 @@ def test_w8a16_quantizes_and_verifies(tmp_path):
     checks = verify(tmp_path / "artifact", base, workers=2, sample=1)
     assert all(c.ok for c in checks), [c.failures for c in checks if not c.ok]
     art = Checkpoint(tmp_path / "artifact")
-    mod = "model.layers.1.mlp.experts.0.down_proj"
+    mod = next(m for m in FAMILIES["glm4_moe"].routed_expert_linears(art.config) if m.endswith("down_proj"))
     assert {p: (art.tensors[f"{mod}.{p}"].dtype, art.tensors[f"{mod}.{p}"].shape) for p in W8.parts()} == \
         W8.tensors(128, 128)
     assert label_of(tmp_path / "artifact") == "W8A16"

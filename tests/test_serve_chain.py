@@ -136,16 +136,18 @@ def test_dequantized_copy_has_int4_values_and_the_injected_mtp(chain, evals):
     from safetensors import safe_open
 
     from mtpquant.core.checkpoint import Checkpoint, tensor_sha256
+    from mtpquant.model.families import family_for
 
     evals("w4a16")
     deq = Checkpoint(chain["root"] / "serve-bf16-artifact")
     base = Checkpoint(MODEL)
+    fam = family_for(base.config)
     assert "quantization_config" not in deq.config
-    name = "model.layers.2.mlp.experts.5.down_proj.weight"
+    name = next(n for n in fam.routed_expert_linears(base.config) if n.endswith("down_proj")) + ".weight"
     with safe_open(str(deq.tensors[name].shard), "pt") as fh:
         w = fh.get_tensor(name)
     assert w.shape[1] == 128 and all(row.unique().numel() <= 16 for row in w)  # one group of 128: 4 bits
-    mtp = [n for n in base.tensors if n.startswith("model.layers.3.")]
+    mtp = [n for n in base.tensors if n.startswith(tuple(fam.mtp_prefixes(base.config)))]
     assert mtp and all(tensor_sha256(deq.tensors[n]) == tensor_sha256(base.tensors[n]) for n in mtp)
 
 
@@ -167,12 +169,17 @@ def test_artifact_without_injected_mtp_is_refused_before_vllm_starts(chain, serv
 
 
 def test_artifact_without_injected_mtp_also_fails_in_vllm_itself(chain, serve_python):
+    from mtpquant.core.checkpoint import read_json
+    from mtpquant.model.families import family_for
+
+    config = read_json(MODEL / "config.json")
+    (prefix,) = family_for(config).mtp_prefixes(config)
     r = mtpquant(serve_python, "serve", "--run", str(chain["root"]), "--artifact", str(chain["quantized"]),
                  "--check", "--skip-checks", check=False)
     assert r.returncode == 2
     err = " ".join(r.stderr.split())
     assert "vLLM exited with code" in err and "before it was ready" in err
-    assert "weights were not initialized from checkpoint" in err and "model.layers.3." in err
+    assert "weights were not initialized from checkpoint" in err and prefix in err
 
 
 def test_bench_with_and_without_mtp_and_report(chain, serve_python, evals):
@@ -206,3 +213,23 @@ def test_bench_with_and_without_mtp_and_report(chain, serve_python, evals):
     for needle in ("## Verify", "Overall: **PASS**", "## Eval", "tiny_arith", "## Bench", "paired repetitions",
                    "vllm bench serve", "DEQUANTIZED", "## Artifact"):
         assert needle in report, needle
+
+
+def test_vllm_picks_each_familys_mtp_draft_from_its_config(serve_python, tmp_path):
+    """serve passes the generic `mtp` method (serve.speculative_config): vLLM itself must map each family's
+    config to that family's MTP draft model (`Family.vllm_method`), and accept `mtp` as a method."""
+    from mtpquant.model.families import FAMILIES
+    from mtpquant.model.recipes import FixtureSpec
+
+    for name, fam in FAMILIES.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(fam.fixture_config(FixtureSpec())))
+    code = ("import json, sys\nfrom typing import get_args\nfrom transformers import AutoConfig\n"
+            "from vllm.config.speculative import MTPModelTypes, SpeculativeConfig\n"
+            "draft = {n: SpeculativeConfig.hf_config_override(AutoConfig.from_pretrained(sys.argv[1] + '/' + n))"
+            ".model_type for n in sys.argv[2:]}\n"
+            "print(json.dumps({'mtp': 'mtp' in get_args(MTPModelTypes), 'draft': draft}))")
+    r = subprocess.run([serve_python, "-c", code, str(tmp_path), *FAMILIES], capture_output=True, text=True,
+                       check=True)
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got == {"mtp": True, "draft": {name: fam.vllm_method for name, fam in FAMILIES.items()}}

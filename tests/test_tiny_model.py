@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from mtpquant.core.checkpoint import Checkpoint
-from mtpquant.model.families import FAMILIES
+from mtpquant.model.families import FAMILIES, family_for
 from mtpquant.tiny.tiny_task import DATA, problems, write_data
 from mtpquant.tiny.train_tiny import SUMS, TrainConfig, fit, tokenizer
 
@@ -27,14 +27,14 @@ def test_committed_model_has_the_real_layout_and_an_mtp_layer():
     ck = Checkpoint(MODEL)
     fam = FAMILIES["glm4_moe"]
     cfg = ck.config
-    assert cfg["model_type"] == "glm4_moe" and cfg["num_nextn_predict_layers"] == 1
+    assert family_for(cfg) is fam and fam.num_mtp(cfg) == 1
     experts = fam.routed_expert_linears(cfg)
     assert experts and all(f"{m}.weight" in ck.tensors for m in experts)
     mtp = fam.mtp_prefixes(cfg)[0]
     for extra in fam.mtp_extra:
         assert mtp + extra in ck.tensors
-    assert ck.tensors[f"{mtp}mlp.experts.0.gate_proj.weight"].dtype == "BF16"
-    assert ck.tensors[f"model.layers.{cfg['first_k_dense_replace']}.mlp.gate.e_score_correction_bias"].dtype == "F32"
+    assert ck.tensors[f"{mtp}{fam.experts}.0.gate_proj.weight"].dtype == "BF16"
+    assert ck.tensors[f"{fam.router_module(fam.moe_layers(cfg)[0])}.{fam.fp32_suffixes[0]}"].dtype == "F32"
     expert_bytes = sum(ck.tensors[f"{m}.weight"].nbytes for m in experts)
     target_bytes = sum(t.nbytes for n, t in ck.tensors.items() if not n.startswith(mtp))
     assert expert_bytes > 0.4 * target_bytes  # the routed experts carry much of the model
@@ -105,7 +105,7 @@ def test_planted_outlier_channels_keep_the_function(tmp_path):
     assert w.tensors  # and the outliers are there: 8 columns 16x the rest in every expert's gate/up
     from safetensors import safe_open
 
-    name = "model.layers.1.mlp.experts.0.up_proj.weight"
+    name = next(m for m in FAMILIES["glm4_moe"].routed_expert_linears(w.config) if m.endswith("up_proj")) + ".weight"
     with safe_open(str(w.tensors[name].shard), "pt") as fh:
         col = fh.get_tensor(name).float().abs().mean(0)
     assert (col > 8 * col.median()).sum() == 8

@@ -5,8 +5,16 @@ import torch
 
 from mtpquant.chain.verify import raise_on_failure, verify, verify_record
 from mtpquant.core.errors import VerificationFailed
+from mtpquant.model.families import FAMILIES, MTP_EXTRA_BASE, layer_prefix
 from mtpquant.model.schemes import DEFAULT
-from tests.conftest import edit_tensors, read_tensor
+from tests.conftest import edit_tensors, mtp_prefix, read_tensor
+
+EH_PROJ, ENORM = MTP_EXTRA_BASE[:2]  # MTP-only tensors of both tiny families (Family.mtp_extra)
+
+
+def expert(family: str, layer: int, e: int, proj: str) -> str:
+    """The family's name of routed expert e's `proj` Linear in decoder layer `layer`."""
+    return f"{layer_prefix(layer)}{FAMILIES[family].experts}.{e}.{proj}"
 
 
 def failures(art, base):
@@ -26,22 +34,23 @@ def test_good_artifact_passes(built, family, tmp_path):
 def test_quantized_without_mtp_fails(built, family):
     f = failures(built[family]["quantized"], built[family]["base"])
     mtp = f["MTP tensors present, unquantized, byte-identical to base"]
-    assert "model.layers.3.eh_proj.weight is missing" in mtp
+    assert f"{mtp_prefix(built[family]['base'])}{EH_PROJ} is missing" in mtp
 
 
 def test_missing_mtp_tensor(artifact_copy):
     art, base = artifact_copy
-    edit_tensors(art, remove=["model.layers.3.enorm.weight"])
+    name = mtp_prefix(base) + ENORM
+    edit_tensors(art, remove=[name])
     f = failures(art, base)
-    assert f == {"MTP tensors present, unquantized, byte-identical to base": ["model.layers.3.enorm.weight is missing"]}
-    with pytest.raises(VerificationFailed, match="model.layers.3.enorm.weight is missing") as exc:
+    assert f == {"MTP tensors present, unquantized, byte-identical to base": [f"{name} is missing"]}
+    with pytest.raises(VerificationFailed, match=f"{name} is missing") as exc:
         raise_on_failure(verify(art, base))
     assert exc.value.exit_code == 3
 
 
 def test_changed_mtp_bytes(artifact_copy):
     art, base = artifact_copy
-    name = "model.layers.3.eh_proj.weight"
+    name = mtp_prefix(base) + EH_PROJ
     t = read_tensor(art, name).clone()
     t[0, 0] += 1
     edit_tensors(art, remove=[name], add={name: t}, shard="mtp-00001-of-00001.safetensors")
@@ -49,9 +58,9 @@ def test_changed_mtp_bytes(artifact_copy):
     assert msg.startswith(f"{name} differs from the base")
 
 
-def test_one_expert_left_unquantized(artifact_copy):
+def test_one_expert_left_unquantized(artifact_copy, family):
     art, base = artifact_copy
-    mod = "model.layers.2.mlp.experts.5.up_proj"
+    mod = expert(family, 2, 5, "up_proj")
     parts = [f"{mod}.{p}" for p in DEFAULT.parts()]
     edit_tensors(art, remove=parts, add={f"{mod}.weight": read_tensor(base, f"{mod}.weight")})
     f = failures(art, base)["every routed-expert Linear is INT4-packed"]
@@ -97,15 +106,17 @@ def test_unindexed_tensor_in_shard(artifact_copy):
 def test_mtp_missing_from_ignore(artifact_copy):
     art, base = artifact_copy
     cfg = json.loads((art / "config.json").read_text())
-    cfg["quantization_config"]["ignore"] = [i for i in cfg["quantization_config"]["ignore"] if "layers\\.3" not in i]
+    mtp_ignore = FAMILIES[cfg["model_type"]].mtp_ignore(cfg)
+    cfg["quantization_config"]["ignore"] = [i for i in cfg["quantization_config"]["ignore"] if i not in mtp_ignore]
     (art / "config.json").write_text(json.dumps(cfg))
     f = failures(art, base)["MTP layers are in quantization_config.ignore"]
-    assert "model.layers.3.eh_proj is not covered by ignore" in f
+    assert f"{mtp_prefix(base)}{EH_PROJ.removesuffix('.weight')} is not covered by ignore" in f
 
 
-def test_fp32_tensor_downcast(artifact_copy):
+def test_fp32_tensor_downcast(artifact_copy, family):
     art, base = artifact_copy
-    name = "model.layers.1.mlp.gate.e_score_correction_bias"
+    fam = FAMILIES[family]
+    name = f"{fam.router_module(1)}.{fam.fp32_suffixes[0]}"
     edit_tensors(art, remove=[name], add={name: read_tensor(art, name).to(torch.bfloat16)})
     f = failures(art, base)["unquantized tensors keep the base's dtype and shape"]
     assert f == [f"{name} is BF16[8], base has F32[8]"]
@@ -114,10 +125,11 @@ def test_fp32_tensor_downcast(artifact_copy):
 def test_config_disagrees(artifact_copy):
     art, base = artifact_copy
     cfg = json.loads((art / "config.json").read_text())
-    cfg["num_nextn_predict_layers"] = 0
+    key = FAMILIES[cfg["model_type"]].mtp_key
+    cfg[key] = 0
     (art / "config.json").write_text(json.dumps(cfg))
     f = failures(art, base)["config agrees with base and tensors"]
-    assert f == ["config.json num_nextn_predict_layers=0, base has 1"]
+    assert f == [f"config.json {key}=0, base has 1"]
 
 
 # ---------------------------------------------------------------- values: corruptions the format checks cannot see
@@ -143,9 +155,9 @@ def test_values_pass_and_say_how_close(built, family):
     assert values.ok and values.detail.startswith("48/48 Linears; worst: ")
 
 
-def test_swapped_experts_are_caught(artifact_copy):
+def test_swapped_experts_are_caught(artifact_copy, family):
     art, base = artifact_copy
-    a, b = "model.layers.2.mlp.experts.0.down_proj", "model.layers.2.mlp.experts.1.down_proj"
+    a, b = expert(family, 2, 0, "down_proj"), expert(family, 2, 1, "down_proj")
     swapped = {f"{a}.{p}": read_tensor(art, f"{b}.{p}") for p in PARTS} | {
         f"{b}.{p}": read_tensor(art, f"{a}.{p}") for p in PARTS}
     edit_tensors(art, remove=list(swapped), add=swapped)
@@ -159,18 +171,18 @@ def test_swapped_experts_are_caught(artifact_copy):
     ("weight_scale", 1, 0x40, "x its RTN error"),             # the exponent's top bit of the first BF16 scale
     ("weight_zero_point", 0, 0x88, "x that group's weight norm"),  # two zero points off by 8 steps
 ])
-def test_one_flipped_byte_is_caught(artifact_copy, part, offset, mask, what):
+def test_one_flipped_byte_is_caught(artifact_copy, family, part, offset, mask, what):
     art, base = artifact_copy
-    mod = "model.layers.1.mlp.experts.3.gate_proj"
+    mod = expert(family, 1, 3, "gate_proj")
     xor_byte(art, f"{mod}.{part}", offset, mask)
     f = failures(art, base)
     assert set(f) == {VALUES} and len(f[VALUES]) == 1
     assert f[VALUES][0].startswith(f"{mod}: ") and what in f[VALUES][0], f[VALUES]
 
 
-def test_swapped_weight_shape_is_caught(artifact_copy):
+def test_swapped_weight_shape_is_caught(artifact_copy, family):
     art, base = artifact_copy
-    mod = "model.layers.2.mlp.experts.4.up_proj"
+    mod = expert(family, 2, 4, "up_proj")
     shape = read_tensor(art, f"{mod}.weight_shape")
     edit_tensors(art, remove=[f"{mod}.weight_shape"], add={f"{mod}.weight_shape": shape.flip(0).contiguous()})
     f = failures(art, base)
@@ -202,7 +214,7 @@ def edit_config(art, change) -> None:
 
 def test_a_stray_tensor_beyond_the_mtp_range_is_caught(artifact_copy):
     art, base = artifact_copy
-    stray = "model.layers.8.eh_proj.weight"
+    stray = layer_prefix(8) + EH_PROJ  # past the one MTP layer (model.layers.3)
     edit_tensors(art, add={stray: torch.zeros(4, 4, dtype=torch.bfloat16)}, shard="mtp-00001-of-00001.safetensors")
     assert failures(art, base) == {"no tensor the base does not explain": [
         f"{stray} (mtp-00001-of-00001.safetensors) is not in the base"]}

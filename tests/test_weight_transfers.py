@@ -105,7 +105,7 @@ def test_queue_orders_reads_after_writes_and_drops_stale_prefetch():
 def test_activation_device():
     import dataclasses
 
-    from mtpquant.calib.quantize import activation_bytes, activation_device, oneshot_options
+    from mtpquant.calib.quantize import activation_cache_bytes, activation_device, oneshot_options
     from mtpquant.model import recipes
 
     quant = recipes.load("quant", "w4a16-asym-g128")
@@ -115,12 +115,12 @@ def test_activation_device():
         return dataclasses.replace(quant, fast_experts=dataclasses.replace(fe, activations=mode))
 
     h100 = ("cuda:0", 79 * 2**30)
-    glm52 = activation_bytes({"hidden_size": 6144}, 768, 512)
+    glm52 = activation_cache_bytes(6144, 768, 512)
     assert glm52 == int(1.25 * 768 * 512 * 6144 * 2)
     assert activation_device(with_mode("cpu"), glm52, h100) == "cpu"
     assert activation_device(with_mode("gpu"), 10**12, h100) == "cuda:0"
     assert activation_device(with_mode("auto"), glm52, h100) == "cuda:0"  # 6 GB of 85
-    assert activation_device(with_mode("auto"), activation_bytes({"hidden_size": 6144}, 8192, 2048), h100) == "cpu"
+    assert activation_device(with_mode("auto"), activation_cache_bytes(6144, 8192, 2048), h100) == "cpu"
     assert activation_device(dataclasses.replace(quant, fast_experts=None), 1, h100) == "cpu"
     if not torch.cuda.is_available():
         assert activation_device(with_mode("gpu"), 1) == "cpu"

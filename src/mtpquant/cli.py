@@ -243,22 +243,34 @@ def cmd_train_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from mtpquant.serving.serve_cli import serve_command
+def _target(args: argparse.Namespace) -> Any:
+    """The served artifact of serve/eval/bench as a typed value."""
+    from mtpquant.serving.serve_cli import Target
 
-    return serve_command(args, console)
+    return Target(run=Path(args.run), profile=args.profile, artifact=Path(args.artifact) if args.artifact else None,
+                  port=args.port, name=args.name)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mtpquant.serving.serve_cli import ServeOptions, serve_command
+
+    opts = ServeOptions(mtp=not args.no_mtp, mtp_tokens=args.mtp_tokens, dry_run=args.dry_run, check=args.check,
+                        skip_checks=args.skip_checks, check_manifest=args.check_manifest)
+    return serve_command(_target(args), opts, console)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mtpquant.serving.evaluate import eval_command
+    from mtpquant.serving.evaluate import EvalOptions, eval_command
 
-    return eval_command(args, console)
+    opts = EvalOptions(suite=args.suite, base_url=args.base_url, tokenizer=args.tokenizer, mtp=not args.no_mtp,
+                       label=args.label)
+    return eval_command(_target(args), opts, console)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from mtpquant.serving.bench import bench_command
 
-    return bench_command(args, console)
+    return bench_command(_target(args), args.grid, console)
 
 
 def cmd_dequantize(args: argparse.Namespace) -> int:

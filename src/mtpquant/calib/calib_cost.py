@@ -111,7 +111,7 @@ def shape_from_config(config: dict[str, Any]) -> MoEShape:
     from mtpquant.model.families import LAYERS, family_for, layer_prefix
 
     fam = family_for(config)
-    cfg_cls = transformers.AutoConfig.for_model(config["model_type"]).__class__
+    cfg_cls = transformers.AutoConfig.for_model(fam.model_type).__class__
     cfg = cfg_cls(**fam.two_layer_config(config))
     with torch.device("meta"):
         model = getattr(transformers, fam.architecture)(cfg)

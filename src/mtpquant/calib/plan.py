@@ -23,6 +23,7 @@ from typing import Any
 from mtpquant.calib.calib_cost import BF16, FP32, MoEShape
 from mtpquant.core.errors import MtpquantError
 from mtpquant.model import recipes
+from mtpquant.model.families import family_for
 from mtpquant.model.recipes import CalibrationRecipe, ModelRecipe, QuantRecipe
 
 GIB = 2**30
@@ -142,7 +143,9 @@ def model_config(model: ModelRecipe, where: str) -> dict[str, Any]:
     if src.path is not None and (Path(src.path) / "config.json").is_file():
         return json.loads((Path(src.path) / "config.json").read_text())
     if model.config:
-        return {"model_type": model.family, **model.config}
+        from mtpquant.model.families import FAMILIES
+
+        return FAMILIES[model.family].config_from(model.config)
     raise MtpquantError(f"{where}: no dimensions for this model: add a `config` section (the config.json fields) "
                         "or point source.path at a downloaded checkpoint")
 
@@ -198,7 +201,7 @@ def make_plan(model_ref: str, calib_ref: str, quant_ref: str, gpu: GPUSpec, host
     quant: QuantRecipe = recipes.load("quant", quant_ref)
     config = model_config(model, str(mpath))
     shape = shape_from_config(config)
-    heads = int(config.get("num_attention_heads", 64))
+    heads = family_for(config).attention_heads(config, default=64)
     args = (model.name, shape, calib.num_samples, calib.max_seq_length, quant, gpu, host_ram_gib, disk_gib, heads)
     if engine == "auto":  # the stream engine when the memory engine's host RAM does not fit what was given
         mem = plan_for_shape(*args)
@@ -252,9 +255,9 @@ def plan_for_shape(name: str, s: MoEShape, samples: int, seq_len: int, quant: Qu
     fe = quant.fast_experts
     act_gib = 0.0
     if fe is not None and fe.activations != "cpu":  # the activation cache held on the GPU (quantize's rule)
-        from mtpquant.calib.quantize import activation_bytes, activation_device
+        from mtpquant.calib.quantize import activation_cache_bytes, activation_device
 
-        cache = activation_bytes({"hidden_size": s.hidden}, math.ceil(samples / world), seq_len)
+        cache = activation_cache_bytes(s.hidden, math.ceil(samples / world), seq_len)
         if activation_device(quant, cache, ("cuda", gpu.memory_gib * GIB)) != "cpu":
             act_gib = cache / GIB
             mem["activations"] = act_gib
@@ -366,11 +369,11 @@ def stream_plan(name: str, s: MoEShape, samples: int, seq_len: int, quant: Quant
     reads and pack+writes at the stream engine's measured rates, overlapped as the engine does; host RAM for
     a few layers' buffers and the activations (not the model); disk for the source, the output and two
     activation files at a layer boundary; what a resume costs."""
-    from mtpquant.calib.quantize import activation_bytes, activation_device
+    from mtpquant.calib.quantize import activation_cache_bytes, activation_device
 
     if gpu.count > 1:
         raise MtpquantError("--engine stream: one process on one GPU (torchrun is refused by the engine)")
-    cache = activation_bytes({"hidden_size": s.hidden}, samples, seq_len)
+    cache = activation_cache_bytes(s.hidden, samples, seq_len)
     # the engine holds a layer's inputs and outputs at once (mtpquant.calib.stream.placement): twice the cache
     on_gpu = quant.fast_experts is not None and activation_device(
         quant, 2 * cache, ("cuda", gpu.memory_gib * GIB)) != "cpu"

@@ -83,10 +83,15 @@ def modifier_for(recipe: QuantRecipe, targets: list[str]) -> Any:
                               overlap_weights=fast.overlap_weights)
 
 
-def activation_bytes(config: dict[str, Any], samples: int, seq_len: int) -> int:
+def activation_cache_bytes(hidden: int, samples: int, seq_len: int) -> int:
     """The sequential pipeline's activation cache: one bf16 hidden state per token (its largest entry; the
     rotary tables and masks it also holds are counted by the 25% margin)."""
-    return int(1.25 * samples * seq_len * int(config["hidden_size"]) * 2)
+    return int(1.25 * samples * seq_len * hidden * 2)
+
+
+def activation_bytes(config: dict[str, Any], samples: int, seq_len: int) -> int:
+    """activation_cache_bytes of a model's config.json (its family reads the hidden size)."""
+    return activation_cache_bytes(family_for(config).hidden_size(config), samples, seq_len)
 
 
 def activation_device(recipe: QuantRecipe, cache_bytes: int, gpu: Any = None) -> str:
@@ -301,7 +306,7 @@ def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path) -> 
         "quantized_linears": len(rows), "expected_linears": len(expected), "ranks": ranks.world(),
         "gptq_loss_median": statistics.median(losses) if losses else None,
         "gptq_loss_max": max(losses) if losses else None,
-        "few_token_experts": few_token_experts(counts, int(config.get("num_experts_per_tok", 1))),
+        "few_token_experts": few_token_experts(counts, fam.experts_per_token(config, default=1)),
         "routing_counts": {str(k): v.tolist() for k, v in counts.items()},
         "dtype_restored": restored,
         "seconds": {"load": round(t_load - t0, 2), "calibrate_and_solve": round(t_calib - t_load, 2),

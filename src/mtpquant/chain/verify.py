@@ -20,7 +20,7 @@ from rich.console import Console
 from mtpquant.core.checkpoint import Checkpoint, TensorInfo, read_safetensors_header, tensor_sha256
 from mtpquant.core.errors import MtpquantError, VerificationFailed
 from mtpquant.core.progress import byte_progress
-from mtpquant.model.families import Family, family_for, matches
+from mtpquant.model.families import Family, family_for, matches, model_type_of
 from mtpquant.model.schemes import (
     DEFAULT,
     PACKED,
@@ -363,8 +363,8 @@ def verify(artifact: Path, base_dir: Path, workers: int = 8, sample: float | Non
         raise MtpquantError(f"{base.root / 'config.json'}: the base is itself quantized (quantization_config); "
                             "give the BF16 checkpoint the artifact was made from")
     base.tensors  # noqa: B018  (a base that cannot be read is the user's input: one line, exit 2)
-    if art.config.get("model_type") != fam.model_type:
-        raise MtpquantError(f"{art.root / 'config.json'}: model_type {art.config.get('model_type')!r} does not "
+    if model_type_of(art.config) != fam.model_type:
+        raise MtpquantError(f"{art.root / 'config.json'}: model_type {model_type_of(art.config)!r} does not "
                             f"match the base's {fam.model_type!r}")
     try:
         checks = run_checks(art, base, fam, workers, sample)

@@ -17,14 +17,13 @@ and bench.png (output tok/s vs concurrency, MTP on and off).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mtpquant.core.atomic import atomic_write_bytes, atomic_write_json
 from mtpquant.core.errors import MtpquantError
@@ -34,6 +33,9 @@ from mtpquant.core.run import Run
 from mtpquant.model import recipes
 from mtpquant.model.recipes import REPO_ROOT, BenchGrid
 from mtpquant.model.schemes import label_of
+
+if TYPE_CHECKING:
+    from mtpquant.serving.serve_cli import Target
 
 KEEP = ("completed", "failed", "duration", "total_output_tokens", "output_throughput", "request_throughput",
         "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "median_itl_ms", "mean_tpot_ms",
@@ -259,23 +261,24 @@ def bench(grid_ref: str, launches: dict[bool, Any], run: Run, timeout_s: float, 
     return summary
 
 
-def bench_command(args: argparse.Namespace, console: Any) -> int:
+def bench_command(target: Target, grid_ref: str, console: Any) -> int:
+    """`mtpquant bench`: the grid `grid_ref` against `target`, MTP on and off."""
     from mtpquant.serving.serve import free_port
     from mtpquant.serving.serve_cli import launch_for, load_profile, print_launch
 
-    profile = load_profile(args.profile)
+    profile = load_profile(target.profile)
     if profile.num_speculative_tokens <= 0:
-        raise MtpquantError(f"serve profile {args.profile}: num_speculative_tokens is 0, nothing to compare")
-    grid: BenchGrid = recipes.load("bench", args.grid)
-    ports = {True: args.port or free_port()}
+        raise MtpquantError(f"serve profile {target.profile}: num_speculative_tokens is 0, nothing to compare")
+    grid: BenchGrid = recipes.load("bench", grid_ref)
+    ports = {True: target.port or free_port()}
     ports[False] = free_port(avoid=ports[True]) if grid.together else ports[True]
-    launches = {mtp: launch_for(args, console, port=ports[mtp], mtp=mtp) for mtp in (True, False)}
+    launches = {mtp: launch_for(target, console, port=ports[mtp], mtp=mtp) for mtp in (True, False)}
     for launch in launches.values():
         print_launch(launch, console)
-    run = Run(args.run)
-    invocation = {"python": sys.executable, "artifact": str(args.artifact or run.artifact), "name": args.name,
-                  "grid": args.grid, "profile": args.profile}
-    summary = bench(args.grid, launches, run, profile.ready_timeout_s, console.print,
+    run = Run(target.run)
+    invocation = {"python": sys.executable, "artifact": str(target.artifact_dir), "name": target.name,
+                  "grid": grid_ref, "profile": target.profile}
+    summary = bench(grid_ref, launches, run, profile.ready_timeout_s, console.print,
                     extra={"invocation": invocation})
     console.print(markdown(summary["table"], "bench"), highlight=False)
     console.print(f"[green]bench[/] -> {run.bench_summary}, {run.bench_table}, {run.bench_plot}")

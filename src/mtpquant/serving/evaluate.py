@@ -11,7 +11,6 @@ the seed publishes none).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -19,8 +18,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -30,6 +30,9 @@ from mtpquant.core.progress import progress
 from mtpquant.core.run import Run
 from mtpquant.model import recipes
 from mtpquant.model.recipes import REPO_ROOT, EvalSuite, EvalTask
+
+if TYPE_CHECKING:
+    from mtpquant.serving.serve_cli import Target
 
 Z = 1.96
 
@@ -203,33 +206,42 @@ def evaluate(suite_ref: str, base_url: str, model: str, tokenizer: str, out: Pat
     return res
 
 
-def invocation_of(args: argparse.Namespace, artifact: Path, label: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EvalOptions:
+    suite: str = "tiny"  # eval suite name or YAML (recipes/eval/)
+    base_url: str | None = None  # an already running server; None: one is started with the target's profile
+    tokenizer: str | None = None  # None: the served checkpoint
+    mtp: bool = True
+    label: str | None = None  # None: the artifact's name (+ "-nomtp")
+
+
+def invocation_of(target: Target, opts: EvalOptions, artifact: Path, label: str) -> dict[str, Any]:
     """What `mtpquant eval` was given, for the report's pasteable command (no port: a fresh one each run)."""
-    return {"python": sys.executable, "artifact": str(artifact), "name": args.name, "label": label,
-            "suite": args.suite, "profile": args.profile, "no_mtp": bool(args.no_mtp),
-            "base_url": args.base_url, "tokenizer": args.tokenizer}
+    return {"python": sys.executable, "artifact": str(artifact), "name": target.name, "label": label,
+            "suite": opts.suite, "profile": target.profile, "no_mtp": not opts.mtp,
+            "base_url": opts.base_url, "tokenizer": opts.tokenizer}
 
 
-def eval_command(args: argparse.Namespace, console: Any) -> int:
+def eval_command(target: Target, opts: EvalOptions, console: Any) -> int:
     from rich.console import Console
 
     from mtpquant.serving.serve import free_port, running
     from mtpquant.serving.serve_cli import launch_for, load_profile, print_launch
 
-    run = Run(args.run)
-    artifact = Path(args.artifact or run.artifact)
-    label = args.label or (artifact.name + ("-nomtp" if args.no_mtp else ""))
+    run = Run(target.run)
+    artifact = target.artifact_dir
+    label = opts.label or (artifact.name + ("" if opts.mtp else "-nomtp"))
     out = run.eval_result(label)
-    invocation = {"invocation": invocation_of(args, artifact, label)}
-    if args.base_url:
-        res = evaluate(args.suite, args.base_url.rstrip("/"), args.name or artifact.name,
-                       args.tokenizer or str(artifact), out, label, extra=invocation, log=console.print)
+    invocation = {"invocation": invocation_of(target, opts, artifact, label)}
+    if opts.base_url:
+        res = evaluate(opts.suite, opts.base_url.rstrip("/"), target.name or artifact.name,
+                       opts.tokenizer or str(artifact), out, label, extra=invocation, log=console.print)
     else:
-        launch = launch_for(args, console, port=args.port or free_port())
+        launch = launch_for(target, console, port=target.port or free_port(), mtp=opts.mtp)
         print_launch(launch, console)
-        with running(launch, run.eval_log(label), load_profile(args.profile).ready_timeout_s) as server:
-            res = evaluate(args.suite, launch.base_url, launch.served_name,
-                           args.tokenizer or str(launch.model_dir), out, label,
+        with running(launch, run.eval_log(label), load_profile(target.profile).ready_timeout_s) as server:
+            res = evaluate(opts.suite, launch.base_url, launch.served_name,
+                           opts.tokenizer or str(launch.model_dir), out, label,
                            extra={**invocation,
                                   "server": {"command": launch.shell(), "ready_seconds": server.ready_seconds,
                                              "mtp_tokens": launch.mtp_tokens, "notes": launch.notes,

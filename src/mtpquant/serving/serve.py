@@ -71,6 +71,12 @@ class Launch:
 
 
 def speculative_config(tokens: int) -> str:
+    """vLLM's generic `mtp` method, for every family: vLLM 0.32 takes the per-family names (`deepseek_mtp`,
+    `glm4_moe_mtp`, `qwen3_next_mtp`, ...; `Family.vllm_method`) only as deprecated aliases that it logs and
+    replaces by `mtp` (vllm/config/speculative.py, SpeculativeConfig.__post_init__), and picks the draft model
+    from the target's config itself (`hf_config_override`: glm_moe_dsa and deepseek_v3 -> deepseek_mtp,
+    Glm4MoeForCausalLM -> glm4_moe_mtp, qwen3_next -> qwen3_next_mtp). tests/test_serve_chain.py checks that
+    mapping against each family's vllm_method in the serving environment."""
     return json.dumps({"method": "mtp", "num_speculative_tokens": tokens}, separators=(",", ":"))
 
 

@@ -1,4 +1,5 @@
-"""GLM-5.2-shaped random checkpoints: the real layer dimensions, fewer layers and experts.
+"""GLM-5.2-shaped random checkpoints: the real layer dimensions, fewer layers and experts. GLM-5.2
+(`glm_moe_dsa`) only: the benchmarks' model; its names and config keys come from that family object.
 
 `fixture.py` builds tiny models in memory; a real-dimension MoE layer is 19 GB in BF16, so this writer takes
 names and shapes from a model built on the meta device and generates one tensor at a time (on the GPU
@@ -14,7 +15,10 @@ from typing import Any
 
 from mtpquant.core.atomic import atomic_dir
 from mtpquant.core.checkpoint import INDEX_NAME
+from mtpquant.model.families import FAMILIES
 from mtpquant.tiny.fixture import VOCAB, write_tokenizer
+
+FAMILY = FAMILIES["glm_moe_dsa"]
 
 # The fixture's attention and MLP sizes (mtpquant.tiny.fixture): the same code path, small enough for a CPU.
 SMALL_DIMS = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_attention_heads=4,
@@ -23,35 +27,35 @@ SMALL_DIMS = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=
 
 
 def glm5_config(num_experts: int = 256, num_layers: int = 2, dense_layers: int = 1, **overrides: Any) -> Any:
-    """GlmMoeDsaConfig with GLM-5's dimensions (transformers' defaults) and the fixture's small vocabulary."""
-    from transformers import GlmMoeDsaConfig
+    """GLM-5's config (transformers' GlmMoeDsaConfig defaults: its dimensions) with the fixture's small vocabulary."""
+    from transformers import AutoConfig
 
-    kw = dict(num_hidden_layers=num_layers, first_k_dense_replace=dense_layers, n_routed_experts=num_experts,
-              vocab_size=VOCAB, max_position_embeddings=8192, bos_token_id=None, eos_token_id=0, pad_token_id=0,
-              dtype="bfloat16")
+    kw = {FAMILY.layers_key: num_layers, **FAMILY.dense_prefix(dense_layers), FAMILY.experts_key: num_experts,
+          **dict(vocab_size=VOCAB, max_position_embeddings=8192, bos_token_id=None, eos_token_id=0, pad_token_id=0,
+                 dtype="bfloat16")}
     kw.update(overrides)
-    return GlmMoeDsaConfig(**kw)
+    return AutoConfig.for_model(FAMILY.model_type, **kw)
 
 
 def tensor_specs(config: Any) -> list[tuple[str, tuple[int, ...], str]]:
     """(on-disk name, shape, dtype) of every tensor, experts split per expert, in layer order."""
     import torch
-    from transformers import GlmMoeDsaForCausalLM
+    import transformers
 
     with torch.device("meta"):
-        model = GlmMoeDsaForCausalLM(config)
+        model = getattr(transformers, FAMILY.architecture)(config)
     specs = []
     for name, t in model.state_dict().items():
-        if name.endswith("mlp.experts.gate_up_proj"):
+        if name.endswith(f"{FAMILY.experts}.gate_up_proj"):
             prefix, inter = name.removesuffix("gate_up_proj"), t.shape[1] // 2
             for e in range(t.shape[0]):
                 specs += [(f"{prefix}{e}.gate_proj.weight", (inter, t.shape[2]), "bf16"),
                           (f"{prefix}{e}.up_proj.weight", (inter, t.shape[2]), "bf16")]
-        elif name.endswith("mlp.experts.down_proj"):
+        elif name.endswith(f"{FAMILY.experts}.down_proj"):
             prefix = name.removesuffix("down_proj")
             specs += [(f"{prefix}{e}.down_proj.weight", tuple(t.shape[1:]), "bf16") for e in range(t.shape[0])]
         else:
-            specs.append((name, tuple(t.shape), "fp32" if name.endswith("e_score_correction_bias") else "bf16"))
+            specs.append((name, tuple(t.shape), "fp32" if name.endswith(FAMILY.fp32_suffixes) else "bf16"))
     return specs
 
 
@@ -100,9 +104,8 @@ def write_shaped_checkpoint(config: Any, out: Path, seed: int = 0, shard_bytes: 
         flush()
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        cfg = config.to_dict()
-        cfg["num_nextn_predict_layers"] = 0
-        cfg["architectures"] = ["GlmMoeDsaForCausalLM"]
+        cfg = FAMILY.with_mtp(config.to_dict(), 0)
+        cfg["architectures"] = [FAMILY.architecture]
         for k in ("transformers_version", "_name_or_path"):
             cfg.pop(k, None)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

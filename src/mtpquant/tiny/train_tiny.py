@@ -37,7 +37,7 @@ from mtpquant.model.recipes import FixtureSpec
 from mtpquant.tiny.fixture import config_for, unfuse_experts, write_checkpoint
 from mtpquant.tiny.tiny_task import problems
 
-FAMILY = "glm4_moe"
+FAMILY = "glm4_moe"  # GLM-4.5 only: vLLM's glm4_moe_mtp drafter, built from transformers' Glm4Moe modules
 SPEC = FixtureSpec(num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
                    num_nextn_predict_layers=1, hidden_size=256, moe_intermediate_size=128, intermediate_size=256,
                    num_shards=2, seed=0)
@@ -82,17 +82,18 @@ def encode(tok: Any, rows: list[dict[str, Any]]) -> tuple[Any, Any]:
 class MTPLayer:
     """Builds vLLM's Glm4MoeMultiTokenPredictorLayer from transformers' parts (see module docstring)."""
 
-    def __init__(self, config: Any, layer_idx: int) -> None:
+    def __init__(self, model: Any, layer_idx: int) -> None:
+        """The MTP layer of `model` (a Glm4MoeForCausalLM): its sizes are the model's own (its final norm)."""
         import torch
         from transformers.models.glm4_moe import modeling_glm4_moe as m
 
-        h = config.hidden_size
+        h, eps = model.model.norm.weight.shape[0], model.model.norm.variance_epsilon
         self.modules = torch.nn.ModuleDict({
-            "enorm": m.Glm4MoeRMSNorm(h, eps=config.rms_norm_eps),
-            "hnorm": m.Glm4MoeRMSNorm(h, eps=config.rms_norm_eps),
+            "enorm": m.Glm4MoeRMSNorm(h, eps=eps),
+            "hnorm": m.Glm4MoeRMSNorm(h, eps=eps),
             "eh_proj": torch.nn.Linear(2 * h, h, bias=False),
-            "block": m.Glm4MoeDecoderLayer(config, layer_idx),
-            "shared_norm": m.Glm4MoeRMSNorm(h, eps=config.rms_norm_eps),
+            "block": m.Glm4MoeDecoderLayer(model.config, layer_idx),
+            "shared_norm": m.Glm4MoeRMSNorm(h, eps=eps),
         })
 
     def forward(self, model: Any, ids: Any, hidden: Any) -> Any:
@@ -221,7 +222,7 @@ def fit(cfg: TrainConfig, tok: Any, device: str = "cpu", on_step: Any = None,
     config = config_for(FAMILY, spec)
     config.dtype = torch.float32
     model = transformers.Glm4MoeForCausalLM(config).train()
-    mtp = MTPLayer(config, spec.num_hidden_layers)
+    mtp = MTPLayer(model, spec.num_hidden_layers)
     mtp.modules.apply(model._init_weights)  # transformers only initializes modules inside the model
     if init is not None:
         load_init(model, mtp, init, spec)

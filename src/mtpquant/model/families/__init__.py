@@ -18,11 +18,16 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
 )}
 
 __all__ = ["EXPERT_PROJS", "FAMILIES", "KEEP_BF16", "LAYERS", "MTP_EXTRA_BASE", "Family", "family_for", "layer_prefix",
-           "matches"]
+           "matches", "model_type_of"]
+
+
+def model_type_of(config: dict[str, Any]) -> Any:
+    """A config's `model_type` (what picks its family; None where it has none)."""
+    return config.get("model_type")
 
 
 def family_for(config: dict[str, Any], where: str = "config.json") -> Family:
-    mt = config.get("model_type")
+    mt = model_type_of(config)
     if mt not in FAMILIES:
         raise MtpquantError(f"{where}: model_type {mt!r} is not supported (known: {', '.join(FAMILIES)})")
     return FAMILIES[mt]

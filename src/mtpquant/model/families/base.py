@@ -39,7 +39,9 @@ class Family:
     model_type: str
     architecture: str
     mtp_extra: tuple[str, ...]  # MTP-only tensors, relative to each MTP prefix (mtp_prefixes)
-    vllm_method: str  # vLLM's speculative method for this family's MTP layers
+    # vLLM's MTP draft model type for this family (vLLM derives it from the target's config; the launcher passes
+    # the generic `mtp` method, see mtpquant.serving.serve.speculative_config)
+    vllm_method: str
     tiny_config: Callable[[FixtureSpec, int], Any]  # (spec, decoder layers) -> a transformers config
     has_indexer: bool = False
     layers_key: str = "num_hidden_layers"
@@ -69,14 +71,29 @@ class Family:
     def num_shared_experts(self, config: dict[str, Any]) -> int:
         return int(config.get("n_shared_experts", 0) or 0)
 
+    def hidden_size(self, config: dict[str, Any]) -> int:
+        return int(self.cfg(config, "hidden_size"))
+
+    def experts_per_token(self, config: dict[str, Any], default: int | None = None) -> int:
+        """Routed experts per token (top-k); `default` where the config has none (None: an error)."""
+        if default is not None and "num_experts_per_tok" not in config:
+            return default
+        return int(self.cfg(config, "num_experts_per_tok"))
+
+    def attention_heads(self, config: dict[str, Any], default: int | None = None) -> int:
+        """Attention heads; `default` where the config has none (None: an error)."""
+        if default is not None and "num_attention_heads" not in config:
+            return default
+        return int(self.cfg(config, "num_attention_heads"))
+
     def dims(self, config: dict[str, Any]) -> dict[str, int]:
         """The dimensions the cost model needs, by neutral names."""
         moe = len(self.moe_layers(config))
         def get(key: str) -> int:
             return int(self.cfg(config, key))
 
-        return dict(hidden=get("hidden_size"), moe_inter=get("moe_intermediate_size"),
-                    experts=self.num_experts(config), top_k=get("num_experts_per_tok"),
+        return dict(hidden=self.hidden_size(config), moe_inter=get("moe_intermediate_size"),
+                    experts=self.num_experts(config), top_k=self.experts_per_token(config),
                     shared_experts=self.num_shared_experts(config), moe_layers=moe,
                     dense_layers=self.num_layers(config) - moe, dense_inter=get("intermediate_size"),
                     vocab=get("vocab_size"), mtp_layers=self.num_mtp(config))
@@ -95,6 +112,10 @@ class Family:
     def match_keys(self) -> tuple[str, ...]:
         """config.json fields a quantized checkpoint must share with its base."""
         return ("model_type", self.layers_key, "hidden_size", self.experts_key, "vocab_size")
+
+    def config_from(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """A config.json dict of this family from config fields (a model recipe's `config` section)."""
+        return {"model_type": self.model_type, **fields}
 
     def with_mtp(self, config: dict[str, Any], n: int) -> dict[str, Any]:
         """`config` declaring n MTP layers."""
