@@ -187,7 +187,7 @@ def open_journal(work: Path, fp: dict[str, str], restart: bool, split: Any) -> t
                                 f"({', '.join(changed)}): every rank must run the same command on the same files")
         if view["journal_layers"] != start:
             seen = "no journal" if view["journal_layers"] is None else f"{view['journal_layers']} finished layers"
-            raise MtpquantError(f"quantize --engine stream: rank {r} sees {seen} in {work / JOURNAL}, rank 0 "
+            raise MtpquantError(f"quantize --engine stream: rank {r} sees {seen} in {work / JOURNAL}, rank 0 sees "
                                 f"{start}: every rank must see one work dir (on several nodes, a shared filesystem)")
     return journal, start
 
