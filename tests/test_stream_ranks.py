@@ -82,10 +82,11 @@ def test_a_killed_rank_then_rerun_resumes_to_the_same_files(built, streamed, tmp
     run, out = tmp_path / "run", tmp_path / "q"
     work = work_dir_for(out)
     layers = lambda: [e["layer"] for e in json.loads((work / JOURNAL).read_text())["layers"]]  # noqa: E731
-    # rank 1 SIGKILLed while it writes layer 1's shard: torchrun stops rank 0; layer 1 is not journaled
+    # rank 1 SIGKILLed while it writes layer 1's shard: torchrun stops rank 0; layer 1 is not journaled (layer 0
+    # is once rank 0 has computed layer 2, if torchrun's stop did not come first)
     proc = _torchrun(run, base, out, {"MTPQUANT_STREAM_KILL": "write:1"})
     assert proc.returncode != 0 and "Signal 9 (SIGKILL)" in proc.stderr, proc.stderr[-3000:]
-    assert layers() == [0]
+    assert layers() in ([], [0])
     # rerun: resumes at layer 1; rank 0 (the journal's writer) SIGKILLed right after journaling layer 1
     proc = _torchrun(run, base, out, {"MTPQUANT_STREAM_KILL": "after:1"})
     assert proc.returncode != 0 and "Signal 9 (SIGKILL)" in proc.stderr, proc.stderr[-3000:]

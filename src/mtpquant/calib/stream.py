@@ -718,9 +718,9 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         journal_progress()
 
     # I/O overlaps compute: one thread reads this rank's next layer while its current one calibrates (at most one
-    # layer ahead), one writes layer i's shard while layer i+1 computes (one process: at most one write in
-    # flight; several: a rank waits for its write before its next layer, the other ranks compute meanwhile); a
-    # layer is journaled only once its files are durable, so resume is as before
+    # layer ahead), one writes its layer's shard while its next layer computes (at most one write in flight;
+    # with several ranks also while the other ranks compute theirs); a layer is journaled only once its files
+    # are durable, so resume is as before
     with progress, ThreadPoolExecutor(1, thread_name_prefix="stream-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="stream-write") as writer:
         ahead = reader.submit(timed_read, mine[0]) if mine else None
@@ -762,9 +762,8 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
                 ranks.send_tensors((hidden, prev), split.owner(nxt))
             pending = (writer.submit(timed_write, i, packed, hidden, prev), entry)
             del packed
-            if split.world > 1:  # the other ranks compute meanwhile; this one has nothing to do until it gets
-                finish(pending)  # its next layer's inputs
-                pending, hidden, prev = None, None, None
+            if split.world > 1:  # the next layer's inputs come from another rank
+                hidden = prev = None
         if pending is not None:
             finish(pending)
     # every rank's layers are durable once all have come here (the gather is the barrier)
