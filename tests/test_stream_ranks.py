@@ -1,9 +1,11 @@
 """`quantize --engine stream` under torchrun: 2 real gloo ranks (CPU processes, torchrun's env:// rendezvous)
-against one process (tests/test_stream.py's `streamed` run of the same fixture).
+against the stream engine in one process on the same fixture.
 
 The split (decoder layer i on rank i % world, mtpquant.calib.stream) runs the same ops on the same inputs in the
 same order as one process, so the artifact is expected byte for byte the same, and asserted: every file's
-sha256. Each rank records the source tensors it read; the report carries them (`per_rank`)."""
+sha256. That holds for the same number of CPU threads per process (the CPU matmul kernels split their sums by
+thread, and torchrun sets OMP_NUM_THREADS=1 unless told otherwise): the ranks get this process's. Each rank
+records the source tensors it read; the report carries them (`per_rank`)."""
 
 from __future__ import annotations
 
@@ -14,19 +16,34 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mtpquant.calib.stream import JOURNAL, layer_names, names_sha256, work_dir_for
+import pytest
+import torch
+
+from mtpquant.calib.stream import JOURNAL, layer_names, names_sha256, quantize_stream, work_dir_for
 from mtpquant.chain.inject_mtp import inject_mtp
 from mtpquant.chain.verify import verify
 from mtpquant.core.checkpoint import Checkpoint
 from mtpquant.model.families.base import LAYERS
+from mtpquant.model.recipes import FixtureSpec
+from mtpquant.tiny.fixture import write_fixture
 from tests.test_stream import file_hashes
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILY = "glm_moe_dsa"  # 3 decoder layers: rank 0 gets 0 (dense) and 2, rank 1 gets 1
 
 
+@pytest.fixture(scope="module")
+def one(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the tiny GLM-5 base, the stream engine's artifact from it in this one process)."""
+    root = tmp_path_factory.mktemp("ranks")
+    base = write_fixture(FAMILY, FixtureSpec(), root / "base")
+    quantize_stream(base, "w4a16-asym-g128", "tiny-local", root / "one")
+    return base, root / "one"
+
+
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", **(extra or {})}
+    return {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": str(torch.get_num_threads()),
+            **(extra or {})}
 
 
 def _quantize_args(run: Path, base: Path, out: Path) -> list[str]:
@@ -53,12 +70,12 @@ def _expected_reads(base: Path, rank: int) -> list[str]:
     return sorted(set(names))
 
 
-def test_two_gloo_ranks_give_the_one_process_artifact(built, streamed, tmp_path):
-    base = built[FAMILY]["base"]
+def test_two_gloo_ranks_give_the_one_process_artifact(one, tmp_path):
+    base, reference = one
     run, out = tmp_path / "run", tmp_path / "q"
     proc = _torchrun(run, base, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert file_hashes(out) == file_hashes(streamed[FAMILY]["quantized"])
+    assert file_hashes(out) == file_hashes(reference)
     assert not work_dir_for(out).exists()
     rep = json.loads((run / "quantize.json").read_text())
     assert rep["ranks"] == 2 and rep["quantized_linears"] == rep["expected_linears"] == 48
@@ -77,8 +94,8 @@ def test_two_gloo_ranks_give_the_one_process_artifact(built, streamed, tmp_path)
     assert all(c.ok for c in checks), [c.failures for c in checks if c.failures]
 
 
-def test_a_killed_rank_then_rerun_resumes_to_the_same_files(built, streamed, tmp_path):
-    base = built[FAMILY]["base"]
+def test_a_killed_rank_then_rerun_resumes_to_the_same_files(one, tmp_path):
+    base, reference = one
     run, out = tmp_path / "run", tmp_path / "q"
     work = work_dir_for(out)
     layers = lambda: [e["layer"] for e in json.loads((work / JOURNAL).read_text())["layers"]]  # noqa: E731
@@ -96,7 +113,7 @@ def test_a_killed_rank_then_rerun_resumes_to_the_same_files(built, streamed, tmp
     rep = json.loads((run / "quantize.json").read_text())
     assert rep["resumed_after_layers"] == 2 and rep["ranks"] == 2
     assert rep["per_rank"][1]["reads"]["layers"] == []  # nothing left for rank 1: it read no layer
-    assert file_hashes(out) == file_hashes(streamed[FAMILY]["quantized"])
+    assert file_hashes(out) == file_hashes(reference)
 
 
 def _free_port() -> int:
@@ -105,10 +122,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ranks_that_do_not_share_the_work_dir_refuse_in_one_line(built, tmp_path):
+def test_ranks_that_do_not_share_the_work_dir_refuse_in_one_line(one, tmp_path):
     """Two torchrun nodes (static rendezvous on this host, as across machines), each given its own --out on a
     disk the other does not see: rank 1 finds no journal where rank 0 wrote one, and both refuse."""
-    base = built[FAMILY]["base"]
+    base = one[0]
     port = str(_free_port())
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={k}",
                                "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
