@@ -33,19 +33,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]
     return out
 
 
-@pytest.fixture(scope="session")
-def streamed(built) -> dict[str, dict]:
-    """family -> {quantized, report}: the stream engine in this process (one rank) on each family's base."""
-    from mtpquant.calib.stream import quantize_stream
-
-    out = {}
-    for fam, paths in built.items():
-        root = paths["root"]
-        report = quantize_stream(paths["base"], "w4a16-asym-g128", "tiny-local", root / "streamed")
-        out[fam] = {"quantized": root / "streamed", "report": report}
-    return out
-
-
 @pytest.fixture(params=FAMILIES)
 def family(request: pytest.FixtureRequest) -> str:
     return request.param

@@ -30,6 +30,16 @@ from mtpquant.model.recipes import load as load_recipe
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session")
+def streamed(built) -> dict[str, dict[str, Path]]:
+    out = {}
+    for fam, paths in built.items():
+        root = paths["root"]
+        report = quantize_stream(paths["base"], "w4a16-asym-g128", "tiny-local", root / "streamed")
+        out[fam] = {"quantized": root / "streamed", "report": report}
+    return out
+
+
 def all_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     out = {}
     for shard in sorted(set(Checkpoint(ckpt).weight_map.values())):
