@@ -186,8 +186,20 @@ def test_engine_auto_and_stream_refusals():
     assert make_plan(*args, host_ram_gib=2048, engine="auto").engine == "memory"
     with pytest.raises(MtpquantError, match="host RAM"):
         refuse(make_plan(*args, host_ram_gib=32, engine="stream"))
-    with pytest.raises(MtpquantError, match="torchrun"):
-        make_plan("glm-5.2", "glm5-code-instruct", "w4a16-asym-g128", GPUSpec.of("h200", 8), engine="stream")
+
+
+
+def test_stream_plan_on_several_gpus_spreads_io_not_gpu_work():
+    """The stream engine's layer split: 8 ranks keep one GPU's serial GPU work, spread the reads and
+    pack+writes (the one-GPU plan's bound), never beat the GPU work or the node's disk, and need every rank's
+    host buffers on the node."""
+    args = ("glm-5.2", "glm5-code-instruct", "w4a16-asym-g128")
+    one = make_plan(*args, GPUSpec.of("h200", 1), engine="stream")
+    eight = make_plan(*args, GPUSpec.of("h200", 8), engine="stream")
+    assert eight.gpus.startswith("8x") and eight.stream["ranks"] == 8
+    assert eight.stream["gpu_s"] == one.stream["gpu_s"]
+    assert eight.stream["gpu_s"] <= eight.seconds["layers"] < one.seconds["layers"]
+    assert abs(eight.host_ram_gib - 8 * one.host_ram_gib) < 1
 
 
 def test_cli_plan_stream_json(tmp_path):

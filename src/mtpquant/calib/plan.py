@@ -78,6 +78,13 @@ STREAM_PACK_WRITE_GBPS = 0.37
 # activations: the resumed run at layer 2 took 16.6 s more to start than a fresh one for 3.1 GB of shards and
 # a 5.55 GB activations file read twice (hash, load): 0.86 GB/s of those bytes. One point.
 STREAM_RESUME_GBPS = 0.86
+# Several ranks (the stream engine's layer split, layer i on rank i % ranks): the ranks of one node share its
+# disk. Its floor, measured in the same H200 call as the rates above (page cache dropped): read 1.15 GB/s,
+# write 1.20 GB/s (fsynced). The activations handed from rank to rank: assumed 100 GB/s GPU to GPU (NVLink; not
+# measured here, and slower between nodes).
+DISK_READ_GBPS = 1.15
+DISK_WRITE_GBPS = 1.20
+P2P_GBPS = 100.0
 ENGINES = ("memory", "stream")
 
 
@@ -363,16 +370,30 @@ def overlapped_seconds(gpu: list[float], read: list[float], write: list[float]) 
     return read[0] + sum(steps) + write[-1] if n else 0.0
 
 
+def ranked_seconds(gpu: list[float], read: list[float], write: list[float], ranks: int,
+                   disk: list[float], handoff: float) -> float:
+    """The stream engine on `ranks` processes (layer i on rank i % ranks): the GPU work stays serial; a rank
+    reads its next layer while the ranks before it compute and writes its last one until its next layer has
+    computed (`ranks` steps each), so each layer's read and pack+write spread over those steps; the node's disk
+    (`disk`: a layer's bytes read and written at the disk's floor) and the activations' handoff to the next
+    rank bound every step. The first read and the last write are exposed."""
+    n = len(gpu)
+    if ranks == 1:
+        return overlapped_seconds(gpu, read, write)
+    steps = [max(gpu[i] + handoff, read[i] / ranks, write[i] / ranks, disk[i]) for i in range(n)]
+    return read[0] + sum(steps) + write[-1] if n else 0.0
+
+
 def stream_plan(name: str, s: MoEShape, samples: int, seq_len: int, quant: QuantRecipe, gpu: GPUSpec,
                 host_ram_gib: float | None = None, disk_gib: float | None = None, heads: int = 64) -> Plan:
-    """`quantize --engine stream` on one GPU: the GPU work of the memory engine's model layer by layer, the
+    """`quantize --engine stream`: the GPU work of the memory engine's model layer by layer on one GPU, the
     reads and pack+writes at the stream engine's measured rates, overlapped as the engine does; host RAM for
     a few layers' buffers and the activations (not the model); disk for the source, the output and two
-    activation files at a layer boundary; what a resume costs."""
+    activation files at a layer boundary; what a resume costs. Several GPUs (torchrun): the engine's layer
+    split (ranked_seconds), host RAM for each rank's buffers on one node."""
     from mtpquant.calib.quantize import activation_cache_bytes, activation_device
 
-    if gpu.count > 1:
-        raise MtpquantError("--engine stream: one process on one GPU (torchrun is refused by the engine)")
+    ranks, gpu = gpu.count, GPUSpec(gpu.type, 1, gpu.memory_gib)  # per-layer work runs on one GPU
     cache = activation_cache_bytes(s.hidden, samples, seq_len)
     # the engine holds a layer's inputs and outputs at once (mtpquant.calib.stream.placement): twice the cache
     on_gpu = quant.fast_experts is not None and activation_device(
@@ -388,7 +409,13 @@ def stream_plan(name: str, s: MoEShape, samples: int, seq_len: int, quant: Quant
     gpu_s = [dense.calibration_s] * s.dense_layers + [moe.calibration_s + moe.solve_s] * s.moe_layers
     read = [b / (STREAM_READ_GBPS * 1e9) for b in layer_bytes]
     write = [b / (STREAM_PACK_WRITE_GBPS * 1e9) for b in layer_bytes]
-    layers_s = overlapped_seconds(gpu_s, read, write)
+    out_bytes_layer = [b - BF16 * s.experts * s.expert_params + s.experts * s.expert_params
+                       * quant.scheme.bytes_per_weight if k >= s.dense_layers else b
+                       for k, b in enumerate(layer_bytes)]
+    disk = [b / (DISK_READ_GBPS * 1e9) + o / (DISK_WRITE_GBPS * 1e9) for b, o in zip(layer_bytes, out_bytes_layer,
+                                                                                     strict=True)]
+    handoff = 2 * cache / (P2P_GBPS * 1e9) if ranks > 1 else 0.0  # the activations sent to the next rank
+    layers_s = ranked_seconds(gpu_s, read, write, ranks, disk, handoff)
     rest = BF16 * s.embed_params
     seconds = {"load": rest / (STREAM_READ_GBPS * 1e9),  # the embedding (and the rest, read again at the end)
                "layers": layers_s,
@@ -399,13 +426,13 @@ def stream_plan(name: str, s: MoEShape, samples: int, seq_len: int, quant: Quant
     out_layer = big - BF16 * routed + routed * quant.scheme.bytes_per_weight  # a packed layer
     # one layer read ahead, the one being built (its tensors and the fused expert copies), one packed layer
     # being written; activations: on the host both sets (pinned), else the writer's host copy of one
-    host = HOST_RESERVED_GIB + (3 * big + out_layer + (1 if on_gpu else 2) * cache) / GIB
+    host = ranks * (HOST_RESERVED_GIB + (3 * big + out_layer + (1 if on_gpu else 2) * cache) / GIB)  # one node
     out_gib = s.quantized_bytes(quant.scheme) / GIB
     io = sum(read) + sum(write)
     exposed = layers_s - sum(gpu_s)
     out_bytes = s.quantized_bytes(quant.scheme)
     worst_step = max(max(g, r, w) for g, r, w in zip(gpu_s, read, write, strict=True)) if gpu_s else 0.0
-    plan = Plan(name, f"1x{gpu.type} ({gpu.memory_gib:g} GiB)", samples * seq_len, base.path, [dense, moe],
+    plan = Plan(name, f"{ranks}x{gpu.type} ({gpu.memory_gib:g} GiB)", samples * seq_len, base.path, [dense, moe],
                 round(max(dense.gpu_peak_gib, moe.gpu_peak_gib), 2), round(host, 1),
                 {"source": base.disk_gib["source"], "offload": 0.0, "output": round(out_gib, 1),
                  "activations": round(2 * cache / GIB, 1)},
@@ -420,6 +447,7 @@ def stream_plan(name: str, s: MoEShape, samples: int, seq_len: int, quant: Quant
         "io_hidden_s": round(max(0.0, io - exposed), 1), "io_exposed_s": round(max(0.0, exposed), 1),
         "bound_by": max(("gpu", sum(gpu_s)), ("read", sum(read)), ("write", sum(write)), key=lambda x: x[1])[0],
         "rates_gbps": {"read": STREAM_READ_GBPS, "pack_write": STREAM_PACK_WRITE_GBPS, "resume": STREAM_RESUME_GBPS},
+        "ranks": ranks, "split": "layer i on rank i % ranks (GPU work serial, I/O spread over the ranks)",
         # killed at the last layer: re-hash every finished shard and the activations file, load the activations,
         # redo the layer that was running (at most one step and its write)
         "resume_worst_s": round((out_bytes + 2 * cache) / (STREAM_RESUME_GBPS * 1e9) + worst_step
@@ -427,6 +455,10 @@ def stream_plan(name: str, s: MoEShape, samples: int, seq_len: int, quant: Quant
     }
     plan.notes.append("engine stream: one decoder layer at a time from the shards (host RAM does not grow with "
                       "the model); the rates are from one H200 run of the engine before its overlap")
+    if ranks > 1:
+        plan.notes.append(f"{ranks} ranks, layer i on rank i % {ranks}: the GPU work stays serial (one GPU's), "
+                          "reads and pack+writes spread over the ranks, bounded by one node's disk floor; host RAM "
+                          "is every rank's on one node; not measured on several GPUs")
     _refuse_stream(plan, gpu, host_ram_gib, disk_gib)
     return plan
 

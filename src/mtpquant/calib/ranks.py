@@ -1,10 +1,16 @@
-"""torchrun support for the quantize stage: one process per GPU, data parallel (llm-compressor's distributed
-oneshot splits the calibration samples across ranks); rank 0 writes every output."""
+"""torchrun support for the quantize stage: one process per GPU. The memory engine is data parallel
+(llm-compressor's distributed oneshot splits the calibration samples across ranks; rank 0 writes every output);
+the stream engine splits by decoder layer (`init_stream`, `send_tensors` / `recv_tensors`: mtpquant.calib.stream
+says why)."""
 
 from __future__ import annotations
 
+import datetime
 import os
+from dataclasses import dataclass
 from typing import Any
+
+_CONTROL: Any = None  # the stream engine's gloo group for small messages (objects), beside the default group
 
 
 def world() -> int:
@@ -71,14 +77,14 @@ def linearize(model: Any) -> Any:
         return linearize_moe(model)
 
 
-def gather(obj: Any) -> list[Any]:
+def gather(obj: Any, group: Any = None) -> list[Any]:
     """Every rank's `obj`, in rank order ([obj] without torchrun)."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -95,14 +101,14 @@ def my_samples(dataset: Any) -> Any:
     return dataset.select(range(n * r // w, n * (r + 1) // w))
 
 
-def share(obj: Any) -> Any:
+def share(obj: Any, group: Any = None) -> Any:
     """Rank 0's `obj` on every rank."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
@@ -111,3 +117,127 @@ def barrier() -> None:
 
     if dist.is_initialized():
         dist.barrier()
+
+
+@dataclass(frozen=True)
+class Split:
+    """The stream engine's division of work: decoder layer i belongs to rank i % world (mtpquant.calib.stream
+    says why)."""
+
+    rank: int = 0
+    world: int = 1
+
+    def owner(self, i: int) -> int:
+        return i % self.world
+
+    def owns(self, i: int) -> bool:
+        return self.owner(i) == self.rank
+
+    def mine(self, start: int, stop: int) -> list[int]:
+        return [i for i in range(start, stop) if self.owns(i)]
+
+
+def init_stream() -> Split:
+    """Joins torchrun's process group through its env:// rendezvous (RANK, WORLD_SIZE, MASTER_ADDR/PORT: the
+    same on one node or several), NCCL with one GPU per LOCAL_RANK when there are GPUs, else gloo; plus a gloo
+    group for small messages. MTPQUANT_DIST_TIMEOUT_S (default 3600): how long a rank waits for another (a rank
+    idles while the others compute their layers). One process without torchrun: Split(0, 1), no group."""
+    global _CONTROL
+    import torch
+    import torch.distributed as dist
+
+    if world() == 1:
+        return Split()
+    timeout = datetime.timedelta(seconds=float(os.environ.get("MTPQUANT_DIST_TIMEOUT_S", "3600")))
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://", timeout=timeout)
+    if _CONTROL is None:
+        _CONTROL = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo",
+                                                                                        timeout=timeout)
+    return Split(dist.get_rank(), dist.get_world_size())
+
+
+def control() -> Any:
+    """The gloo group for objects (None without torchrun)."""
+    return _CONTROL
+
+
+def local_device() -> Any:
+    """This rank's GPU (cuda:LOCAL_RANK: llm-compressor's get_main_device takes the global rank, wrong on a
+    second node), else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+class _Slot:
+    """Where the k-th sent tensor goes back into its structure."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+
+def _strip(obj: Any, flat: list[Any]) -> Any:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        flat.append(obj)
+        return _Slot(len(flat) - 1)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_strip(x, flat) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _strip(v, flat) for k, v in obj.items()}
+    return obj
+
+
+def _fill(spec: Any, flat: list[Any]) -> Any:
+    if isinstance(spec, _Slot):
+        return flat[spec.k]
+    if isinstance(spec, (tuple, list)):
+        return type(spec)(_fill(x, flat) for x in spec)
+    if isinstance(spec, dict):
+        return {k: _fill(v, flat) for k, v in spec.items()}
+    return spec
+
+
+def _comm_device() -> Any:
+    import torch.distributed as dist
+
+    return local_device() if dist.get_backend() == "nccl" else "cpu"
+
+
+def send_tensors(obj: Any, dst: int) -> None:
+    """`obj` (nested tuples, lists, dicts of tensors and plain values) to rank `dst`: its structure, shapes and
+    dtypes as one object on the gloo group, then each tensor point to point on the default group (NCCL between
+    GPUs: no host copy)."""
+    import torch.distributed as dist
+
+    flat: list[Any] = []
+    spec = _strip(obj, flat)
+    metas = [(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in flat]
+    dist.send_object_list([(spec, metas)], dst=dst, group=_CONTROL)
+    dev = _comm_device()
+    for t in flat:
+        dist.send(t.to(dev).contiguous(), dst=dst)
+
+
+def recv_tensors(src: int) -> Any:
+    """What rank `src` sent with send_tensors (tensors on this rank's communication device)."""
+    import torch
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    dist.recv_object_list(box, src=src, group=_CONTROL)
+    spec, metas = box[0]
+    dev = _comm_device()
+    flat = []
+    for shape, dtype in metas:
+        t = torch.empty(shape, dtype=getattr(torch, dtype), device=dev)
+        dist.recv(t, src=src)
+        flat.append(t)
+    return _fill(spec, flat)

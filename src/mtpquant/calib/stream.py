@@ -34,7 +34,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,67 @@ class Journal:
         self.layers.append(entry)
         self._write()
         _kill_point("after", entry["layer"])
+
+    def absorb(self) -> int:
+        """Journals, in layer order, each layer whose owner rank has written its entry file (which it does only
+        once the layer's shard and activations are durable); stops at the first layer not there yet. The
+        activations of the layer before are then no longer needed to resume. Rank 0 alone calls this."""
+        added = 0
+        while (path := self.work / entry_name(len(self.layers))).is_file():
+            prev = self.layers[-1]["activations"] if self.layers else None
+            self.finish(json.loads(path.read_text()))
+            if prev:
+                (self.work / prev).unlink(missing_ok=True)
+            added += 1
+        return added
+
+    def drop_stale_entries(self) -> None:
+        """Entry files past the journal (left by a killed run) are not taken: those layers run again."""
+        for path in self.work.glob("layer-*.json"):
+            if int(path.stem.removeprefix("layer-")) >= len(self.layers):
+                path.unlink()
+
+
+def entry_name(i: int) -> str:
+    """Layer i's entry file in the work dir, written by its owner rank after its files are durable."""
+    return f"layer-{i:05d}.json"
+
+
+def _journal_layers(path: Path) -> int | None:
+    return len(json.loads(path.read_text())["layers"]) if path.is_file() else None
+
+
+def open_journal(work: Path, fp: dict[str, str], restart: bool, split: Any) -> tuple[Journal | None, int]:
+    """Rank 0 opens the journal (refusing changed inputs, as one process does); then every rank checks that it
+    has the inputs rank 0 has and sees the journal rank 0 wrote, else every rank refuses with the same line
+    (a rank that refused alone would leave the others waiting). Returns (the journal on rank 0, else None;
+    the first layer to run)."""
+    from mtpquant.calib import ranks
+
+    journal, status = None, {}
+    if split.rank == 0:
+        try:
+            journal = Journal(work, fp, restart)
+            journal.drop_stale_entries()
+            status = {"start": len(journal.layers)}
+        except MtpquantError as e:
+            status = {"error": str(e)}
+    status = ranks.share(status, ranks.control())
+    if "error" in status:
+        raise MtpquantError(status["error"])
+    start = status["start"]
+    views = ranks.gather({"fingerprint": fp, "journal_layers": _journal_layers(work / JOURNAL)}, ranks.control())
+    first = views[0]["fingerprint"]
+    for r, view in enumerate(views):
+        changed = sorted(k for k in set(first) | set(view["fingerprint"]) if view["fingerprint"].get(k) != first.get(k))
+        if changed:
+            raise MtpquantError(f"quantize --engine stream: rank {r}'s inputs differ from rank 0's "
+                                f"({', '.join(changed)}): every rank must run the same command on the same files")
+        if view["journal_layers"] != start:
+            seen = "no journal" if view["journal_layers"] is None else f"{view['journal_layers']} finished layers"
+            raise MtpquantError(f"quantize --engine stream: rank {r} sees {seen} in {work / JOURNAL}, rank 0 sees "
+                                f"{start}: every rank must see one work dir (on several nodes, a shared filesystem)")
+    return journal, start
 
 
 def _intact(work: Path, name: str, sha256: str) -> bool:
@@ -516,13 +577,38 @@ def _per_layer(journal: Journal, start: int) -> list[dict[str, Any]]:
              "activations_sha256": e["activations_sha256"], **e["seconds"]} for k, e in enumerate(journal.layers)]
 
 
+@dataclass
+class ReadLog:
+    """The source tensors this process read (by name), for the report: under torchrun each rank's read set is
+    its own layers' tensors (plus the embedding every rank embeds with; rank 0 also the tensors outside the
+    decoder layers), never the model."""
+
+    names: set[str] = field(default_factory=set)
+
+    def record(self, names: list[str]) -> list[str]:
+        self.names.update(names)
+        return names
+
+    def summary(self, source: Checkpoint) -> dict[str, Any]:
+        names = sorted(self.names)
+        layers = sorted({int(n[len(LAYERS):].split(".", 1)[0]) for n in names if n.startswith(LAYERS)})
+        return {"tensors": len(names), "bytes": sum(source.tensors[n].nbytes for n in names),
+                "names_sha256": names_sha256(names), "layers": layers,
+                "outside_layers": [n for n in names if not n.startswith(LAYERS)]}
+
+
+def names_sha256(names: list[str]) -> str:
+    """sha256 of the sorted names, one a line (how ReadLog summarizes a read set)."""
+    return _sha256_bytes("\n".join(sorted(names)).encode())
+
+
 def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path,
                      restart: bool) -> dict[str, Any]:
     import torch
     import transformers
+    from compressed_tensors.offload.utils import as_single_threaded
     from llmcompressor.args import DatasetArguments
     from llmcompressor.datasets.utils import format_calibration_data
-    from llmcompressor.utils.dev import get_main_device
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from safetensors.torch import save_file
@@ -530,8 +616,21 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
     from mtpquant.calib import ranks
     from mtpquant.calib.calibration import build_dataset
 
-    if ranks.world() > 1:
-        raise MtpquantError("quantize --engine stream: torchrun is not supported yet (use --engine memory)")
+    # Several processes (torchrun): decoder layer i belongs to rank i % world, which reads only its layers'
+    # tensors, calibrates and solves them on every sample, writes their shards and hands its layer's output
+    # activations to the next layer's rank (point to point). Why this split and not data parallel over samples:
+    # the result is bit-identical to one process (same ops on the same inputs in the same order; a Hessian
+    # all-reduce sums in another order, and GPTQ's rounding turns that into different packed weights and then
+    # different activations for every later layer), so a run can resume with another number of ranks and the
+    # tests compare hashes; what it parallelizes is what dominates the measured runs (read + pack + write, about
+    # 2.3x the GPU work on the H200: benchmarks/STREAM_H200.md), each rank's host memory is its own layers'
+    # buffers; the GPU work itself stays serial (a data- or expert-parallel solve inside a layer is the next
+    # step). Rank 0 writes the journal (only once the owner has said a layer's files are durable), the index,
+    # config and the shard of everything outside the layers.
+    split = ranks.init_stream()
+    solo = as_single_threaded if split.world > 1 else contextlib.nullcontext  # a rank's solve and packing are
+    # its own: llm-compressor's GPTQ would all-reduce Hessians with ranks that are not calibrating this layer
+    reads = ReadLog()
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     source, config_dict, fam, qpath, cpath, recipe, calib, targets = checked_inputs(model_dir, quant_ref, calib_ref)
@@ -541,16 +640,17 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.root)
     dataset, data_summary = build_dataset(calib, tokenizer, str(cpath))
-    loader = format_calibration_data(
-        DatasetArguments(num_calibration_samples=len(dataset), max_seq_length=calib.max_seq_length,
-                         shuffle_calibration_samples=False), dataset, tokenizer)
-    batches = list(loader)
+    with solo():  # every rank runs every sample (llm-compressor would partition them across ranks)
+        loader = format_calibration_data(
+            DatasetArguments(num_calibration_samples=len(dataset), max_seq_length=calib.max_seq_length,
+                             shuffle_calibration_samples=False), dataset, tokenizer)
+        batches = list(loader)
     # a layer's inputs and outputs are held at once
     place = placement(recipe, 2 * activation_bytes(config_dict, len(dataset), calib.max_seq_length))
     fp = fingerprint(source, qpath, cpath, data_summary["token_ids_sha256"])
     fp["deterministic_algorithms"] = str(torch.are_deterministic_algorithms_enabled())  # GPU outputs depend on it
-    journal = Journal(work_dir_for(out_dir), fp, restart)
-    work = journal.work
+    work = work_dir_for(out_dir)
+    journal, start = open_journal(work, fp, restart, split)
 
     config = transformers.AutoConfig.from_pretrained(source.root)
     cls = getattr(transformers, fam.architecture)
@@ -559,27 +659,33 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
     n_shards = n_layers + 1
     expected = fam.routed_expert_linears(config_dict)
 
+    # every rank needs the other arguments of a decoder layer (masks, rotary tables); only the first layer's
+    # rank uses the hidden states
     hidden, kwargs = layer_inputs(skeleton, config, source, batches)
-    prev = [None] * len(hidden)
-    start = len(journal.layers)
-    if start:  # resume: the activations saved after the last finished layer
-        acts = torch.load(work / journal.layers[-1]["activations"], weights_only=True, map_location="cpu")
+    reads.record(["model.embed_tokens.weight"])
+    prev: list[Any] | None = [None] * len(hidden)
+    if start and split.owns(start):  # resume: the activations saved after the last finished layer
+        acts = torch.load(work / f"activations-after-{start - 1:05d}.pt", weights_only=True, map_location="cpu")
         hidden, prev = acts["hidden"], acts["topk"]
+    if not split.owns(start):
+        hidden = prev = None
     hidden, prev = place.put(hidden), place.put(prev)
     if place.device != "cpu":  # masks and rotary tables: moved once, not per call
         kwargs = _to(kwargs, place.device)
     t_load = time.perf_counter()
 
-    device = get_main_device()  # llm-compressor's execution device: the GPU when there is one
+    device = ranks.local_device() if split.world > 1 else _main_device()  # the GPU when there is one
     console = Console(stderr=True)
     progress = Progress(TextColumn("[bold]stream[/] {task.description}"), BarColumn(),
-                        TextColumn("{task.completed}/{task.total} layers"), TimeElapsedColumn(), console=console)
+                        TextColumn("{task.completed}/{task.total} layers"), TimeElapsedColumn(), console=console,
+                        disable=split.rank != 0)
     task = progress.add_task(fam.architecture, total=n_layers, completed=start)
     per_layer_s: list[dict[str, float]] = []  # this process's layers (their timestamps share t0)
+    mine = split.mine(start, n_layers)
 
     def timed_read(i: int) -> tuple[dict[str, Any], float, float]:
         a = time.perf_counter()
-        tensors = read_tensors(source, layer_names(source, i))
+        tensors = read_tensors(source, reads.record(layer_names(source, i)))
         return tensors, a - t0, time.perf_counter() - t0
 
     def timed_write(i: int, tensors: dict[str, Any], hidden: list[Any], prev: list[Any]) -> dict[str, Any]:
@@ -591,8 +697,14 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         return {"shard": name, "shard_sha256": shard_sha, "activations": acts_name, "activations_sha256": acts_sha,
                 "write_start": a - t0, "write_end": time.perf_counter() - t0}
 
+    def journal_progress() -> None:
+        """Rank 0: journal every layer whose files its owner has reported durable."""
+        if journal is not None and journal.absorb():
+            progress.update(task, completed=len(journal.layers))
+
     def finish(pending: tuple[Future, dict[str, Any]]) -> None:
-        """Waits for a layer's shard and activations to be durable, then (only then) journals the layer."""
+        """Waits for a layer's shard and activations to be durable, then (only then) writes its entry file,
+        which rank 0 journals."""
         fut, entry = pending
         w0 = time.perf_counter()
         files = fut.result()
@@ -600,33 +712,41 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         t = entry["seconds"]
         t.update(write=round(files.pop("write_end") - files["write_start"], 3), waited_for_write=round(waited, 3),
                  write_start=round(files.pop("write_start"), 3))
-        prev_acts = journal.layers[-1]["activations"] if journal.layers else None
-        journal.finish({"layer": entry["layer"], **files, **{k: v for k, v in entry.items() if k != "layer"}})
-        if prev_acts:  # only the newest boundary is needed to resume
-            (work / prev_acts).unlink(missing_ok=True)
+        atomic_write_json(work / entry_name(entry["layer"]),
+                          {"layer": entry["layer"], **files, **{k: v for k, v in entry.items() if k != "layer"}})
         per_layer_s.append(t)
-        progress.advance(task)
+        journal_progress()
 
-    # I/O overlaps compute: one thread reads layer i+1 while layer i calibrates (at most one layer ahead), one
-    # writes layer i's shard while layer i+1 computes (at most one write in flight); a layer is journaled only
-    # once its files are durable, so resume is as before
+    # I/O overlaps compute: one thread reads this rank's next layer while its current one calibrates (at most one
+    # layer ahead), one writes its layer's shard while its next layer computes (at most one write in flight;
+    # with several ranks also while the other ranks compute theirs); a layer is journaled only once its files
+    # are durable, so resume is as before
     with progress, ThreadPoolExecutor(1, thread_name_prefix="stream-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="stream-write") as writer:
-        ahead = reader.submit(timed_read, start) if start < n_layers else None
+        ahead = reader.submit(timed_read, mine[0]) if mine else None
         pending: tuple[Future, dict[str, Any]] | None = None
         for i in range(start, n_layers):
+            nxt = i + 1 if i + 1 < n_layers else None
+            if not split.owns(i):
+                if nxt is not None and split.owns(nxt):  # the next layer is mine: its inputs come from layer i's
+                    hidden, prev = place.put(ranks.recv_tensors(split.owner(i)))
+                journal_progress()
+                continue
             w0 = time.perf_counter()
             tensors, r_start, r_end = ahead.result()
             waited_read = time.perf_counter() - w0
-            ahead = reader.submit(timed_read, i + 1) if i + 1 < n_layers else None
+            later = [k for k in mine if k > i]
+            ahead = reader.submit(timed_read, later[0]) if later else None
             tb = time.perf_counter()
             meta_layer = skeleton.model.layers[i]
-            layer = build_layer(skeleton, i, source, device, tensors)
-            del tensors
-            hidden, prev, rows, counts, mod_state = calibrate_layer(
-                skeleton, i, layer, recipe, targets, hidden, prev, kwargs, fam, config_dict, device, place)
-            packed = pack_layer(skeleton, layer, i)
+            with solo():  # linearizing offloads through compressed-tensors' caches: per rank too
+                layer = build_layer(skeleton, i, source, device, tensors)
+                del tensors
+                hidden, prev, rows, counts, mod_state = calibrate_layer(
+                    skeleton, i, layer, recipe, targets, hidden, prev, kwargs, fam, config_dict, device, place)
+                packed = pack_layer(skeleton, layer, i)
             restored = restore_source_dtypes(packed, source)
+            reads.record(restored)
             skeleton.model.layers[i] = meta_layer  # the real layer is dropped: its weights are freed
             del layer
             tc = time.perf_counter()
@@ -638,21 +758,36 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
                      "seconds": {"read": round(r_end - r_start, 3), "waited_for_read": round(waited_read, 3),
                                  "compute": round(tc - tb, 3), "read_start": round(r_start, 3),
                                  "compute_start": round(tb - t0, 3), "compute_end": round(tc - t0, 3)}}
+            if nxt is not None and not split.owns(nxt):
+                ranks.send_tensors((hidden, prev), split.owner(nxt))
             pending = (writer.submit(timed_write, i, packed, hidden, prev), entry)
             del packed
+            if split.world > 1:  # the next layer's inputs come from another rank
+                hidden = prev = None
         if pending is not None:
             finish(pending)
+    # every rank's layers are durable once all have come here (the gather is the barrier)
+    per_rank = ranks.gather({"rank": split.rank, "reads": reads.summary(source), "io": _io(per_layer_s)},
+                            ranks.control())
+    if split.rank != 0:
+        return {"stage": "quantize", "engine": "stream", "rank": split.rank, "ranks": split.world,
+                "reads": per_rank[split.rank]["reads"]}
+    journal_progress()
+    if len(journal.layers) != n_layers:
+        missing = [i for i in range(len(journal.layers), n_layers) if not (work / entry_name(i)).is_file()]
+        raise MtpquantError(f"quantize --engine stream: layers {missing[:5]} have no durable files in {work}")
     t_calib = time.perf_counter()
 
     # the rest: every tensor outside the decoder layers (MTP layers are dropped, as the memory engine does)
     in_model = set(skeleton.state_dict())
-    rest_names = [n for n in source.weight_map if not n.startswith(LAYERS) and n in in_model]
+    rest_names = reads.record([n for n in source.weight_map if not n.startswith(LAYERS) and n in in_model])
     rest = read_tensors(source, rest_names)
+    per_rank[0]["reads"] = reads.summary(source)
     modifier = modifier_for(recipe, targets)
     for e in journal.layers:  # fields the solve resolved (e.g. batched_quantization "auto"), as recipe.yaml
         for k, v in e["modifier"].items():  # of the memory engine records them
             setattr(modifier, k, v)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, solo():
         weight_map: dict[str, str] = {}
         total = 0
         for entry in journal.layers:
@@ -679,18 +814,19 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         "recipe": {"path": str(qpath), "sha256": recipes.recipe_sha256("quant", qpath), "targets": targets},
         "calibration": {"path": str(cpath), "sha256": recipes.recipe_sha256("calibration", cpath), **data_summary},
         "activations_on": place.device, "activations_pinned": place.pin, "resumed_after_layers": start,
-        "quantized_linears": len(rows), "expected_linears": len(expected), "ranks": 1,
+        "quantized_linears": len(rows), "expected_linears": len(expected), "ranks": split.world,
+        "split": "layer i on rank i % ranks",
+        "per_rank": per_rank,
         "gptq_loss_median": statistics.median(losses) if losses else None,
         "gptq_loss_max": max(losses) if losses else None,
-        "few_token_experts": few_token_experts(counts, int(config_dict.get("num_experts_per_tok", 1))),
+        "few_token_experts": few_token_experts(counts, fam.experts_per_token(config_dict, default=1)),
         "routing_counts": {str(k): v.tolist() for k, v in counts.items()},
         "dtype_restored": sorted(n for e in journal.layers for n in e["dtype_restored"]),
         "seconds": {"load": round(t_load - t0, 2), "calibrate_and_solve": round(t_calib - t_load, 2),
                     "save": round(t_save - t_calib, 2), "total": round(t_save - t0, 2),
                     "per_layer": _per_layer(journal, start),
-                    "io": round(sum(t["read"] + t["write"] for t in per_layer_s), 3),
-                    "io_hidden": round(sum(max(0.0, t["read"] - t["waited_for_read"]) +
-                                           max(0.0, t["write"] - t["waited_for_write"]) for t in per_layer_s), 3)},
+                    "io": round(sum(r["io"]["io"] for r in per_rank), 3),
+                    "io_hidden": round(sum(r["io"]["io_hidden"] for r in per_rank), 3)},
         "memory": peak_memory(),
         "per_linear": rows,
         "rank": 0,
@@ -698,3 +834,16 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
     if len(rows) != len(expected):
         raise MtpquantError(f"GPTQ compressed {len(rows)} Linears, expected {len(expected)}")
     return report
+
+
+def _io(per_layer_s: list[dict[str, float]]) -> dict[str, float]:
+    """This process's read + write seconds, and how much of it ran while it (or another rank) computed."""
+    return {"io": round(sum(t["read"] + t["write"] for t in per_layer_s), 3),
+            "io_hidden": round(sum(max(0.0, t["read"] - t["waited_for_read"]) +
+                                   max(0.0, t["write"] - t["waited_for_write"]) for t in per_layer_s), 3)}
+
+
+def _main_device() -> Any:
+    from llmcompressor.utils.dev import get_main_device
+
+    return get_main_device()
