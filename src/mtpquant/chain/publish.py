@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mtpquant.core.errors import MtpquantError
-from mtpquant.core.run import MANIFEST, Run, load_json, manifest_of
+from mtpquant.core.run import MANIFEST, Run, manifest_of
 
 TAGS = ["mtpquant", "w4a16", "int4", "gptq", "compressed-tensors", "mtp", "speculative-decoding", "moe"]
 

@@ -225,6 +225,29 @@ def chain(run: str, model: str, calibration: str) -> list[list[str]]:
     return [[stage, "--run", run, *extra.get(stage, [])] for stage in STAGES]
 
 
+def demo_start(posargs: list[str]) -> list[str]:
+    """`nox -s demo [-- --fresh]` before its chain: the lines to say. The run dirs are kept, so a re-run after an
+    interruption skips every stage finished with unchanged inputs (each says so) and redoes the rest; `--fresh`
+    removes them first. `--runtime` is the stages' own option; anything else is refused in one line."""
+    try:
+        _, rest = runtime.split_runtime(list(posargs))
+    except ValueError as e:
+        raise EnvError(str(e)) from None
+    if unknown := [a for a in rest if a != "--fresh"]:
+        raise EnvError(f"demo: unknown option {' '.join(unknown)} (`-- --fresh` starts over, `-- --runtime "
+                       "docker` runs the stages in the image)")
+    existing = [Path(d) for d, *_ in DEMO if Path(d).exists()]
+    names = ", ".join(str(d.relative_to(ROOT) if d.is_relative_to(ROOT) else d) for d in existing)
+    if not existing:
+        return []
+    if "--fresh" in rest:
+        for d in existing:
+            shutil.rmtree(d)
+        return [f"--fresh: removed {names}"]
+    return [f"resuming {names}: stages finished with unchanged inputs are skipped (`nox -s demo -- --fresh` "
+            "starts over)"]
+
+
 def demo_serving(run: str) -> list[list[str]]:
     """What the demo runs in the serving env after the chain: eval BF16 and W4A16+MTP, bench, report, the summary."""
     return [["eval", "--run", run, "--artifact", f"{run}/base", "--name", "bf16", "--label", "bf16"],
