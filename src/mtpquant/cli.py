@@ -71,7 +71,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     inputs = _inputs(recipes.resolve_path("models", args.model), model=args.model)
     if _done(run, "prepare", inputs, args):
         return 0
-    _loading("prepare", "torch")  # the fixtures' random weights
     rec = prepare(args.model, run.base)
     rec["resume"] = run.resume_entry(inputs, [run.base])
     run.record("prepare", rec)
