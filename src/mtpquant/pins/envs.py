@@ -27,7 +27,7 @@ from mtpquant.pins import locks, runtime
 ROOT = Path(__file__).resolve().parents[3]
 PINNED = ROOT / "pinned"
 PYTHON = "3.11"
-HEARTBEAT_S = 10.0
+HEARTBEAT_S = 5.0  # a wait says how far it is at least this often (scheduling delays it by seconds on a busy machine)
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
 
 
@@ -125,8 +125,9 @@ def install(spec: EnvSpec, say: Callable[[str], None]) -> None:
     say(f"env {spec.name} ({rel}): installing {total} packages from "
         f"{' + '.join(f'pinned/{f.name}' for f in spec.lock_files)} (locks sha256 {want[:12]})")
     shutil.rmtree(spec.path, ignore_errors=True)
-    subprocess.run([base_python(), "-m", "venv", str(spec.path)], check=True)
-    seen, phase = [0], ["installing"]
+    stream([base_python(), "-m", "venv", str(spec.path)], lambda line: False, say,
+           lambda: f"env {spec.name}: creating the venv")
+    seen, phase = [0], ["starting pip"]
 
     def progress(line: str) -> bool:
         if line.startswith(("Collecting ", "Processing ", "Obtaining ")):
@@ -140,6 +141,7 @@ def install(spec: EnvSpec, say: Callable[[str], None]) -> None:
             say(f"env {spec.name}: unpacking {total} packages into {rel} (the long part)")
             return True
         elif line.startswith("Successfully installed"):
+            phase[0] = "pip finishing"
             say(f"env {spec.name}: installed {len(line.split()) - 2} packages")
             return True
         return False
@@ -159,8 +161,9 @@ def editable(spec: EnvSpec, say: Callable[[str], None]) -> None:
     if stamp.exists() and stamp.read_text() == want:
         return
     say(f"env {spec.name}: installing mtpquant (editable, {ROOT})")
-    subprocess.run([str(spec.python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-                    "--no-build-isolation", "-e", str(ROOT)], check=True)
+    stream([str(spec.python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+            "--no-build-isolation", "-e", str(ROOT)], lambda line: False, say,
+           lambda: f"env {spec.name}: installing mtpquant (editable)")
     stamp.write_text(want)
 
 
