@@ -101,7 +101,7 @@ def stream(cmd: list[str], on_line: Callable[[str], bool], say: Callable[[str], 
     start = last = time.monotonic()
     while True:
         try:
-            line = lines.get(timeout=HEARTBEAT_S)
+            line = lines.get(timeout=max(0.1, HEARTBEAT_S - (time.monotonic() - last)))  # due at last + HEARTBEAT_S
         except queue.Empty:
             say(f"{what()}, {time.monotonic() - start:.0f} s")
             last = time.monotonic()
@@ -114,6 +114,11 @@ def stream(cmd: list[str], on_line: Callable[[str], bool], say: Callable[[str], 
         elif time.monotonic() - last > HEARTBEAT_S:
             say(f"{what()}, {time.monotonic() - start:.0f} s")
             last = time.monotonic()
+    while proc.poll() is None:  # pip's own exit (writing RECORDs, byte-compiling) can take a while too
+        try:
+            proc.wait(timeout=HEARTBEAT_S)
+        except subprocess.TimeoutExpired:
+            say(f"{what()}, {time.monotonic() - start:.0f} s")
     if proc.wait() != 0:
         raise EnvError(f"`{' '.join(cmd[:4])} ...` failed (exit {proc.returncode}):\n" + "\n".join(tail))
 
