@@ -4,7 +4,6 @@ Sessions that need the same locks share one environment (`.venv`: calibrate + de
 Options go after `--`: `nox -s quantize -- --run DIR [--runtime docker]`.
 """
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -60,9 +59,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def demo(session: nox.Session) -> None:
-    """The chain on three tiny models on this CPU, then serve, eval, bench and report of the trained one."""
-    for run_dir, *_ in envs.DEMO:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    """The chain on three tiny models on this CPU, then serve, eval, bench and report (`-- --fresh`: start over)."""
+    for line in checked(session, envs.demo_start, session.posargs):  # else finished stages are skipped
+        session.log(line)
     stages(session, *(argv for demo in envs.DEMO for argv in envs.chain(*demo)))
     serve = env(session, "serve")
     for argv in envs.demo_serving(envs.DEMO[-1][0]):

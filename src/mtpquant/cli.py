@@ -78,6 +78,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loading(stage: str, *modules: str) -> None:
+    from mtpquant.core.progress import loading
+
+    loading(stage, *modules)
+
+
 def _say(line: str) -> None:
     console.print(f"[dim]note[/]: {line}", highlight=False, soft_wrap=True)
 
@@ -110,6 +116,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     inputs = _inputs(model, recipes.resolve_path("quant", args.recipe), cpath, *local, engine=args.engine)
     if _done(run, "quantize", inputs, args):
         return 0
+    _loading("quantize", "torch", "transformers")
     with stage_logs(run.stage_log("quantize"), *_mtp_tensors(model), _say):
         if args.engine == "stream":
             from mtpquant.calib.stream import quantize_stream
@@ -154,6 +161,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     inputs = _inputs(art, base, sample=args.sample)
     if (run.read_record("verify") or {}).get("ok") and _done(run, "verify", inputs, args):
         return 0
+    _loading("verify", "torch", "compressed_tensors")  # the dequantizer
     checks = verify(art, base, sample=args.sample)
     run.record("verify", verify_record(art, base, checks) | {"resume": run.resume_entry(inputs, [])})
     Console(width=None if sys.stdout.isatty() else 120).print(render(checks, f"verify {art}"))

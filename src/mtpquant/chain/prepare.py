@@ -41,8 +41,10 @@ def prepare(model_ref: str, dest: Path) -> dict[str, Any]:
     src = recipe.source
     checked: dict[str, Any] = {}
     if src.fixture is not None:
+        from mtpquant.core.progress import loading
         from mtpquant.tiny.fixture import write_fixture
 
+        loading("prepare", "torch")  # the fixture's random weights
         write_fixture(recipe.family, src.fixture, dest)
     elif src.path is not None:
         local = Path(src.path) if Path(src.path).is_absolute() else recipes.REPO_ROOT / src.path

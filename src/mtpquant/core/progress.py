@@ -77,3 +77,16 @@ def progress(description: str, total: int | None = None) -> Iterator[Callable[..
             yield update
     finally:
         _active.clear()
+
+
+def loading(stage: str, *modules: str) -> None:
+    """Import `modules` (torch, transformers: 5 s idle, a minute on a busy machine) under a spinner that says so,
+    so a stage's start is never a silent wait. Already imported: nothing is shown."""
+    import importlib
+    import sys
+
+    todo = [m for m in modules if m not in sys.modules]
+    if todo:
+        with progress(f"{stage}: loading {', '.join(todo)}"):
+            for m in todo:
+                importlib.import_module(m)

@@ -8,16 +8,20 @@ one line that cannot be mistaken for the MTP layer being lost.
   lines, "No accelerator available!", "Could not find MTP weights with prefix mtp") and transformers' LOAD
   REPORT when it lists only the MTP layer's tensors as UNEXPECTED go to the stage log in full; the terminal
   gets one line for each ("N MTP tensors not loaded by transformers (expected: inject-mtp copies them back)").
-  A load report naming anything else, and every other warning, still reaches the terminal.
+  What llm-compressor prints while it is imported (its own loguru sink on stdout: "No accelerator available!")
+  and the known Python warnings of a CPU run (KNOWN_WARNINGS) go to the stage log too. A load report naming
+  anything else, and every other warning, still reaches the terminal.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import re
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -82,7 +86,10 @@ class LoadReportFilter(logging.Filter):
         return True
 
 
-KNOWN = ("No accelerator available",)  # CPU-only notices of compressed-tensors/llm-compressor
+KNOWN = ("No accelerator available",  # CPU-only notices of compressed-tensors/llm-compressor
+         "MoE is being linearized after loading")  # quantize linearizes on purpose (the experts' 2-D layout)
+# Python warnings of a tiny CPU run: llm-compressor offloads modules while saving (nothing to do with the MTP layer)
+KNOWN_WARNINGS = ("Attempting to save a model with offloaded modules",)
 
 
 def terminal_filter(noise: Noise) -> Callable[[dict[str, Any]], bool]:
@@ -121,10 +128,30 @@ def stage_logs(log: Path, mtp_prefixes: list[str], n_mtp: int, say: Callable[[st
     import transformers  # its logging root, configured on import
     from loguru import logger
 
-    with contextlib.suppress(ImportError):
+    from mtpquant.core.progress import progress
+
+    imported = io.StringIO()  # what llm-compressor says while imported goes to the log, not the terminal
+    # the redirect inside the spinner: rich's live display would pass stdout on to the terminal
+    with contextlib.suppress(ImportError), progress("loading llm-compressor"), contextlib.redirect_stdout(imported):
         import llmcompressor  # noqa: F401  (configures loguru on import: replace that configuration after it)
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     noise = Noise()
+    if imported.getvalue().strip():
+        with open(log, "a") as f:
+            f.write(imported.getvalue())
+        noise.dropped["import"] += 1
+    show = warnings.showwarning
+
+    def known_to_log(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                     line: str | None = None) -> None:
+        if not any(k in str(message) for k in KNOWN_WARNINGS):
+            return show(message, category, filename, lineno, file, line)
+        noise.dropped["warning"] += 1
+        with open(log, "a") as f:
+            f.write(warnings.formatwarning(message, category, filename, lineno, line))
+        return None
+
+    warnings.showwarning = known_to_log
     root = transformers.utils.logging._get_library_root_logger()
     # delay: a stage refused before any library logs writes no file (a user mistake leaves nothing behind)
     file_handler = logging.FileHandler(log, delay=True)
@@ -138,6 +165,7 @@ def stage_logs(log: Path, mtp_prefixes: list[str], n_mtp: int, say: Callable[[st
     try:
         yield noise
     finally:
+        warnings.showwarning = show
         for s in sinks:
             logger.remove(s)
         logger.add(sys.stderr, level="WARNING")

@@ -27,7 +27,7 @@ from mtpquant.pins import locks, runtime
 ROOT = Path(__file__).resolve().parents[3]
 PINNED = ROOT / "pinned"
 PYTHON = "3.11"
-HEARTBEAT_S = 10.0
+HEARTBEAT_S = 5.0  # a wait says how far it is at least this often (scheduling delays it by seconds on a busy machine)
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
 
 
@@ -101,7 +101,7 @@ def stream(cmd: list[str], on_line: Callable[[str], bool], say: Callable[[str], 
     start = last = time.monotonic()
     while True:
         try:
-            line = lines.get(timeout=HEARTBEAT_S)
+            line = lines.get(timeout=max(0.1, HEARTBEAT_S - (time.monotonic() - last)))  # due at last + HEARTBEAT_S
         except queue.Empty:
             say(f"{what()}, {time.monotonic() - start:.0f} s")
             last = time.monotonic()
@@ -114,6 +114,11 @@ def stream(cmd: list[str], on_line: Callable[[str], bool], say: Callable[[str], 
         elif time.monotonic() - last > HEARTBEAT_S:
             say(f"{what()}, {time.monotonic() - start:.0f} s")
             last = time.monotonic()
+    while proc.poll() is None:  # pip's own exit (writing RECORDs, byte-compiling) can take a while too
+        try:
+            proc.wait(timeout=HEARTBEAT_S)
+        except subprocess.TimeoutExpired:
+            say(f"{what()}, {time.monotonic() - start:.0f} s")
     if proc.wait() != 0:
         raise EnvError(f"`{' '.join(cmd[:4])} ...` failed (exit {proc.returncode}):\n" + "\n".join(tail))
 
@@ -125,8 +130,9 @@ def install(spec: EnvSpec, say: Callable[[str], None]) -> None:
     say(f"env {spec.name} ({rel}): installing {total} packages from "
         f"{' + '.join(f'pinned/{f.name}' for f in spec.lock_files)} (locks sha256 {want[:12]})")
     shutil.rmtree(spec.path, ignore_errors=True)
-    subprocess.run([base_python(), "-m", "venv", str(spec.path)], check=True)
-    seen, phase = [0], ["installing"]
+    stream([base_python(), "-m", "venv", str(spec.path)], lambda line: False, say,
+           lambda: f"env {spec.name}: creating the venv")
+    seen, phase = [0], ["starting pip"]
 
     def progress(line: str) -> bool:
         if line.startswith(("Collecting ", "Processing ", "Obtaining ")):
@@ -140,6 +146,7 @@ def install(spec: EnvSpec, say: Callable[[str], None]) -> None:
             say(f"env {spec.name}: unpacking {total} packages into {rel} (the long part)")
             return True
         elif line.startswith("Successfully installed"):
+            phase[0] = "pip finishing"
             say(f"env {spec.name}: installed {len(line.split()) - 2} packages")
             return True
         return False
@@ -159,8 +166,9 @@ def editable(spec: EnvSpec, say: Callable[[str], None]) -> None:
     if stamp.exists() and stamp.read_text() == want:
         return
     say(f"env {spec.name}: installing mtpquant (editable, {ROOT})")
-    subprocess.run([str(spec.python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-                    "--no-build-isolation", "-e", str(ROOT)], check=True)
+    stream([str(spec.python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+            "--no-build-isolation", "-e", str(ROOT)], lambda line: False, say,
+           lambda: f"env {spec.name}: installing mtpquant (editable)")
     stamp.write_text(want)
 
 
@@ -223,6 +231,29 @@ def chain(run: str, model: str, calibration: str) -> list[list[str]]:
     """prepare -> quantize -> inject-mtp -> verify -> manifest of one run dir."""
     extra = {"prepare": ["--model", model], "quantize": ["--calibration", calibration]}
     return [[stage, "--run", run, *extra.get(stage, [])] for stage in STAGES]
+
+
+def demo_start(posargs: list[str]) -> list[str]:
+    """`nox -s demo [-- --fresh]` before its chain: the lines to say. The run dirs are kept, so a re-run after an
+    interruption skips every stage finished with unchanged inputs (each says so) and redoes the rest; `--fresh`
+    removes them first. `--runtime` is the stages' own option; anything else is refused in one line."""
+    try:
+        _, rest = runtime.split_runtime(list(posargs))
+    except ValueError as e:
+        raise EnvError(str(e)) from None
+    if unknown := [a for a in rest if a != "--fresh"]:
+        raise EnvError(f"demo: unknown option {' '.join(unknown)} (`-- --fresh` starts over, `-- --runtime "
+                       "docker` runs the stages in the image)")
+    existing = [Path(d) for d, *_ in DEMO if Path(d).exists()]
+    names = ", ".join(str(d.relative_to(ROOT) if d.is_relative_to(ROOT) else d) for d in existing)
+    if not existing:
+        return []
+    if "--fresh" in rest:
+        for d in existing:
+            shutil.rmtree(d)
+        return [f"--fresh: removed {names}"]
+    return [f"resuming {names}: stages finished with unchanged inputs are skipped (`nox -s demo -- --fresh` "
+            "starts over)"]
 
 
 def demo_serving(run: str) -> list[list[str]]:
