@@ -635,7 +635,8 @@ def targets(res: dict[str, Any]) -> None:
     acts = None
     k = (res.get("kill") or {}).get("killed_run", {}).get("kill") or {}
     files = k.get("work_dir_files") or {}
-    act_files = [v for n, v in files.items() if n.startswith("activations-after-") and n.endswith(".pt")]
+    act_files = [v for n, v in files.items()
+                 if n.startswith("activations-after-") and n.endswith((".pt", ".safetensors"))]
     acts = max(act_files) if act_files else res["activation_bytes_formula"]
     rss_bound = (3 * one_layer + acts) / 2**30
     res["targets"] = {
