@@ -15,8 +15,9 @@ them, the layer's BF16 attention tensors from mtpquant.tiny.shaped_fixture's spe
        streamed by calib.stream.StreamWriter (hashed while written) + fsync
 
 and, for the read side, `read_tensors` + `fuse_experts` + `.to(dtype)` (old) against `ReadBuffers.read` +
-`layer_state` (new) on a written shaped checkpoint layer. Each run is its own process (peak RSS from
-ru_maxrss); runs interleave old, new, old, new, ...; the table gives medians with [min-max] and n.
+`layer_state` (new) on a written shaped checkpoint layer. All runs in one process (the engine's imports take
+minutes per process on a loaded 2-core machine; peak RSS is the process's so far); runs interleave old, new, old,
+new, ...; the table gives medians with [min-max] and n.
 
     python benchmarks/write_path_bench.py --out benchmarks/results/write_path_cpu.json [--repeats 5]
 """
@@ -29,7 +30,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,25 +50,36 @@ def layer_outputs(experts: int, samples: int, seq: int) -> tuple[
     g = torch.Generator().manual_seed(0)
     cfg = glm5_config(num_experts=experts, num_layers=2, dense_layers=1)
     h, inter = int(cfg.hidden_size), int(cfg.moe_intermediate_size)
+
+    def fill(shape: tuple[int, ...], dtype: Any) -> Any:  # cheap deterministic contents: I/O does not look at them
+        t = torch.empty(shape, dtype=dtype)
+        t.view(-1)[:].copy_(torch.arange(t.numel(), dtype=torch.int32).remainder_(251).to(dtype)) if t.numel() \
+            <= (1 << 22) else t.fill_(1)
+        return t
+
     shard: dict[str, Any] = {}
     for name, shape, dtype in tensor_specs(cfg):  # the layer's unquantized tensors at their real shapes
         if name.startswith("model.layers.1.") and ".mlp.experts." not in name:
-            dt = torch.float32 if dtype == "fp32" else torch.bfloat16
-            shard[name] = torch.randn(shape, generator=g).to(dt)
-    t = time.perf_counter()
-    for e in range(experts):
+            shard[name] = fill(shape, torch.float32 if dtype == "fp32" else torch.bfloat16)
+    pack_s, packed = 0.0, {}
+    for proj, (n, k) in (("gate_proj", (inter, h)), ("up_proj", (inter, h)), ("down_proj", (h, inter))):
+        q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)  # one expert's Linears really packed
+        zp = torch.randint(-8, 8, (n, k // 128), generator=g, dtype=torch.int8)
+        t = time.perf_counter()
+        packed[proj] = (pack_to_int32(q, 4), pack_to_int32(zp, 4, packed_dim=0).contiguous())
+        pack_s += time.perf_counter() - t
+        packed[proj] += (torch.rand((n, k // 128), generator=g).to(torch.bfloat16),)
+    for e in range(experts):  # every expert: copies of those (the bytes' values do not matter to the write)
         for proj, (n, k) in (("gate_proj", (inter, h)), ("up_proj", (inter, h)), ("down_proj", (h, inter))):
             p = f"model.layers.1.mlp.experts.{e}.{proj}."
-            q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
-            shard[p + "weight_packed"] = pack_to_int32(q, 4)
-            shard[p + "weight_scale"] = torch.rand((n, k // 128), generator=g).to(torch.bfloat16)
-            zp = torch.randint(-8, 8, (n, k // 128), generator=g, dtype=torch.int8)
-            shard[p + "weight_zero_point"] = pack_to_int32(zp, 4, packed_dim=0).contiguous()
+            w, zp, sc = packed[proj]
+            shard[p + "weight_packed"] = w.clone()
+            shard[p + "weight_scale"] = sc.clone()
+            shard[p + "weight_zero_point"] = zp.clone()
             shard[p + "weight_shape"] = torch.tensor([n, k])
-    pack_s = time.perf_counter() - t
-    hidden = [torch.randn((1, seq, h), generator=g).to(torch.bfloat16) for _ in range(samples)]
-    topk = [torch.randint(0, seq, (1, seq, min(2048, seq)), generator=g) for _ in range(samples)]
-    return {"pack_to_int32_s": round(pack_s, 3), "linears": 3 * experts}, shard, hidden, topk
+    hidden = [fill((1, seq, h), torch.bfloat16) for _ in range(samples)]
+    topk = [fill((1, seq, min(2048, seq)), torch.int64) for _ in range(samples)]
+    return {"pack_to_int32_s_one_expert": round(pack_s, 3), "linears_per_expert": 3}, shard, hidden, topk
 
 
 def _fsync(path: Path) -> float:
@@ -203,13 +214,14 @@ def main() -> None:
             write_shaped_checkpoint(glm5_config(num_experts=args.read_experts, num_layers=2, dense_layers=1), ckpt)
 
     def child(spec: str) -> dict[str, Any]:
-        cmd = [sys.executable, __file__, "--child", spec, "--work", str(work), "--experts", str(args.experts),
-               "--samples", str(args.samples), "--seq-len", str(args.seq_len)] + (["--ckpt", str(ckpt)] if ckpt else [])
-        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-        if p.returncode or not line:
-            sys.exit(f"{spec} failed:\n{p.stderr[-3000:]}")
-        return json.loads(line[0].removeprefix("RESULT "))
+        """One run. In this process (the engine's imports, llm-compressor's, took minutes per process on this
+        loaded machine): `peak_rss_gib` is the process's peak so far, not this run's."""
+        kind, path = spec.split(":")
+        if kind == "write":
+            return write_child(path, args.experts, args.samples, args.seq_len, work / f"w-{path}")
+        return read_child(path, ckpt)
+
+    import mtpquant.calib.stream  # noqa: F401 - imported before any clock
 
     runs: dict[str, list[dict[str, Any]]] = {"write:old": [], "write:new": [], "read:old": [], "read:new": []}
     specs = ["write:old", "write:new"] + (["read:old", "read:new"] if ckpt else [])
