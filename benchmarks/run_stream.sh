@@ -15,6 +15,13 @@
 #
 #   run(command="EXPERTS=32 MOE_LAYERS=3 PHASES=gen,stream,kill REPEATS=2 TAG=h200_determinism bash benchmarks/run_stream.sh", carry=[".whl"], timeout_s=600)
 #
+# The write path of engine stream-3 (activations streamed, none after the last layer, reused pinned read buffers;
+# benchmarks/STREAM_H200.md "The write path"), one call, ~7-8 minutes: both engines side by side, the read/write
+# floor, per-layer compute vs read vs write (shard and activations apart), I/O hidden, peak RSS and GPU memory,
+# kill during layer 2 + resume with the output hashes compared:
+#
+#   run(command="EXPERTS=32 MOE_LAYERS=3 PHASES=gen,floor,memory,stream,kill TAG=h200_perf bash benchmarks/run_stream.sh", carry=[".whl"], timeout_s=600)
+#
 # The same with MTPQUANT_STREAM_DETERMINISTIC=0 in front: the engine without torch's deterministic algorithms
 # (to show what they fix, and what they cost).
 #

@@ -353,6 +353,17 @@ def summarize_run(r: dict[str, Any]) -> dict[str, Any]:
         row["gpu_work_s"] = round(sum(x.get("compute", x.get("calibrate_and_solve", 0.0)) for x in here), 2)
         row["read_s"] = round(sum(x["read"] for x in here), 2)
         row["pack_and_write_s"] = round(sum(x.get("write", x.get("pack_and_write", 0.0)) for x in here), 2)
+        # stream-3: the write split into the shard and the activations file, their bytes (write GB/s)
+        for k in ("write_shard", "write_activations", "shard_bytes", "activations_bytes"):
+            if any(k in x for x in here):
+                row[f"{k}_{'s' if k.startswith('write') else 'sum'}"] = round(sum(x.get(k, 0) for x in here), 3)
+        if row.get("write_shard_s"):
+            row["shard_write_gb_per_s"] = round(row["shard_bytes_sum"] / row["write_shard_s"] / 1e9, 3)
+        if row.get("write_activations_s"):
+            row["activations_write_gb_per_s"] = round(
+                row["activations_bytes_sum"] / row["write_activations_s"] / 1e9, 3)
+        row["exposed_write_last_layer_s"] = here[-1].get("waited_for_write") if here else None
+        row["read_buffers"] = rep.get("read_buffers")
         row["io_hidden_s"] = s.get("io_hidden")
     else:
         row["per_layer"] = memory_per_layer(rep.get("pipeline_spans", []))
@@ -635,7 +646,8 @@ def targets(res: dict[str, Any]) -> None:
     acts = None
     k = (res.get("kill") or {}).get("killed_run", {}).get("kill") or {}
     files = k.get("work_dir_files") or {}
-    act_files = [v for n, v in files.items() if n.startswith("activations-after-") and n.endswith(".pt")]
+    act_files = [v for n, v in files.items()
+                 if n.startswith("activations-after-") and n.endswith((".pt", ".safetensors"))]
     acts = max(act_files) if act_files else res["activation_bytes_formula"]
     rss_bound = (3 * one_layer + acts) / 2**30
     res["targets"] = {

@@ -206,3 +206,73 @@ def test_deterministic_sets_then_restores(monkeypatch):
     assert torch.are_deterministic_algorithms_enabled() == before and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     with deterministic(False) as settings:
         assert settings == {"enabled": False} and torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_write_path_stream_writer_is_safetensors_bytes(tmp_path):
+    """StreamWriter (the activations' writer) lays a file out exactly as safetensors' own serializer does for
+    the same order, and the sha256 it computes while writing is the file's."""
+    from safetensors.torch import save
+
+    from mtpquant.calib.stream import StreamWriter, _acts_entries, load_acts, save_acts
+
+    g = torch.Generator().manual_seed(0)
+    ts = {"b": torch.randn(3, 5, generator=g).to(torch.bfloat16), "a": torch.arange(7), "c": torch.randn(2, 2)}
+    ref = save(ts, metadata={"format": "pt"})
+    hlen = int.from_bytes(ref[:8], "little")
+    order = [k for k in json.loads(ref[8:8 + hlen]) if k != "__metadata__"]  # safetensors' order
+    sha = StreamWriter(chunk=8).write(tmp_path / "x", [(k, ts[k]) for k in order], {"format": "pt"})
+    assert (tmp_path / "x").read_bytes() == ref and sha == hashlib.sha256(ref).hexdigest()
+    hidden = [torch.randn(1, 4, 6, generator=g).to(torch.bfloat16) for _ in range(3)]
+    for tops in ([None] * 3, [torch.randint(0, 4, (1, 4, 2), generator=g) for _ in range(3)]):
+        sha = save_acts(tmp_path / "acts", hidden, tops, StreamWriter(chunk=16))
+        assert sha == hashlib.sha256((tmp_path / "acts").read_bytes()).hexdigest()
+        h, t = load_acts(tmp_path / "acts")
+        assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(h, hidden, strict=True))
+        assert [x is None for x in t] == [x is None for x in tops]
+        assert all(a is None or torch.equal(a, b) for a, b in zip(t, tops, strict=True))
+        assert len(_acts_entries(hidden, tops)) == 3 + sum(x is not None for x in tops)
+
+
+def test_read_buffers_and_layer_state_equal_the_old_read(built, family):
+    """ReadBuffers (reused buffers, offsets from the checked headers) gives read_tensors' values; layer_state
+    gives fuse_experts + .to(dtype)'s; a buffer is reused every second read."""
+    from mtpquant.calib.stream import ReadBuffers, fuse_experts, layer_names, layer_state, read_tensors
+    from mtpquant.model.families.base import layer_prefix
+
+    src = Checkpoint(built[family]["base"])
+    n = src.config["num_hidden_layers"]
+    buffers = ReadBuffers(src)
+    for i in list(range(n)) + [0]:
+        names = layer_names(src, i)
+        old, new = read_tensors(src, names), buffers.read(names)
+        assert list(new) == names
+        assert all(old[k].dtype == new[k].dtype and torch.equal(old[k], new[k]) for k in names)
+        ref = {k: v.to(torch.bfloat16) for k, v in fuse_experts(old, layer_prefix(i)).items()}
+        state = layer_state(new, layer_prefix(i), "cpu", {k: torch.bfloat16 for k in ref})
+        assert sorted(state) == sorted(ref) and all(torch.equal(state[k], ref[k]) for k in ref)
+        assert all(v.untyped_storage().data_ptr() not in {b.data_ptr() for b in buffers.bufs if b is not None}
+                   for v in state.values())  # nothing of the state points into a read buffer
+    assert buffers.reads == n + 1 and buffers.pinned is False
+    buffers.close()
+
+
+def test_kill_after_the_last_layer_then_resume(built, streamed, tmp_path):
+    """The last layer writes no activations (nothing comes after it): killed right after its journal entry,
+    the run resumes with every layer finished and assembles the same files."""
+    base = built["glm4_moe"]["base"]
+    out, run = tmp_path / "out", tmp_path / "run"
+    n = Checkpoint(base).config["num_hidden_layers"]
+    proc = _cli(run, base, out, env={"MTPQUANT_STREAM_KILL": f"after:{n - 1}"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    journal = json.loads((work_dir_for(out) / JOURNAL).read_text())["layers"]
+    assert [e["layer"] for e in journal] == list(range(n)) and journal[-1]["activations"] is None
+    # only the newest boundary's activations are kept: the one before the last layer
+    assert sorted(p.name for p in work_dir_for(out).glob("activations-*")) == \
+        [f"activations-after-{n - 2:05d}.safetensors"]
+    proc = _cli(run, base, out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rep = json.loads((run / "quantize.json").read_text())
+    assert rep["resumed_after_layers"] == n
+    assert file_hashes(out) == file_hashes(streamed["glm4_moe"]["quantized"])
+    shards = {e["shard"]: e["shard_sha256"] for e in journal}  # the recorded sha256 are the files'
+    assert all(file_hashes(out)[s] == h for s, h in shards.items())

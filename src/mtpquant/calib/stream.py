@@ -49,14 +49,15 @@ from mtpquant.calib.quantize import (
     routing_counts,
 )
 from mtpquant.core.atomic import atomic_dir, atomic_write, atomic_write_json
-from mtpquant.core.checkpoint import INDEX_NAME, Checkpoint, file_sha256
+from mtpquant.core.checkpoint import CHUNK, INDEX_NAME, Checkpoint, file_sha256, safetensors_header_bytes
 from mtpquant.core.errors import MtpquantError
 from mtpquant.core.measure import peak_memory
 from mtpquant.model import recipes
 from mtpquant.model.families.base import LAYERS, layer_prefix
 from mtpquant.model.recipes import QuantRecipe
 
-ENGINE_VERSION = "stream-2"  # 2: deterministic algorithms on the GPU (outputs there changed)
+ENGINE_VERSION = "stream-3"  # 2: deterministic algorithms on the GPU (outputs there changed); 3: activations
+# files in safetensors layout (streamed, not torch.save), none after the last layer (the artifact is unchanged)
 JOURNAL = "journal.json"
 PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors", "safetensors")
 
@@ -116,8 +117,9 @@ class Journal:
                 self.layers.append(entry)
             # resuming needs the activations after the last finished layer (earlier ones are deleted as the
             # run goes): without them intact, back off to an earlier boundary, down to a fresh start
-            while self.layers and not _intact(work, self.layers[-1]["activations"],
-                                              self.layers[-1]["activations_sha256"]):
+            # (the model's last layer has none: nothing comes after it)
+            while self.layers and self.layers[-1]["activations"] is not None and not _intact(
+                    work, self.layers[-1]["activations"], self.layers[-1]["activations_sha256"]):
                 self.layers.pop()
         self.fp = fp
         self._write()
@@ -283,7 +285,8 @@ def deterministic(enabled: bool) -> Iterator[dict[str, Any]]:
 
 
 def read_tensors(source: Checkpoint, names: list[str]) -> dict[str, Any]:
-    """Exactly these tensors, each read from the shard the index names."""
+    """Exactly these tensors, each read from the shard the index names (fresh tensors: the embedding, the
+    rest, restored dtypes; a decoder layer's tensors go through ReadBuffers)."""
     from safetensors import safe_open
 
     by_shard: dict[str, list[str]] = {}
@@ -297,9 +300,111 @@ def read_tensors(source: Checkpoint, names: list[str]) -> dict[str, Any]:
     return out
 
 
+_ALIGN = 64  # each tensor's offset in a read buffer: any dtype's view of it is aligned
+
+
+def _torch_dtype(st: str) -> Any:
+    import torch
+
+    return {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16, "I32": torch.int32,
+            "I64": torch.int64, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "I16": torch.int16,
+            "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[st]
+
+
+class ReadBuffers:
+    """A decoder layer's tensors read straight from the shards (offsets from the checked headers) into one of
+    two host buffers that are allocated once and reused (layer i in buffer i % 2, so the reader fills the
+    next layer's while this one is built); page-locked with cudaHostRegister when CUDA is there (exact size,
+    not the caching host allocator's power-of-two rounding), so the host->device copies run at DMA speed.
+    The tensors returned are views into the buffer: valid until the read after next (build_layer copies what
+    it keeps). A buffer only grows (the first MoE layer sets its size): allocating ~3 GB per layer let the
+    allocator keep the freed ones (host RSS)."""
+
+    def __init__(self, source: Checkpoint, pin: bool = False):
+        self.source = source
+        self.pin = pin
+        self.bufs: list[Any] = [None, None]
+        self.registered: list[bool] = [False, False]
+        self.reads = 0
+        self.bytes_read = 0
+
+    def _buffer(self, k: int, nbytes: int) -> Any:
+        import torch
+
+        buf = self.bufs[k]
+        if buf is not None and buf.numel() >= nbytes:
+            return buf
+        self._release(k)
+        buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        if self.pin:
+            try:
+                rc = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
+                self.registered[k] = int(rc) == 0 if not isinstance(rc, tuple) else int(rc[0]) == 0
+            except Exception:  # noqa: BLE001 - pinning is an optimization: plain memory still works
+                self.registered[k] = False
+        self.bufs[k] = buf
+        return buf
+
+    def _release(self, k: int) -> None:
+        import torch
+
+        if self.bufs[k] is not None and self.registered[k]:
+            torch.cuda.cudart().cudaHostUnregister(self.bufs[k].data_ptr())
+        self.bufs[k], self.registered[k] = None, False
+
+    def close(self) -> None:
+        for k in range(2):
+            self._release(k)
+
+    @property
+    def pinned(self) -> bool:
+        return any(self.registered)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self.bufs if b is not None)
+
+    def read(self, names: list[str]) -> dict[str, Any]:
+        infos = [self.source.tensors[n] for n in names]
+        offsets, total = [], 0
+        for t in infos:
+            offsets.append(total)
+            total += -(-t.nbytes // _ALIGN) * _ALIGN
+        k = self.reads % 2
+        self.reads += 1
+        buf = self._buffer(k, total)
+        view = memoryview(buf.numpy())
+        out: dict[str, Any] = {}
+        order = sorted(range(len(infos)), key=lambda j: (str(infos[j].shard), infos[j].start))
+        fh, opened = None, None
+        try:
+            for j in order:
+                t, off = infos[j], offsets[j]
+                if opened != t.shard:
+                    if fh is not None:
+                        fh.close()
+                    fh, opened = open(t.shard, "rb", buffering=0), t.shard  # noqa: SIM115
+                fh.seek(t.start)
+                done = 0
+                while done < t.nbytes:
+                    n = fh.readinto(view[off + done:off + min(t.nbytes, done + CHUNK)])
+                    if not n:
+                        raise MtpquantError(f"{t.shard}: tensor {t.name}: truncated at byte {t.start + done}")
+                    done += n
+                out[t.name] = buf[off:off + t.nbytes].view(_torch_dtype(t.dtype)).reshape(t.shape)
+        finally:
+            if fh is not None:
+                fh.close()
+        self.bytes_read += total
+        return {n: out[n] for n in names}
+
+
 def layer_names(source: Checkpoint, i: int) -> list[str]:
     prefix = layer_prefix(i)
     return sorted(n for n in source.weight_map if n.startswith(prefix))
+
+
+_EXPERT = r"^(.*mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$"
 
 
 def fuse_experts(tensors: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -309,7 +414,7 @@ def fuse_experts(tensors: dict[str, Any], prefix: str) -> dict[str, Any]:
 
     import torch
 
-    pat = re.compile(r"^(.*mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+    pat = re.compile(_EXPERT)
     out, experts = {}, {}
     for name, t in tensors.items():
         rel = name.removeprefix(prefix)
@@ -326,10 +431,46 @@ def fuse_experts(tensors: dict[str, Any], prefix: str) -> dict[str, Any]:
     return out
 
 
+def layer_state(tensors: dict[str, Any], prefix: str, device: Any, dtypes: dict[str, Any]) -> dict[str, Any]:
+    """fuse_experts + the move to `device` with the module's dtypes, in one pass that writes each value once
+    into a fresh tensor on `device` (the fused experts preallocated there, filled expert by expert): no fused
+    host copy of the layer, nothing left pointing into the read buffer. `dtypes`: the module's state dict
+    dtypes by relative name. Values equal fuse_experts(...) then .to(device, dtype) (copies and the same
+    dtype conversion)."""
+    import re
+
+    import torch
+
+    pat = re.compile(_EXPERT)
+    out, experts = {}, {}
+    for name, t in tensors.items():
+        rel = name.removeprefix(prefix)
+        m = pat.match(rel)
+        if m:
+            experts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = t
+        elif rel in dtypes:
+            out[rel] = torch.empty(t.shape, dtype=dtypes[rel], device=device).copy_(t)
+        else:
+            out[rel] = t  # not in the module: build_layer names it
+    for base, parts in experts.items():
+        n = 1 + max(e for e, _ in parts)
+        g, d = parts[(0, "gate")], parts[(0, "down")]
+        gu_name, down_name = f"{base}.gate_up_proj", f"{base}.down_proj"
+        gu = torch.empty((n, 2 * g.shape[0], g.shape[1]), dtype=dtypes.get(gu_name, g.dtype), device=device)
+        down = torch.empty((n, *d.shape), dtype=dtypes.get(down_name, d.dtype), device=device)
+        for e in range(n):
+            gu[e, :g.shape[0]].copy_(parts[(e, "gate")])
+            gu[e, g.shape[0]:].copy_(parts[(e, "up")])
+            down[e].copy_(parts[(e, "down")])
+        out[gu_name], out[down_name] = gu, down
+    return out
+
+
 def build_layer(skeleton: Any, i: int, source: Checkpoint, device: Any, tensors: dict[str, Any] | None = None) -> Any:
     """Decoder layer i with its real weights on `device` (dtypes as the skeleton's, as from_pretrained gives
     them), experts linearized with llm-compressor's classes. `tensors`: the layer's tensors already read
-    (the prefetcher's); read here when not given."""
+    (the prefetcher's, possibly views into a ReadBuffers buffer: every value is copied); read here when not
+    given."""
     import copy
 
     from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
@@ -339,13 +480,12 @@ def build_layer(skeleton: Any, i: int, source: Checkpoint, device: Any, tensors:
     prefix = layer_prefix(i)
     if tensors is None:
         tensors = read_tensors(source, layer_names(source, i))
-    state = fuse_experts(tensors, prefix)
     expected = meta_layer.state_dict()
+    state = layer_state(tensors, prefix, device, {k: v.dtype for k, v in expected.items()})
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
         raise MtpquantError(f"{source.root}: layer {i}: tensors do not match the model "
                             f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    state = {k: v.to(device=device, dtype=expected[k].dtype) for k, v in state.items()}
     layer = copy.deepcopy(meta_layer, {id(skeleton.config): skeleton.config})  # one config: contexts that
     # switch the attention implementation (llm-compressor's eager attention) must reach the layer too
     layer.load_state_dict(state, assign=True, strict=True)
@@ -551,11 +691,89 @@ def final_config(cls: Any, config: Any, modifier: Any, out: Path, source_root: P
     return compressor
 
 
-def _save_acts(path: Path, hidden: list[Any], tops: list[Any]) -> str:
-    import torch
+ACTS_FORMAT = "mtpquant-activations-1"
 
-    acts = _to({"hidden": hidden, "topk": tops}, "cpu")  # the file does not depend on where they waited
-    return _atomic_save(path, lambda tmp: torch.save(acts, tmp))
+
+def _acts_entries(hidden: list[Any], tops: list[Any]) -> list[tuple[str, Any]]:
+    """The activations at a layer boundary as named tensors: `hidden.B` per batch, `topk.B` where the layer
+    passed top-k indices on (GLM-5's indexer)."""
+    out = [(f"hidden.{b}", h) for b, h in enumerate(hidden)]
+    out += [(f"topk.{b}", t) for b, t in enumerate(tops) if t is not None]
+    return out
+
+
+class StreamWriter:
+    """Writes tensors, wherever they are, as one safetensors file through a reused host staging buffer (16 MiB;
+    page-locked when CUDA is there), hashing the bytes as they go: no host copy of the whole set (the
+    activations are ~6 GB at GLM-5.2's 393K tokens), no second read to hash. Device tensors are copied on a
+    side stream that first waits for what the compute stream queued so far (the tensors are finished
+    outputs; the copies are synchronous, so the caller's references outlive them)."""
+
+    def __init__(self, chunk: int = CHUNK, pin: bool = False):
+        import torch
+
+        self.chunk = chunk
+        self.stage = torch.empty(chunk, dtype=torch.uint8, pin_memory=pin)
+        self.stream = None
+
+    def _bytes(self, t: Any) -> Iterator[memoryview]:
+        import torch
+
+        flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        if flat.device.type == "cpu":
+            mv = memoryview(flat.numpy())
+            for a in range(0, len(mv), self.chunk):
+                yield mv[a:a + self.chunk]
+            return
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device=flat.device)
+        self.stream.wait_stream(torch.cuda.current_stream(flat.device))
+        stage = memoryview(self.stage.numpy())
+        with torch.cuda.stream(self.stream):
+            for a in range(0, flat.numel(), self.chunk):
+                n = min(self.chunk, flat.numel() - a)
+                self.stage[:n].copy_(flat[a:a + n])
+                self.stream.synchronize()
+                yield stage[:n]
+
+    def write(self, path: Path, named: list[tuple[str, Any]], metadata: dict[str, str] | None = None) -> str:
+        """The file's sha256. `named`: (name, tensor) in file order (dtype, shape from the tensors)."""
+        h = hashlib.sha256()
+        header = safetensors_header_bytes(
+            [(n, _st_dtype(t), tuple(t.shape), t.numel() * t.element_size()) for n, t in named], metadata)
+        with open(path, "wb", buffering=0) as fh:
+            h.update(header)
+            fh.write(header)
+            for _, t in named:
+                for mv in self._bytes(t):
+                    h.update(mv)
+                    while mv:
+                        mv = mv[fh.write(mv):]
+        return h.hexdigest()
+
+
+def save_acts(path: Path, hidden: list[Any], tops: list[Any], writer: StreamWriter) -> str:
+    """The activations after a layer, streamed from where they wait (the file does not depend on where);
+    atomic (temp, fsync, rename); returns its sha256."""
+    sha: list[str] = []
+    meta = {"format": ACTS_FORMAT, "batches": str(len(hidden))}
+    atomic_write(path, lambda tmp: sha.append(writer.write(tmp, _acts_entries(hidden, tops), meta)))
+    return sha[0]
+
+
+def load_acts(path: Path) -> tuple[list[Any], list[Any]]:
+    """(hidden, topk) per batch, as save_acts wrote them, on the CPU."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata() or {}
+        if meta.get("format") != ACTS_FORMAT:
+            raise MtpquantError(f"{path}: not an activations file of this engine ({meta.get('format')!r})")
+        n = int(meta["batches"])
+        keys = set(fh.keys())
+        hidden = [fh.get_tensor(f"hidden.{b}") for b in range(n)]
+        tops = [fh.get_tensor(f"topk.{b}") if f"topk.{b}" in keys else None for b in range(n)]
+    return hidden, tops
 
 
 def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path,
@@ -664,9 +882,8 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
     hidden, kwargs = layer_inputs(skeleton, config, source, batches)
     reads.record(["model.embed_tokens.weight"])
     prev: list[Any] | None = [None] * len(hidden)
-    if start and split.owns(start):  # resume: the activations saved after the last finished layer
-        acts = torch.load(work / f"activations-after-{start - 1:05d}.pt", weights_only=True, map_location="cpu")
-        hidden, prev = acts["hidden"], acts["topk"]
+    if 0 < start < n_layers and split.owns(start):  # resume: the activations saved after the last finished layer
+        hidden, prev = load_acts(work / f"activations-after-{start - 1:05d}.safetensors")
     if not split.owns(start):
         hidden = prev = None
     hidden, prev = place.put(hidden), place.put(prev)
@@ -683,19 +900,37 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
     per_layer_s: list[dict[str, float]] = []  # this process's layers (their timestamps share t0)
     mine = split.mine(start, n_layers)
 
+    buffers = ReadBuffers(source, pin=torch.cuda.is_available())
+    acts_writer = StreamWriter(pin=torch.cuda.is_available())
+
     def timed_read(i: int) -> tuple[dict[str, Any], float, float]:
         a = time.perf_counter()
-        tensors = read_tensors(source, reads.record(layer_names(source, i)))
+        tensors = buffers.read(reads.record(layer_names(source, i)))
         return tensors, a - t0, time.perf_counter() - t0
 
-    def timed_write(i: int, tensors: dict[str, Any], hidden: list[Any], prev: list[Any]) -> dict[str, Any]:
+    def timed_write(i: int, box: list[dict[str, Any]], hidden: list[Any], prev: list[Any]) -> dict[str, Any]:
+        """Layer i's shard (safetensors' own save_file: the artifact's bytes as before) and, unless it is the
+        last layer (nothing comes after it), the activations at its boundary (streamed). `box`: [the packed
+        tensors], taken out so that they are freed once the shard is written (the executor keeps the
+        arguments until the call returns)."""
+        tensors = box.pop()
         a = time.perf_counter()
         name = shard_name(i + 1, n_shards)
-        shard_sha = _atomic_save(work / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}), i)
-        acts_name = f"activations-after-{i:05d}.pt"
-        acts_sha = _save_acts(work / acts_name, hidden, prev)
+        shard_sha = _atomic_save(work / name, lambda tmp, t=tensors: save_file(t, str(tmp), metadata={"format": "pt"}),
+                                 i)
+        b = time.perf_counter()
+        shard_bytes = (work / name).stat().st_size
+        del tensors  # the shard's host copies (save_file's) are gone: free the packed tensors too
+        acts_name = acts_sha = None
+        acts_bytes = 0
+        if i + 1 < n_layers:
+            acts_name = f"activations-after-{i:05d}.safetensors"
+            acts_sha = save_acts(work / acts_name, hidden, prev, acts_writer)
+            acts_bytes = (work / acts_name).stat().st_size
+        c = time.perf_counter()
         return {"shard": name, "shard_sha256": shard_sha, "activations": acts_name, "activations_sha256": acts_sha,
-                "write_start": a - t0, "write_end": time.perf_counter() - t0}
+                "write_start": a - t0, "write_end": c - t0, "write_shard": round(b - a, 3),
+                "write_activations": round(c - b, 3), "shard_bytes": shard_bytes, "activations_bytes": acts_bytes}
 
     def journal_progress() -> None:
         """Rank 0: journal every layer whose files its owner has reported durable."""
@@ -711,17 +946,28 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         waited = time.perf_counter() - w0
         t = entry["seconds"]
         t.update(write=round(files.pop("write_end") - files["write_start"], 3), waited_for_write=round(waited, 3),
-                 write_start=round(files.pop("write_start"), 3))
+                 write_start=round(files.pop("write_start"), 3),
+                 **{k: files.pop(k) for k in ("write_shard", "write_activations", "shard_bytes", "activations_bytes")})
         atomic_write_json(work / entry_name(entry["layer"]),
                           {"layer": entry["layer"], **files, **{k: v for k, v in entry.items() if k != "layer"}})
-        per_layer_s.append(t)
+        j0 = time.perf_counter()
         journal_progress()
+        t["journal"] = round(time.perf_counter() - j0, 3)
+        if split.world == 1 and len(journal.layers) >= 2 and journal.layers[-1]["layer"] == entry["layer"]:
+            # only the newest boundary is needed to resume; deleting a ~6 GB file is not instant (1.5 s per
+            # layer between compute_end and the next write on the H200): the writer thread does it, before the
+            # next layer's write (one thread, in order), after the journal names the new boundary. With several
+            # ranks the previous boundary is another rank's file and the journal lags: left to the final cleanup
+            old = journal.layers[-2]["activations"]
+            if old:
+                writer.submit((work / old).unlink, missing_ok=True)
+        per_layer_s.append(t)
 
     # I/O overlaps compute: one thread reads this rank's next layer while its current one calibrates (at most one
     # layer ahead), one writes its layer's shard while its next layer computes (at most one write in flight;
     # with several ranks also while the other ranks compute theirs); a layer is journaled only once its files
     # are durable, so resume is as before
-    with progress, ThreadPoolExecutor(1, thread_name_prefix="stream-read") as reader, \
+    with progress, contextlib.closing(buffers), ThreadPoolExecutor(1, thread_name_prefix="stream-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="stream-write") as writer:
         ahead = reader.submit(timed_read, mine[0]) if mine else None
         pending: tuple[Future, dict[str, Any]] | None = None
@@ -760,7 +1006,7 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
                                  "compute_start": round(tb - t0, 3), "compute_end": round(tc - t0, 3)}}
             if nxt is not None and not split.owns(nxt):
                 ranks.send_tensors((hidden, prev), split.owner(nxt))
-            pending = (writer.submit(timed_write, i, packed, hidden, prev), entry)
+            pending = (writer.submit(timed_write, i, [packed], hidden, prev), entry)
             del packed
             if split.world > 1:  # the next layer's inputs come from another rank
                 hidden = prev = None
@@ -814,6 +1060,7 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         "recipe": {"path": str(qpath), "sha256": recipes.recipe_sha256("quant", qpath), "targets": targets},
         "calibration": {"path": str(cpath), "sha256": recipes.recipe_sha256("calibration", cpath), **data_summary},
         "activations_on": place.device, "activations_pinned": place.pin, "resumed_after_layers": start,
+        "read_buffers": {"bytes": buffers.nbytes, "pinned": buffers.pinned, "bytes_read": buffers.bytes_read},
         "quantized_linears": len(rows), "expected_linears": len(expected), "ranks": split.world,
         "split": "layer i on rank i % ranks",
         "per_rank": per_rank,
