@@ -105,8 +105,9 @@ def _guard_disk(path: str = "/") -> None:
         raise MtpquantError(f"{path} is {u.used / (u.used + u.free):.0%} full (limit {FULL_DISK:.0%}): free some first")
 
 
-def release(image: str, base: str, registry: str, log=print) -> dict[str, Any]:
-    """Build, check, push, pull by digest and rebuild one CUDA image; returns what was measured."""
+def release(image: str, base: str, registry: str, log=print, save=lambda out: None) -> dict[str, Any]:
+    """Build, check, push, pull by digest and rebuild one CUDA image; returns what was measured, and hands what
+    is measured so far to `save` after each phase (a run stopped in its rebuild keeps its first build's numbers)."""
     s = spec(image, "cuda", {"cuda": base}, online=True)
     out: dict[str, Any] = {"ref": s.local_ref, "base": base, "revision": s.buildargs["REVISION"]}
     _guard_disk()
@@ -119,9 +120,11 @@ def release(image: str, base: str, registry: str, log=print) -> dict[str, Any]:
             "labels": attrs["Config"]["Labels"], "label_problems": label_problems(attrs["Config"]["Labels"], image,
                                                                                    "cuda")}
     out["in_image"] = in_image_checks(s.local_ref, image, log)
+    save(out)
     first = push(s, registry, log=log)
     forget(s.local_ref)
     out |= {"digest_ref": first, "pulled_id": pull_by_digest(s, first)}
+    save(out)
     forget(s.local_ref)  # the rebuild starts with nothing of the first build on the engine
     with DiskPeak() as disk:
         t0 = time.monotonic()
@@ -141,6 +144,13 @@ def release(image: str, base: str, registry: str, log=print) -> dict[str, Any]:
     return out
 
 
+def record(path: Path, key: str, value: dict[str, Any]) -> None:
+    """One image's results into the JSON file, merged with what other runs wrote there (read at each write)."""
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**results, key: value}, indent=1, sort_keys=True) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mtpquant.images.release", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,14 +162,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         base = args.base.partition("=")[2] if args.base else cuda_base()
-        results = json.loads(args.results.read_text()) if args.results.is_file() else {}
         ok = True
         for image in args.image or ["calibrate", "serve"]:
-            r = release(image, base, args.registry)
+            key = f"{image}-cuda"
+            r = release(image, base, args.registry, save=lambda out, key=key: record(args.results, key, out))
             r["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            results[f"{image}-cuda"] = r
-            args.results.parent.mkdir(parents=True, exist_ok=True)
-            args.results.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+            record(args.results, key, r)
             passed = r["in_image"]["exit"] == 0 and not r["label_problems"]
             ok &= passed and r["pulled_id"] == r["image_id"]
             print(f"{image}-cuda: {r['digest_ref']} {r['size_bytes'] / 2**30:.1f} GiB, built in {r['build_seconds']} s "
