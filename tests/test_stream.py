@@ -135,6 +135,13 @@ def test_sigkill_then_resume_gives_the_same_files(built, streamed, tmp_path):
     assert all({"read", "compute", "write", "shard_sha256", "activations_sha256"} <= set(e) for e in per_layer)
     assert rep["activations_on"] == "cpu" and rep["activations_pinned"] is False
     assert rep["deterministic"] == {"enabled": False}  # CPU: nothing changed
+    # the reused read buffers, as they were while the layers were read (the report is written after they close)
+    from mtpquant.model.families.base import layer_prefix
+
+    rb, tensors = rep["read_buffers"], Checkpoint(base).tensors
+    layer_bytes = [sum(t.nbytes + 64 for name, t in tensors.items() if name.startswith(layer_prefix(i)))
+                   for i in range(n)]  # + each tensor's alignment in the buffer
+    assert rb["pinned"] is False and 0 < rb["bytes"] <= 2 * max(layer_bytes), (rb, layer_bytes)
     assert file_hashes(out) == file_hashes(streamed["glm4_moe"]["quantized"])
 
 

@@ -327,6 +327,8 @@ class ReadBuffers:
         self.registered: list[bool] = [False, False]
         self.reads = 0
         self.bytes_read = 0
+        self.peak_bytes = 0  # for the report, which is written after close()
+        self.was_pinned = False
 
     def _buffer(self, k: int, nbytes: int) -> Any:
         import torch
@@ -343,6 +345,8 @@ class ReadBuffers:
             except Exception:  # noqa: BLE001 - pinning is an optimization: plain memory still works
                 self.registered[k] = False
         self.bufs[k] = buf
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
+        self.was_pinned = self.was_pinned or self.registered[k]
         return buf
 
     def _release(self, k: int) -> None:
@@ -1060,7 +1064,8 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         "recipe": {"path": str(qpath), "sha256": recipes.recipe_sha256("quant", qpath), "targets": targets},
         "calibration": {"path": str(cpath), "sha256": recipes.recipe_sha256("calibration", cpath), **data_summary},
         "activations_on": place.device, "activations_pinned": place.pin, "resumed_after_layers": start,
-        "read_buffers": {"bytes": buffers.nbytes, "pinned": buffers.pinned, "bytes_read": buffers.bytes_read},
+        "read_buffers": {"bytes": buffers.peak_bytes, "pinned": buffers.was_pinned,
+                         "bytes_read": buffers.bytes_read},
         "quantized_linears": len(rows), "expected_linears": len(expected), "ranks": split.world,
         "split": "layer i on rank i % ranks",
         "per_rank": per_rank,

@@ -134,12 +134,7 @@ def stage_logs(log: Path, mtp_prefixes: list[str], n_mtp: int, say: Callable[[st
     # the redirect inside the spinner: rich's live display would pass stdout on to the terminal
     with contextlib.suppress(ImportError), progress("loading llm-compressor"), contextlib.redirect_stdout(imported):
         import llmcompressor  # noqa: F401  (configures loguru on import: replace that configuration after it)
-    Path(log).parent.mkdir(parents=True, exist_ok=True)
     noise = Noise()
-    if imported.getvalue().strip():
-        with open(log, "a") as f:
-            f.write(imported.getvalue())
-        noise.dropped["import"] += 1
     show = warnings.showwarning
 
     def known_to_log(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
@@ -162,8 +157,10 @@ def stage_logs(log: Path, mtp_prefixes: list[str], n_mtp: int, say: Callable[[st
             h.addFilter(report_filter)
     logger.remove()
     sinks = [logger.add(str(log), level=0, delay=True), logger.add(sys.stderr, level=0, filter=terminal_filter(noise))]
+    ok = False
     try:
         yield noise
+        ok = True
     finally:
         warnings.showwarning = show
         for s in sinks:
@@ -173,5 +170,11 @@ def stage_logs(log: Path, mtp_prefixes: list[str], n_mtp: int, say: Callable[[st
         file_handler.close()
         for h in root.handlers:
             h.removeFilter(report_filter)
-        for line in explain(noise, n_mtp, log):
+        # a refused stage (a user mistake) leaves no log and no note: its one-line error is all the terminal gets
+        if ok and imported.getvalue().strip():
+            Path(log).parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "a") as f:
+                f.write("(printed while llm-compressor was imported)\n" + imported.getvalue())
+            noise.dropped["import"] += 1
+        for line in explain(noise, n_mtp, log) if ok else []:
             say(line)
