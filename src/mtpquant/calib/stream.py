@@ -411,22 +411,29 @@ def layer_names(source: Checkpoint, i: int) -> list[str]:
 _EXPERT = r"^(.*mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$"
 
 
-def fuse_experts(tensors: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """On-disk per-expert 2-D tensors -> the fused 3-D parameters the transformers module holds (the inverse
-    of fixture.unfuse_experts, as transformers' load conversion does). Names relative to the layer."""
+def split_experts(tensors: dict[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, dict[tuple[int, str], Any]]]:
+    """A layer's tensors by name relative to `prefix`: (the others, {experts base: {(expert, gate|up|down): t}})."""
     import re
 
-    import torch
-
     pat = re.compile(_EXPERT)
-    out, experts = {}, {}
+    others: dict[str, Any] = {}
+    experts: dict[str, dict[tuple[int, str], Any]] = {}
     for name, t in tensors.items():
         rel = name.removeprefix(prefix)
         m = pat.match(rel)
         if m:
             experts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = t
         else:
-            out[rel] = t
+            others[rel] = t
+    return others, experts
+
+
+def fuse_experts(tensors: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """On-disk per-expert 2-D tensors -> the fused 3-D parameters the transformers module holds (the inverse
+    of fixture.unfuse_experts, as transformers' load conversion does). Names relative to the layer."""
+    import torch
+
+    out, experts = split_experts(tensors, prefix)
     for base, parts in experts.items():
         n = 1 + max(e for e, _ in parts)
         out[f"{base}.gate_up_proj"] = torch.stack([torch.cat([parts[(e, "gate")], parts[(e, "up")]])
@@ -441,21 +448,12 @@ def layer_state(tensors: dict[str, Any], prefix: str, device: Any, dtypes: dict[
     host copy of the layer, nothing left pointing into the read buffer. `dtypes`: the module's state dict
     dtypes by relative name. Values equal fuse_experts(...) then .to(device, dtype) (copies and the same
     dtype conversion)."""
-    import re
-
     import torch
 
-    pat = re.compile(_EXPERT)
-    out, experts = {}, {}
-    for name, t in tensors.items():
-        rel = name.removeprefix(prefix)
-        m = pat.match(rel)
-        if m:
-            experts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = t
-        elif rel in dtypes:
+    out, experts = split_experts(tensors, prefix)
+    for rel, t in out.items():  # not in the module (not in dtypes): left as read, build_layer names it
+        if rel in dtypes:
             out[rel] = torch.empty(t.shape, dtype=dtypes[rel], device=device).copy_(t)
-        else:
-            out[rel] = t  # not in the module: build_layer names it
     for base, parts in experts.items():
         n = 1 + max(e for e, _ in parts)
         g, d = parts[(0, "gate")], parts[(0, "down")]
