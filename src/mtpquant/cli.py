@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from mtpquant.core.atomic import atomic_write_json
-from mtpquant.core.errors import MtpquantError
+from mtpquant.core.errors import MtpquantError, one_line
 from mtpquant.core.run import Run, manifest_of
 from mtpquant.model.families import FAMILIES
 from mtpquant.model.schemes import DEFAULT, SCHEMES, scheme
@@ -449,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except MtpquantError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(one_line(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: outputs are written atomically, nothing half-written was kept")

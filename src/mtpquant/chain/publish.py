@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtpquant.core.errors import MtpquantError
+from mtpquant.core.errors import MtpquantError, printable
 from mtpquant.core.run import MANIFEST, Run, manifest_of
 
 TAGS = ["mtpquant", "w4a16", "int4", "gptq", "compressed-tensors", "mtp", "speculative-decoding", "moe"]
@@ -111,12 +111,13 @@ def publish(run: Run, repo: str, artifact: Path | None = None, dry_run: bool = F
 
 def render(plan: dict[str, Any]) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
     t = Table(title=f"{'would upload' if plan['dry_run'] else 'uploaded'} to {plan['repo']} "
                     f"({plan['bytes'] / 2**30:.2f} GiB, {len(plan['files']) + 1} files, one commit)")
     for col in ("file", "bytes", "sha256"):
         t.add_column(col, justify="right" if col == "bytes" else "left")
     for f in plan["files"]:
-        t.add_row(f["path"], str(f["bytes"]), f["sha256"])
+        t.add_row(Text(printable(f["path"])), str(f["bytes"]), f["sha256"])  # a file name is not markup
     t.add_row("README.md", str(len(plan["card"].encode())), "(the model card, below)")
     return t

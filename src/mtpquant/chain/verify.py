@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from mtpquant.core.checkpoint import Checkpoint, TensorInfo, read_safetensors_header, tensor_sha256
-from mtpquant.core.errors import MtpquantError, VerificationFailed
+from mtpquant.core.errors import MtpquantError, VerificationFailed, printable
 from mtpquant.core.progress import byte_progress
 from mtpquant.model.families import Family, family_for, matches, model_type_of
 from mtpquant.model.schemes import (
@@ -380,16 +380,17 @@ def verify_record(artifact: Path, base_dir: Path, checks: list[Check]) -> dict[s
 
 def render(checks: list[Check], title: str) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title)
+    table = Table(title=Text(printable(title)))
     table.add_column("check")
     table.add_column("result")
     table.add_column("detail")
-    for c in checks:
+    for c in checks:  # details and failures name tensors from the files: plain text, never rich markup
         result = "[green]PASS[/]" if c.ok else f"[red]FAIL ({len(c.failures)})[/]"
-        detail = c.detail if c.ok else "\n".join(c.failures[:5] + ([f"... {len(c.failures) - 5} more"]
-                                                                   if len(c.failures) > 5 else []))
-        table.add_row(c.name, result, detail)
+        lines = [c.detail] if c.ok else c.failures[:5] + ([f"... {len(c.failures) - 5} more"]
+                                                          if len(c.failures) > 5 else [])
+        table.add_row(c.name, result, Text("\n".join(printable(line) for line in lines)))
     return table
 
 

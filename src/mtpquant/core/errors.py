@@ -18,11 +18,21 @@ class VerificationFailed(MtpquantError):
     exit_code = 3
 
 
+def printable(text: str) -> str:
+    """`text` on one line: a name taken from a hostile file (a tensor called "\\n") is shown escaped, so a newline
+    or terminal control character in it can neither split a message nor drive the terminal."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def one_line(exc: BaseException) -> str:
+    return printable(str(exc))
+
+
 def run_command(body: Callable[[], int], *user_errors: type[Exception]) -> int:
     """A small module's `main`: a user-facing error (MtpquantError or one of `user_errors`) is one line on stderr
     and its exit code (2 unless the error says otherwise), never a traceback."""
     try:
         return body()
     except (MtpquantError, *user_errors) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return getattr(e, "exit_code", 2)

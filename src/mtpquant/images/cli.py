@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mtpquant.core.errors import MtpquantError
+from mtpquant.core.errors import MtpquantError, one_line
 from mtpquant.images.context import plan_lines, spec
 from mtpquant.images.engine import build, publish, pull, run
 from mtpquant.images.pins import FLAVOURS
@@ -32,6 +32,7 @@ def _selected(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console(stderr=True)
     p = argparse.ArgumentParser(prog="python -m mtpquant.images", description=DOC,
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 return run(ref, command, args.mount, args.user, args.gpus, args.shm_size, env,
                            log=lambda line: print(line, flush=True))
     except MtpquantError as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {escape(one_line(e))}")
         return 2
     return 0
 
