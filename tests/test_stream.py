@@ -240,6 +240,38 @@ def test_write_path_stream_writer_is_safetensors_bytes(tmp_path):
         assert len(_acts_entries(hidden, tops)) == 3 + sum(x is not None for x in tops)
 
 
+def test_streamed_shard_is_save_files_bytes(tmp_path):
+    """save_shard (the layer shards' writer: safetensors' order asked of safetensors, streamed, hashed while
+    written) gives byte for byte the file `save_file` writes for the same packed-layer tensors, whatever the
+    chunk size (chunks smaller than, equal to and larger than a tensor)."""
+    from safetensors.torch import save_file
+
+    from mtpquant.calib.stream import StreamWriter, save_shard, safetensors_order
+
+    g = torch.Generator().manual_seed(1)
+    p = "model.layers.3.mlp.experts"
+    ts = {}
+    for e in (0, 1, 10, 2):  # names that sort differently as text and as numbers
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            ts[f"{p}.{e}.{proj}.weight_packed"] = torch.randint(-2**31, 2**31 - 1, (6, 4), dtype=torch.int32,
+                                                                generator=g)
+            ts[f"{p}.{e}.{proj}.weight_scale"] = torch.randn(6, 1, generator=g).to(torch.bfloat16)
+            ts[f"{p}.{e}.{proj}.weight_zero_point"] = torch.randint(0, 15, (1, 1), dtype=torch.int32, generator=g)
+            ts[f"{p}.{e}.{proj}.weight_shape"] = torch.tensor([6, 32], dtype=torch.int64)
+    ts["model.layers.3.mlp.gate.e_score_correction_bias"] = torch.randn(4, generator=g)
+    ts["model.layers.3.input_layernorm.weight"] = torch.randn(32, generator=g).to(torch.bfloat16)
+    ts["model.layers.3.flag"] = torch.tensor([True, False])
+    save_file(ts, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    ref = (tmp_path / "ref.safetensors").read_bytes()
+    assert len(set(t.dtype for t in ts.values())) == 5 and safetensors_order(ts) != sorted(ts)
+    for chunk in (8, 24, 96, 1 << 20):
+        writer = StreamWriter(chunk=chunk)
+        sha = save_shard(tmp_path / "s.safetensors", ts, writer)
+        writer.close()
+        assert (tmp_path / "s.safetensors").read_bytes() == ref, chunk
+        assert sha == hashlib.sha256(ref).hexdigest()
+
+
 def test_read_buffers_and_layer_state_equal_the_old_read(built, family):
     """ReadBuffers (reused buffers, offsets from the checked headers) gives read_tensors' values; layer_state
     gives fuse_experts + .to(dtype)'s; a buffer is reused every second read."""

@@ -51,7 +51,7 @@ from mtpquant.calib.quantize import (
 from mtpquant.core.atomic import atomic_dir, atomic_write, atomic_write_json
 from mtpquant.core.checkpoint import CHUNK, INDEX_NAME, Checkpoint, file_sha256, safetensors_header_bytes
 from mtpquant.core.errors import MtpquantError
-from mtpquant.core.measure import peak_memory
+from mtpquant.core.measure import host_rss_gib, peak_memory
 from mtpquant.model import recipes
 from mtpquant.model.families.base import LAYERS, layer_prefix
 from mtpquant.model.recipes import QuantRecipe
@@ -203,13 +203,6 @@ def _kill_point(phase: str, layer: int) -> None:
     its temp file, not yet renamed; "after": right after the layer's journal entry)."""
     if os.environ.get("MTPQUANT_STREAM_KILL") == f"{phase}:{layer}":
         os.kill(os.getpid(), 9)
-
-
-def _atomic_save(path: Path, write: Callable[[Path], None], layer: int | None = None) -> str:
-    """mtpquant.core.atomic's write (owner-named temp, fsync, rename; a dead process's temp removed first), with
-    the tests' kill point before the rename; returns the file's sha256."""
-    atomic_write(path, write, None if layer is None else lambda: _kill_point("write", layer))
-    return file_sha256(path)
 
 
 @dataclass(frozen=True)
@@ -704,39 +697,73 @@ def _acts_entries(hidden: list[Any], tops: list[Any]) -> list[tuple[str, Any]]:
     return out
 
 
+WRITE_CHUNK = 64 << 20  # bytes per staging buffer of StreamWriter (two of them)
+
+
 class StreamWriter:
-    """Writes tensors, wherever they are, as one safetensors file through a reused host staging buffer (16 MiB;
-    page-locked when CUDA is there), hashing the bytes as they go: no host copy of the whole set (the
-    activations are ~6 GB at GLM-5.2's 393K tokens), no second read to hash. Device tensors are copied on a
-    side stream that first waits for what the compute stream queued so far (the tensors are finished
-    outputs; the copies are synchronous, so the caller's references outlive them)."""
+    """Writes tensors, wherever they are, as one safetensors file, hashing the bytes as they go: no host copy of
+    the whole set (the activations are ~6 GB at GLM-5.2's 393K tokens, a packed layer ~1-4 GB), no second read to
+    hash. Host tensors are written from their own memory; device tensors go through two reused staging buffers
+    (page-locked when CUDA is there), copied on a side stream that first waits for what the compute stream
+    queued so far. The three steps overlap: while chunk k is hashed (the hash thread) and written (this thread)
+    at once, chunk k+1 is copied from the device. Why: on the H200 the first version (one 16 MiB buffer, copy,
+    hash and write taking turns in one thread) wrote 0.53 GB/s to a disk that takes 1.72 GB/s; each turn also
+    waited for the GIL, which the thread driving the GPU holds most of the time. The caller keeps the tensors
+    alive until write returns."""
 
-    def __init__(self, chunk: int = CHUNK, pin: bool = False):
-        import torch
-
+    def __init__(self, chunk: int = WRITE_CHUNK, pin: bool = False):
         self.chunk = chunk
-        self.stage = torch.empty(chunk, dtype=torch.uint8, pin_memory=pin)
+        self.pin = pin
+        self.stages: list[Any] = []
         self.stream = None
+        self.hasher = ThreadPoolExecutor(1, thread_name_prefix="stream-hash")
 
-    def _bytes(self, t: Any) -> Iterator[memoryview]:
+    def close(self) -> None:
+        self.hasher.shutdown()
+        self.stages = []
+
+    def _stage(self, k: int) -> Any:
         import torch
 
-        flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
-        if flat.device.type == "cpu":
-            mv = memoryview(flat.numpy())
-            for a in range(0, len(mv), self.chunk):
-                yield mv[a:a + self.chunk]
-            return
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(device=flat.device)
-        self.stream.wait_stream(torch.cuda.current_stream(flat.device))
-        stage = memoryview(self.stage.numpy())
-        with torch.cuda.stream(self.stream):
+        while len(self.stages) <= k:
+            self.stages.append(torch.empty(self.chunk, dtype=torch.uint8, pin_memory=self.pin))
+        return self.stages[k]
+
+    def _chunks(self, named: list[tuple[str, Any]]) -> Iterator[memoryview]:
+        """The tensors' bytes in order, at most `chunk` at a time; a device chunk is yielded once its copy is
+        done, with the next one's copy already queued (its buffer is the one the caller finished with)."""
+        import torch
+
+        pending: tuple[Any, memoryview] | None = None
+        k = 0
+        for _, t in named:
+            flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
             for a in range(0, flat.numel(), self.chunk):
                 n = min(self.chunk, flat.numel() - a)
-                self.stage[:n].copy_(flat[a:a + n])
-                self.stream.synchronize()
-                yield stage[:n]
+                if flat.device.type == "cpu":
+                    if pending is not None:
+                        pending[0].synchronize()
+                        yield pending[1]
+                        pending = None
+                    yield memoryview(flat[a:a + n].numpy())
+                    continue
+                if self.stream is None:
+                    self.stream = torch.cuda.Stream(device=flat.device)
+                if k == 0:
+                    self.stream.wait_stream(torch.cuda.current_stream(flat.device))
+                stage = self._stage(k % 2)
+                k += 1
+                with torch.cuda.stream(self.stream):
+                    stage[:n].copy_(flat[a:a + n], non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record(self.stream)
+                if pending is not None:
+                    pending[0].synchronize()
+                    yield pending[1]
+                pending = (done, memoryview(stage[:n].numpy()))
+        if pending is not None:
+            pending[0].synchronize()
+            yield pending[1]
 
     def write(self, path: Path, named: list[tuple[str, Any]], metadata: dict[str, str] | None = None) -> str:
         """The file's sha256. `named`: (name, tensor) in file order (dtype, shape from the tensors)."""
@@ -745,13 +772,40 @@ class StreamWriter:
             [(n, _st_dtype(t), tuple(t.shape), t.numel() * t.element_size()) for n, t in named], metadata)
         with open(path, "wb", buffering=0) as fh:
             h.update(header)
-            fh.write(header)
-            for _, t in named:
-                for mv in self._bytes(t):
-                    h.update(mv)
-                    while mv:
-                        mv = mv[fh.write(mv):]
+            _write_all(fh, memoryview(header))
+            for mv in self._chunks(named):
+                hashed = self.hasher.submit(h.update, mv)  # hashlib and the write both release the GIL
+                _write_all(fh, mv)
+                hashed.result()
         return h.hexdigest()
+
+
+def _write_all(fh: Any, mv: memoryview) -> None:
+    while mv:
+        mv = mv[fh.write(mv):]
+
+
+def safetensors_order(tensors: dict[str, Any]) -> list[str]:
+    """The order safetensors' own serializer lays these tensors out in (it sorts by dtype, then name), asked of
+    it on one-element tensors of the same names and dtypes: a shard StreamWriter writes in this order is byte
+    for byte what `save_file(tensors, metadata=...)` writes."""
+    import torch
+    from safetensors.torch import save
+
+    blob = save({n: torch.zeros(1, dtype=t.dtype) for n, t in tensors.items()})
+    header = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])
+    header.pop("__metadata__", None)
+    return sorted(header, key=lambda n: header[n]["data_offsets"][0])
+
+
+def save_shard(path: Path, tensors: dict[str, Any], writer: StreamWriter, layer: int | None = None) -> str:
+    """A layer's output shard, streamed from where the packed tensors are (the GPU), in safetensors' own layout;
+    atomic (temp, fsync, rename; the tests' kill point before the rename); returns its sha256."""
+    sha: list[str] = []
+    order = [(n, tensors[n]) for n in safetensors_order(tensors)]
+    atomic_write(path, lambda tmp: sha.append(writer.write(tmp, order, {"format": "pt"})),
+                 None if layer is None else lambda: _kill_point("write", layer))
+    return sha[0]
 
 
 def save_acts(path: Path, hidden: list[Any], tops: list[Any], writer: StreamWriter) -> str:
@@ -794,7 +848,8 @@ def _per_layer(journal: Journal, start: int) -> list[dict[str, Any]]:
     """Every layer's seconds and file hashes, by layer number, also those an earlier process finished
     (`resumed`: their timestamps count from that process's start)."""
     return [{"layer": e["layer"], "resumed": k < start, "shard_sha256": e["shard_sha256"],
-             "activations_sha256": e["activations_sha256"], **e["seconds"]} for k, e in enumerate(journal.layers)]
+             "activations_sha256": e["activations_sha256"], "host_rss_gib": e.get("host_rss_gib"), **e["seconds"]}
+            for k, e in enumerate(journal.layers)]
 
 
 @dataclass
@@ -900,10 +955,11 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
                         disable=split.rank != 0)
     task = progress.add_task(fam.architecture, total=n_layers, completed=start)
     per_layer_s: list[dict[str, float]] = []  # this process's layers (their timestamps share t0)
+    recorded: list[Future] = []  # the writer thread's entry + journal steps: their errors are raised below
     mine = split.mine(start, n_layers)
 
     buffers = ReadBuffers(source, pin=torch.cuda.is_available())
-    acts_writer = StreamWriter(pin=torch.cuda.is_available())
+    out_writer = StreamWriter(pin=torch.cuda.is_available())
 
     def timed_read(i: int) -> tuple[dict[str, Any], float, float]:
         a = time.perf_counter()
@@ -911,23 +967,22 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         return tensors, a - t0, time.perf_counter() - t0
 
     def timed_write(i: int, box: list[dict[str, Any]], hidden: list[Any], prev: list[Any]) -> dict[str, Any]:
-        """Layer i's shard (safetensors' own save_file: the artifact's bytes as before) and, unless it is the
-        last layer (nothing comes after it), the activations at its boundary (streamed). `box`: [the packed
-        tensors], taken out so that they are freed once the shard is written (the executor keeps the
-        arguments until the call returns)."""
+        """Layer i's shard (streamed in safetensors' own layout: the bytes save_file writes) and, unless it is
+        the last layer (nothing comes after it), the activations at its boundary. `box`: [the packed tensors],
+        taken out so that they are freed once the shard is written (the executor keeps the arguments until the
+        call returns)."""
         tensors = box.pop()
         a = time.perf_counter()
         name = shard_name(i + 1, n_shards)
-        shard_sha = _atomic_save(work / name, lambda tmp, t=tensors: save_file(t, str(tmp), metadata={"format": "pt"}),
-                                 i)
+        shard_sha = save_shard(work / name, tensors, out_writer, i)
         b = time.perf_counter()
         shard_bytes = (work / name).stat().st_size
-        del tensors  # the shard's host copies (save_file's) are gone: free the packed tensors too
+        del tensors
         acts_name = acts_sha = None
         acts_bytes = 0
         if i + 1 < n_layers:
             acts_name = f"activations-after-{i:05d}.safetensors"
-            acts_sha = save_acts(work / acts_name, hidden, prev, acts_writer)
+            acts_sha = save_acts(work / acts_name, hidden, prev, out_writer)
             acts_bytes = (work / acts_name).stat().st_size
         c = time.perf_counter()
         return {"shard": name, "shard_sha256": shard_sha, "activations": acts_name, "activations_sha256": acts_sha,
@@ -939,8 +994,18 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         if journal is not None and journal.absorb():
             progress.update(task, completed=len(journal.layers))
 
+    def record(entry: dict[str, Any], files: dict[str, Any]) -> None:
+        """The writer thread, after the layer's files: its entry file, then (rank 0) the journal, which also
+        deletes the boundary before (only the newest is needed to resume). Here and not on the thread that
+        drives the GPU: an fsync or a ~6 GB unlink while GBs are being written took 1-1.5 s per layer there."""
+        atomic_write_json(work / entry_name(entry["layer"]),
+                          {"layer": entry["layer"], **files, **{k: v for k, v in entry.items() if k != "layer"}})
+        j0 = time.perf_counter()
+        journal_progress()
+        entry["seconds"]["journal"] = round(time.perf_counter() - j0, 3)
+
     def finish(pending: tuple[Future, dict[str, Any]]) -> None:
-        """Waits for a layer's shard and activations to be durable, then (only then) writes its entry file,
+        """Waits for a layer's shard and activations to be durable, then (only then) has its entry file written,
         which rank 0 journals."""
         fut, entry = pending
         w0 = time.perf_counter()
@@ -950,26 +1015,15 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         t.update(write=round(files.pop("write_end") - files["write_start"], 3), waited_for_write=round(waited, 3),
                  write_start=round(files.pop("write_start"), 3),
                  **{k: files.pop(k) for k in ("write_shard", "write_activations", "shard_bytes", "activations_bytes")})
-        atomic_write_json(work / entry_name(entry["layer"]),
-                          {"layer": entry["layer"], **files, **{k: v for k, v in entry.items() if k != "layer"}})
-        j0 = time.perf_counter()
-        journal_progress()
-        t["journal"] = round(time.perf_counter() - j0, 3)
-        if split.world == 1 and len(journal.layers) >= 2 and journal.layers[-1]["layer"] == entry["layer"]:
-            # only the newest boundary is needed to resume; deleting a ~6 GB file is not instant (1.5 s per
-            # layer between compute_end and the next write on the H200): the writer thread does it, before the
-            # next layer's write (one thread, in order), after the journal names the new boundary. With several
-            # ranks the previous boundary is another rank's file and the journal lags: left to the final cleanup
-            old = journal.layers[-2]["activations"]
-            if old:
-                writer.submit((work / old).unlink, missing_ok=True)
+        recorded.append(writer.submit(record, entry, files))
         per_layer_s.append(t)
 
     # I/O overlaps compute: one thread reads this rank's next layer while its current one calibrates (at most one
     # layer ahead), one writes its layer's shard while its next layer computes (at most one write in flight;
     # with several ranks also while the other ranks compute theirs); a layer is journaled only once its files
     # are durable, so resume is as before
-    with progress, contextlib.closing(buffers), ThreadPoolExecutor(1, thread_name_prefix="stream-read") as reader, \
+    with progress, contextlib.closing(buffers), contextlib.closing(out_writer), \
+            ThreadPoolExecutor(1, thread_name_prefix="stream-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="stream-write") as writer:
         ahead = reader.submit(timed_read, mine[0]) if mine else None
         pending: tuple[Future, dict[str, Any]] | None = None
@@ -978,7 +1032,7 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
             if not split.owns(i):
                 if nxt is not None and split.owns(nxt):  # the next layer is mine: its inputs come from layer i's
                     hidden, prev = place.put(ranks.recv_tensors(split.owner(i)))
-                journal_progress()
+                writer.submit(journal_progress)  # the journal is the writer thread's while the layers run
                 continue
             w0 = time.perf_counter()
             tensors, r_start, r_end = ahead.result()
@@ -1002,7 +1056,7 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
                 finish(pending)
             entry = {"layer": i, "tensors": sorted(packed), "per_linear": rows,
                      "routing_counts": counts.tolist() if counts is not None else None,
-                     "dtype_restored": restored, "modifier": mod_state,
+                     "dtype_restored": restored, "modifier": mod_state, "host_rss_gib": host_rss_gib(),
                      "seconds": {"read": round(r_end - r_start, 3), "waited_for_read": round(waited_read, 3),
                                  "compute": round(tc - tb, 3), "read_start": round(r_start, 3),
                                  "compute_start": round(tb - t0, 3), "compute_end": round(tc - t0, 3)}}
@@ -1014,6 +1068,8 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
                 hidden = prev = None
         if pending is not None:
             finish(pending)
+    for f in recorded:
+        f.result()
     # every rank's layers are durable once all have come here (the gather is the barrier)
     per_rank = ranks.gather({"rank": split.rank, "reads": reads.summary(source), "io": _io(per_layer_s)},
                             ranks.control())
