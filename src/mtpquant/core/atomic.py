@@ -79,10 +79,12 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None], before_rename: Callable[[], None] | None = None) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None], before_rename: Callable[[], None] | None = None,
+                 fsync: bool = True) -> None:
     """`write(tmp)` into an owner-named temp file beside `path` (what dead processes left removed first), fsync,
     then rename to `path`; on error the temp file is deleted. `before_rename`: called between fsync and rename
-    (tests kill a process there)."""
+    (tests kill a process there). `fsync=False` where losing the file in a power cut costs only redoing work
+    (a killed process still leaves either the old file or the whole new one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path)
@@ -91,8 +93,9 @@ def atomic_write(path: Path, write: Callable[[Path], None], before_rename: Calla
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; as a plain open() would
         write(Path(tmp))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        if fsync:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         if before_rename is not None:
             before_rename()
         os.replace(tmp, path)
@@ -102,9 +105,9 @@ def atomic_write(path: Path, write: Callable[[Path], None], before_rename: Calla
         raise
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), fsync=fsync)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+def atomic_write_json(path: Path, obj: Any, fsync: bool = True) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), fsync)
