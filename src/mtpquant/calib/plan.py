@@ -66,14 +66,18 @@ DIST_SAVE_GBPS = 0.76
 RESERVED_GPU_GIB = 2.5  # beyond the counted tensors (allocator, small buffers), fitted on runs A-C
 HOST_RESERVED_GIB = 16.0  # Python, libraries, tokenizer, per process
 GIB_MARGIN = 0.95  # refuse a plan that needs more than this share of a card
-# `quantize --engine stream` (mtpquant.calib.stream), measured on one H200 with the serial engine (before the
-# overlap; benchmarks/results/stream_h200_stream_e96.json and _kill_e96.json, GLM-5.2-shaped, 96 experts,
-# 7.67 GB per MoE layer): reading a layer's tensors (safe_open, one tensor at a time) 12.0-18.7 s per MoE
-# layer, 0.56 GB/s at the median (the disk's floor there: 1.15 GB/s); packing (compressed-tensors) + writing
-# its shard 18.6-24.3 s, 0.37 GB/s of the layer's BF16 bytes (how that splits between the pack, now on the
-# compute thread, and the write, now in the background, was not measured: modelled as one background stage).
-STREAM_READ_GBPS = 0.56
-STREAM_PACK_WRITE_GBPS = 0.37
+# `quantize --engine stream` (mtpquant.calib.stream), engine stream-3 with the streamed shard writer, measured on
+# one H200 (benchmarks/results/stream_h200_perf2.json: GLM-5.2-shaped, 1 dense + 3 MoE layers x 32 experts,
+# 2.84 GB per MoE layer, 768 x 512 tokens, page cache dropped; the disk's floor in that call read 1.44, write
+# 1.34 GB/s). Reads of a MoE layer while the writer runs: 2.53-2.85 s, 1.09 GB/s at the median (3 layers). The
+# writer (packed shard + activations file, streamed from the GPU, hashed while written, fsynced): 0.48-0.71
+# GB/s of the bytes written, 0.61 at the median (4 layers); the pack itself runs on the compute thread (in the
+# GPU work). The activations file is the hidden states plus GLM-5's indexer top-k: 1.15x the hidden states.
+# Host RSS: the two reused read buffers (the largest layer each) over a base of 9.3 GiB (peak 14.57 GiB there).
+STREAM_READ_GBPS = 1.09
+STREAM_WRITE_GBPS = 0.61
+STREAM_ACTS_FILE_RATIO = 1.15
+STREAM_HOST_BASE_GIB = 9.3
 # A resume hashes the finished shards and the activations file (the journal's integrity check) and loads the
 # activations: the resumed run at layer 2 took 16.6 s more to start than a fresh one for 3.1 GB of shards and
 # a 5.55 GB activations file read twice (hash, load): 0.86 GB/s of those bytes. One point.
@@ -408,25 +412,25 @@ def stream_plan(name: str, s: MoEShape, samples: int, seq_len: int, quant: Quant
     layer_bytes = [BF16 * s.dense_layer_params] * s.dense_layers + [BF16 * s.moe_layer_params] * s.moe_layers
     gpu_s = [dense.calibration_s] * s.dense_layers + [moe.calibration_s + moe.solve_s] * s.moe_layers
     read = [b / (STREAM_READ_GBPS * 1e9) for b in layer_bytes]
-    write = [b / (STREAM_PACK_WRITE_GBPS * 1e9) for b in layer_bytes]
     out_bytes_layer = [b - BF16 * s.experts * s.expert_params + s.experts * s.expert_params
                        * quant.scheme.bytes_per_weight if k >= s.dense_layers else b
                        for k, b in enumerate(layer_bytes)]
-    disk = [b / (DISK_READ_GBPS * 1e9) + o / (DISK_WRITE_GBPS * 1e9) for b, o in zip(layer_bytes, out_bytes_layer,
-                                                                                     strict=True)]
+    acts_file = STREAM_ACTS_FILE_RATIO * cache  # written after every layer but the last
+    write = [(o + (acts_file if k + 1 < len(out_bytes_layer) else 0)) / (STREAM_WRITE_GBPS * 1e9)
+             for k, o in enumerate(out_bytes_layer)]
+    disk = [b / (DISK_READ_GBPS * 1e9) + w * STREAM_WRITE_GBPS / DISK_WRITE_GBPS
+            for b, w in zip(layer_bytes, write, strict=True)]
     handoff = 2 * cache / (P2P_GBPS * 1e9) if ranks > 1 else 0.0  # the activations sent to the next rank
     layers_s = ranked_seconds(gpu_s, read, write, ranks, disk, handoff)
     rest = BF16 * s.embed_params
     seconds = {"load": rest / (STREAM_READ_GBPS * 1e9),  # the embedding (and the rest, read again at the end)
                "layers": layers_s,
-               "save": rest / (STREAM_READ_GBPS * 1e9) + rest / (STREAM_PACK_WRITE_GBPS * 1e9)}
+               "save": rest / (STREAM_READ_GBPS * 1e9) + rest / (STREAM_WRITE_GBPS * 1e9)}
     seconds["total"] = sum(seconds.values())
     big = max(layer_bytes)
-    routed = s.experts * s.expert_params if s.moe_layers else 0
-    out_layer = big - BF16 * routed + routed * quant.scheme.bytes_per_weight  # a packed layer
-    # one layer read ahead, the one being built (its tensors and the fused expert copies), one packed layer
-    # being written; activations: on the host both sets (pinned), else the writer's host copy of one
-    host = ranks * (HOST_RESERVED_GIB + (3 * big + out_layer + (1 if on_gpu else 2) * cache) / GIB)  # one node
+    # the two reused read buffers (layer i in buffer i % 2, each the largest layer's size); the packed layer is
+    # streamed from the GPU (two 64 MiB staging buffers); activations on the host: inputs and outputs (pinned)
+    host = ranks * (STREAM_HOST_BASE_GIB + (2 * big + (0 if on_gpu else 2) * cache) / GIB)  # one node
     out_gib = s.quantized_bytes(quant.scheme) / GIB
     io = sum(read) + sum(write)
     exposed = layers_s - sum(gpu_s)
@@ -446,7 +450,7 @@ def stream_plan(name: str, s: MoEShape, samples: int, seq_len: int, quant: Quant
         "gpu_s": round(sum(gpu_s), 1), "read_s": round(sum(read), 1), "write_s": round(sum(write), 1),
         "io_hidden_s": round(max(0.0, io - exposed), 1), "io_exposed_s": round(max(0.0, exposed), 1),
         "bound_by": max(("gpu", sum(gpu_s)), ("read", sum(read)), ("write", sum(write)), key=lambda x: x[1])[0],
-        "rates_gbps": {"read": STREAM_READ_GBPS, "pack_write": STREAM_PACK_WRITE_GBPS, "resume": STREAM_RESUME_GBPS},
+        "rates_gbps": {"read": STREAM_READ_GBPS, "write": STREAM_WRITE_GBPS, "resume": STREAM_RESUME_GBPS},
         "ranks": ranks, "split": "layer i on rank i % ranks (GPU work serial, I/O spread over the ranks)",
         # killed at the last layer: re-hash every finished shard and the activations file, load the activations,
         # redo the layer that was running (at most one step and its write)
@@ -454,7 +458,7 @@ def stream_plan(name: str, s: MoEShape, samples: int, seq_len: int, quant: Quant
                                 + max(write), 1),
     }
     plan.notes.append("engine stream: one decoder layer at a time from the shards (host RAM does not grow with "
-                      "the model); the rates are from one H200 run of the engine before its overlap")
+                      "the model); read and write rates from one H200 run of the overlapped engine (32 experts)")
     if ranks > 1:
         plan.notes.append(f"{ranks} ranks, layer i on rank i % {ranks}: the GPU work stays serial (one GPU's), "
                           "reads and pack+writes spread over the ranks, bounded by one node's disk floor; host RAM "
@@ -481,7 +485,7 @@ def _stream_caption(plan: Plan) -> str:
     sec, st, d = plan.seconds, plan.stream, plan.disk_gib
     return (f"host RAM {plan.host_ram_gib:.0f} GiB; disk: source {d['source']:.0f} + output {d['output']:.0f} + "
             f"activations {d['activations']:.0f} GiB; wall time {sec['total'] / 3600:.2f} h: layers "
-            f"{sec['layers'] / 60:.0f} min (GPU {st['gpu_s'] / 60:.0f}, read {st['read_s'] / 60:.0f}, pack+write "
+            f"{sec['layers'] / 60:.0f} min (GPU {st['gpu_s'] / 60:.0f}, read {st['read_s'] / 60:.0f}, write "
             f"{st['write_s'] / 60:.0f} min, {st['io_hidden_s'] / 60:.0f} min of I/O hidden; bound by "
             f"{st['bound_by']}), "
             f"load {sec['load'] / 60:.1f} min, save {sec['save'] / 60:.1f} min; activations on the "
