@@ -940,8 +940,19 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
     n_shards = n_layers + 1
     expected = fam.routed_expert_linears(config_dict)
 
+    buffers = ReadBuffers(source, pin=torch.cuda.is_available())
+
+    def timed_read(i: int) -> tuple[dict[str, Any], float, float]:
+        a = time.perf_counter()
+        tensors = buffers.read(reads.record(layer_names(source, i)))
+        return tensors, a - t0, time.perf_counter() - t0
+
+    # this rank's first layer is read while the calibration batches are embedded (0.65 s exposed on the H200)
+    mine = split.mine(start, n_layers)
+    reader = ThreadPoolExecutor(1, thread_name_prefix="stream-read")
+    ahead = reader.submit(timed_read, mine[0]) if mine else None
+
     # every rank needs the other arguments of a decoder layer (masks, rotary tables); only the first layer's
-    # rank uses the hidden states
     # rank uses the hidden states, and each batch goes where activations wait as soon as it is embedded: all of
     # them on the host at once (4.8 GB at GLM-5.2's 393K tokens) set the host's peak on the H200 (glibc keeps
     # the freed heap)
@@ -966,15 +977,8 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
     per_layer_s: list[dict[str, float]] = []  # this process's layers (their timestamps share t0)
     recorded: list[Future] = []  # the writer thread's entry + journal steps: their errors are raised below
     recorded_s: list[dict[str, float]] = []
-    mine = split.mine(start, n_layers)
 
-    buffers = ReadBuffers(source, pin=torch.cuda.is_available())
     out_writer = StreamWriter(pin=torch.cuda.is_available())
-
-    def timed_read(i: int) -> tuple[dict[str, Any], float, float]:
-        a = time.perf_counter()
-        tensors = buffers.read(reads.record(layer_names(source, i)))
-        return tensors, a - t0, time.perf_counter() - t0
 
     def timed_write(i: int, box: list[dict[str, Any]], hidden: list[Any], prev: list[Any]) -> dict[str, Any]:
         """Layer i's shard (streamed in safetensors' own layout: the bytes save_file writes) and, unless it is
@@ -1040,11 +1044,10 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
     # (exits in reverse: the writer, which submits unlinks, is shut down before the unlink thread)
     with progress, contextlib.closing(buffers), contextlib.closing(out_writer), \
             ThreadPoolExecutor(1, thread_name_prefix="stream-unlink") as janitor, \
-            ThreadPoolExecutor(1, thread_name_prefix="stream-read") as reader, \
+            reader, \
             ThreadPoolExecutor(1, thread_name_prefix="stream-write") as writer:
         if journal is not None:
             journal.discard = lambda p: janitor.submit(p.unlink, missing_ok=True)
-        ahead = reader.submit(timed_read, mine[0]) if mine else None
         pending: tuple[Future, dict[str, Any]] | None = None
         for i in range(start, n_layers):
             nxt = i + 1 if i + 1 < n_layers else None
