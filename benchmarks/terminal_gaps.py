@@ -109,6 +109,8 @@ def analyse(log: Path, gap_s: float = 10.0, tail_lines: int = 60) -> dict:
     trailing = after_panel[closing + 1 :] if closing is not None else after_panel
     summary_last = title_at is not None and closing is not None and len(trailing) <= 3
     load_all = [x[0] for x in loads]
+    load = ({"min": round(min(load_all), 2), "max": round(max(load_all), 2),
+             "mean": round(sum(load_all) / len(load_all), 2)} if load_all else None)
     return {
         "log": str(log),
         "command": events[0].get("cmd") if events else None,
@@ -120,9 +122,7 @@ def analyse(log: Path, gap_s: float = 10.0, tail_lines: int = 60) -> dict:
         "tracebacks": tracebacks,
         "summary_is_last_screen": summary_last,
         "after_summary": trailing,
-        "load_1min": {"min": min(load_all), "max": max(load_all), "mean": round(sum(load_all) / len(load_all), 2)}
-        if load_all
-        else None,
+        "load_1min": load,
         "lines": len(lines_seen),
     }
 

@@ -4,6 +4,7 @@ injected once per test session; tests that tamper with an artifact work on a cop
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -15,8 +16,39 @@ from mtpquant.chain.inject_mtp import inject_mtp
 from mtpquant.core.run import Run
 from mtpquant.model.recipes import FixtureSpec
 from mtpquant.tiny.fixture import write_fixture
+from tests.heartbeat import HEARTBEAT_S, Beater, Heartbeat
 
 FAMILIES = ["glm_moe_dsa", "glm4_moe"]
+
+
+_HEARTBEAT = Heartbeat()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Start the slow-test heartbeat (tests/heartbeat.py) on a copy of the terminal's fd (capture is suspended
+    here, so fd 1 is still the terminal)."""
+    if HEARTBEAT_S > 0 and not hasattr(config, "workerinput"):
+        config._mtpquant_beater = Beater(_HEARTBEAT, os.dup(1))  # type: ignore[attr-defined]
+        config._mtpquant_beater.thread.start()  # type: ignore[attr-defined]
+        _HEARTBEAT.begin("collecting tests (importing torch, transformers)")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    _HEARTBEAT.end()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    beater = getattr(config, "_mtpquant_beater", None)
+    if beater is not None:
+        beater.close()
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:
+    _HEARTBEAT.begin(nodeid)
+
+
+def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
+    _HEARTBEAT.end()
 
 
 @pytest.fixture(scope="session")

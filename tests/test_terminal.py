@@ -176,3 +176,47 @@ def test_the_bench_client_line_is_the_one_that_runs_on_the_platform():
         "http://127.0.0.1:8000"
     assert client_command(["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"], args) == \
         "/venv/bin/python -m mtpquant.serving.bench --backend openai --base-url http://127.0.0.1:8000"
+
+
+def test_the_test_heartbeat_names_a_slow_test_every_interval_and_nothing_for_a_quick_one():
+    from tests.heartbeat import Heartbeat
+
+    now = [100.0]
+    hb = Heartbeat(every_s=5, clock=lambda: now[0])
+    hb.begin("tests/test_x.py::test_quick")
+    now[0] = 104.9
+    assert hb.tick() is None  # under the interval: the dot that follows is output enough
+    hb.end()
+    now[0] = 200.0
+    assert hb.tick() is None  # between tests nothing runs
+    hb.begin("tests/test_x.py::test_slow")
+    lines = []
+    for t in range(201, 223):
+        now[0] = float(t)
+        lines.append(hb.tick())
+    said = [x for x in lines if x]
+    expected = [f"... tests/test_x.py::test_slow still running ({s} s)" for s in (5, 10, 15, 20)]
+    assert [x.strip() for x in said] == expected
+    assert said[0].startswith("\n") and not said[1].startswith("\n")  # only the first ends the line of dots
+    assert all(x.endswith("\n") for x in said)
+
+
+def test_the_heartbeat_reaches_the_terminal_not_the_tests_captured_output(tmp_path):
+    """A real pytest run with fd capture: a 3 s test under a 1 s heartbeat prints its lines on pytest's stdout."""
+    import os
+    import subprocess
+
+    (tmp_path / "test_sleep.py").write_text("import time\ndef test_sleeps():\n    time.sleep(3)\n")
+    (tmp_path / "conftest.py").write_text(
+        "import os\nfrom tests.heartbeat import Beater, Heartbeat\nHB = Heartbeat(every_s=1)\n"
+        "def pytest_configure(config):\n    config._b = Beater(HB, os.dup(1)); config._b.thread.start()\n"
+        "def pytest_unconfigure(config):\n    config._b.close()\n"
+        "def pytest_runtest_logstart(nodeid, location):\n    HB.begin(nodeid)\n"
+        "def pytest_runtest_logfinish(nodeid, location):\n    HB.end()\n")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+                          "-c", os.devnull, str(tmp_path / "test_sleep.py")], capture_output=True, text=True,
+                         env=os.environ | {"PYTHONPATH": str(root)}, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "test_sleep.py::test_sleeps still running (1 s)" in out.stdout
+    assert "still running (2 s)" in out.stdout
