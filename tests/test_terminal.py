@@ -132,6 +132,9 @@ with stage_logs(sys.argv[1], ["model.layers.3."], 70, said.append):
     import warnings
     warnings.warn("Attempting to save a model with offloaded modules. Ensure that ...")
     warnings.warn("a new python warning")
+    import logging, torch  # torch's logging configuration: its "torch" handler prints W1202 ... lines on stderr
+    logging.getLogger("torch.fx._symbolic_trace").warning("is_fx_tracing will return true for both fx.symbolic_trace")
+    logger.warning("Disabling tokenizer parallelism due to threading conflict between FastTokenizer and Datasets")
     tlog.get_logger("transformers.modeling_utils").warning(report(""))
     tlog.get_logger("transformers.modeling_utils").warning(report("lm_head.weight | MISSING | "))
 print(json.dumps(said))
@@ -157,13 +160,14 @@ def test_stage_logs_keep_known_noise_in_the_log_and_say_it_once(tmp_path):
     err, said = r.stderr, json.loads(r.stdout.splitlines()[-1])
     assert "a new warning" in err and "a new python warning" in err and "lm_head.weight" in err  # news shown
     for noise in ("METRIC", "No accelerator", "Could not find MTP", "lifecycle", "eh_proj", "linearized",
-                  "offloaded modules"):
+                  "offloaded modules", "is_fx_tracing", "tokenizer parallelism"):
         assert noise not in err.replace(report("lm_head.weight | MISSING | "), ""), noise
         assert noise not in r.stdout, noise  # llm-compressor's own sink prints on stdout as it is imported
     text = log.read_text()
     assert text.count("time 0.12s") == 3 and "No accelerator" in text and "Could not find MTP" in text
     assert "linearized" in text and "offloaded modules" in text
     assert "eh_proj" in text and "lifecycle" in text
+    assert "is_fx_tracing will return true" in text and "Disabling tokenizer parallelism" in text
     assert said[0] == "70 MTP tensors not loaded by transformers (expected: inject-mtp copies them back)"
     assert "inject-mtp copies them from the base" in said[1] and str(log) in said[2]
 
