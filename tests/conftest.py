@@ -9,13 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
 
-from mtpquant.calib.quantize import quantize
-from mtpquant.chain.inject_mtp import inject_mtp
 from mtpquant.core.run import Run
 from mtpquant.model.recipes import FixtureSpec
-from mtpquant.tiny.fixture import write_fixture
 from tests.heartbeat import HEARTBEAT_S, Beater, Heartbeat
 
 FAMILIES = ["glm_moe_dsa", "glm4_moe"]
@@ -54,6 +50,10 @@ def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
     """family -> {base, quantized, artifact, quantize_report} for the default tiny spec."""
+    from mtpquant.calib.quantize import quantize  # torch and co. here, not as conftest loads (under the heartbeat)
+    from mtpquant.chain.inject_mtp import inject_mtp
+    from mtpquant.tiny.fixture import write_fixture
+
     out = {}
     for fam in FAMILIES:
         run = Run(tmp_path_factory.mktemp(fam))
@@ -83,6 +83,8 @@ def edit_tensors(ckpt: Path, remove: list[str] = (), add: dict | None = None, sh
     index_path = ckpt / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     wm = index["weight_map"]
+    from safetensors.torch import load_file, save_file
+
     touched = {wm[n] for n in remove}
     add = add or {}
     target = shard or sorted(set(wm.values()))[0]
@@ -112,5 +114,7 @@ def mtp_prefix(ckpt: Path) -> str:
 
 
 def read_tensor(ckpt: Path, name: str):
+    from safetensors.torch import load_file
+
     wm = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
     return load_file(str(ckpt / wm[name]))[name]
