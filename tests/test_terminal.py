@@ -224,3 +224,27 @@ def test_the_heartbeat_reaches_the_terminal_not_the_tests_captured_output(tmp_pa
     assert out.returncode == 0, out.stdout + out.stderr
     assert "test_sleep.py::test_sleeps still running (1 s)" in out.stdout
     assert "still running (2 s)" in out.stdout
+
+
+def test_eval_imports_lm_eval_and_indexes_its_tasks_under_a_spinner(tmp_path, monkeypatch):
+    """After vLLM is ready, `import lm_eval` and TaskManager() took 21 s with nothing on the terminal (fresh
+    demo, 2026-12-02): both must happen while a progress display is up. A stand-in lm_eval records it."""
+    import pytest
+
+    from mtpquant.model import recipes
+    from mtpquant.serving.evaluate import run_lm_eval
+
+    pkg = tmp_path / "lm_eval"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from mtpquant.core import progress\nUNDER_SPINNER = bool(progress._active)\n"
+                                     "def simple_evaluate(**kw):\n    raise RuntimeError('stand-in stops here')\n")
+    (pkg / "tasks.py").write_text("from mtpquant.core import progress\nclass TaskManager:\n"
+                                  "    def __init__(self, include_path=None):\n"
+                                  "        TaskManager.under_spinner = bool(progress._active)\n")
+    for m in ("lm_eval", "lm_eval.tasks"):
+        monkeypatch.delitem(sys.modules, m, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RuntimeError, match="stand-in"):
+        run_lm_eval(recipes.load("eval", "tiny"), "http://127.0.0.1:9", "m", "tok", log=lambda *a: None)
+    assert sys.modules["lm_eval"].UNDER_SPINNER
+    assert sys.modules["lm_eval.tasks"].TaskManager.under_spinner
