@@ -248,3 +248,29 @@ def test_eval_imports_lm_eval_and_indexes_its_tasks_under_a_spinner(tmp_path, mo
         run_lm_eval(recipes.load("eval", "tiny"), "http://127.0.0.1:9", "m", "tok", log=lambda *a: None)
     assert sys.modules["lm_eval"].UNDER_SPINNER
     assert sys.modules["lm_eval.tasks"].TaskManager.under_spinner
+
+
+def test_the_dequantized_copy_is_made_under_a_spinner(tmp_path, monkeypatch):
+    """`eval`/`bench` of a W4A16 artifact on the CPU profile first write its BF16 copy: 22 s with nothing on the
+    terminal in the fresh demo (2026-12-02), between nox's command line and the DEQUANTIZED note."""
+    import json
+
+    from mtpquant.core import progress as progress_mod
+    from mtpquant.model import dequantize
+    from mtpquant.serving.serve import load_profile, model_for
+
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    (artifact / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "compressed-tensors"}}))
+    seen = []
+
+    def fake(src, out):
+        seen.append(bool(progress_mod._active))
+        return out
+
+    monkeypatch.setattr(dequantize, "is_current", lambda out, src: False)
+    monkeypatch.setattr(dequantize, "dequantize_artifact", fake)
+    profile = load_profile("cpu")
+    assert profile.dequantize
+    assert model_for(profile, artifact, tmp_path / "copy") == tmp_path / "copy"
+    assert seen == [True]
