@@ -1,7 +1,7 @@
 """What a user sees in the terminal while a command runs: record it with timestamps, then report silent gaps.
 
     python benchmarks/terminal_gaps.py record --log runs/demo.tslog -- make demo
-    python benchmarks/terminal_gaps.py report runs/demo.tslog --json benchmarks/results/x.json
+    python benchmarks/terminal_gaps.py report runs/demo.tslog --json benchmarks/results/x.json  (or a .tslog.gz)
 
 `record` runs the command under a pseudo-terminal (so rich draws its spinners and live displays exactly as a user
 sees them), passes every byte through, and writes one JSON line per chunk read: `{"t": seconds since start, "d":
@@ -14,6 +14,7 @@ output: it shows the wait's name and elapsed time), and names the last text line
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import pty
@@ -81,7 +82,8 @@ def _lines(text: str) -> list[str]:
 
 def analyse(log: Path, gap_s: float = 10.0, tail_lines: int = 60) -> dict:
     """Read a `record` log: total time, silent gaps, tracebacks, load, and whether the summary panel ends it."""
-    events = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    text = gzip.decompress(log.read_bytes()).decode() if log.suffix == ".gz" else log.read_text()
+    events = [json.loads(line) for line in text.splitlines() if line.strip()]
     chunks = [e for e in events if "d" in e]
     loads = [e["load"] for e in events if "load" in e]
     end = next((e for e in events if "rc" in e), None)
