@@ -4,24 +4,56 @@ injected once per test session; tests that tamper with an artifact work on a cop
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
 
-from mtpquant.calib.quantize import quantize
-from mtpquant.chain.inject_mtp import inject_mtp
 from mtpquant.core.run import Run
 from mtpquant.model.recipes import FixtureSpec
-from mtpquant.tiny.fixture import write_fixture
+from tests.heartbeat import HEARTBEAT_S, Beater, Heartbeat
 
 FAMILIES = ["glm_moe_dsa", "glm4_moe"]
+
+
+_HEARTBEAT = Heartbeat()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Start the slow-test heartbeat (tests/heartbeat.py) on a copy of the terminal's fd (capture is suspended
+    here, so fd 1 is still the terminal)."""
+    if HEARTBEAT_S > 0 and not hasattr(config, "workerinput"):
+        config._mtpquant_beater = Beater(_HEARTBEAT, os.dup(1))  # type: ignore[attr-defined]
+        config._mtpquant_beater.thread.start()  # type: ignore[attr-defined]
+        _HEARTBEAT.begin("collecting tests (importing torch, transformers)")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    _HEARTBEAT.end()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    beater = getattr(config, "_mtpquant_beater", None)
+    if beater is not None:
+        beater.close()
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:
+    _HEARTBEAT.begin(nodeid)
+
+
+def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
+    _HEARTBEAT.end()
 
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
     """family -> {base, quantized, artifact, quantize_report} for the default tiny spec."""
+    from mtpquant.calib.quantize import quantize  # torch and co. here, not as conftest loads (under the heartbeat)
+    from mtpquant.chain.inject_mtp import inject_mtp
+    from mtpquant.tiny.fixture import write_fixture
+
     out = {}
     for fam in FAMILIES:
         run = Run(tmp_path_factory.mktemp(fam))
@@ -51,6 +83,8 @@ def edit_tensors(ckpt: Path, remove: list[str] = (), add: dict | None = None, sh
     index_path = ckpt / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     wm = index["weight_map"]
+    from safetensors.torch import load_file, save_file
+
     touched = {wm[n] for n in remove}
     add = add or {}
     target = shard or sorted(set(wm.values()))[0]
@@ -80,5 +114,7 @@ def mtp_prefix(ckpt: Path) -> str:
 
 
 def read_tensor(ckpt: Path, name: str):
+    from safetensors.torch import load_file
+
     wm = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
     return load_file(str(ckpt / wm[name]))[name]

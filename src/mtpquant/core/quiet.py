@@ -9,7 +9,8 @@ one line that cannot be mistaken for the MTP layer being lost.
   REPORT when it lists only the MTP layer's tensors as UNEXPECTED go to the stage log in full; the terminal
   gets one line for each ("N MTP tensors not loaded by transformers (expected: inject-mtp copies them back)").
   What llm-compressor prints while it is imported (its own loguru sink on stdout: "No accelerator available!")
-  and the known Python warnings of a CPU run (KNOWN_WARNINGS) go to the stage log too. A load report naming
+  and the known Python warnings of a CPU run (KNOWN_WARNINGS) and torch's fx-tracing notice (KNOWN_LOGGERS) go
+  to the stage log too. A load report naming
   anything else, and every other warning, still reaches the terminal.
 """
 
@@ -87,9 +88,25 @@ class LoadReportFilter(logging.Filter):
 
 
 KNOWN = ("No accelerator available",  # CPU-only notices of compressed-tensors/llm-compressor
-         "MoE is being linearized after loading")  # quantize linearizes on purpose (the experts' 2-D layout)
+         "MoE is being linearized after loading",  # quantize linearizes on purpose (the experts' 2-D layout)
+         "Disabling tokenizer parallelism")  # oneshot sets TOKENIZERS_PARALLELISM=false itself and says so
+# Python loggers whose records go to the stage log alone: torch's once-per-process notice that is_fx_tracing (which
+# llm-compressor's sequential tracer calls) is true under torch.export too (a deprecation note, not our problem)
+KNOWN_LOGGERS = ("torch.fx._symbolic_trace",)
 # Python warnings of a tiny CPU run: llm-compressor offloads modules while saving (nothing to do with the MTP layer)
 KNOWN_WARNINGS = ("Attempting to save a model with offloaded modules",)
+
+
+class _Counted(logging.Filter):
+    """Counts the records of a KNOWN_LOGGERS logger (they go to the stage log only)."""
+
+    def __init__(self, noise: Noise) -> None:
+        super().__init__()
+        self.noise = noise
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.noise.dropped[record.name] += 1
+        return True
 
 
 def terminal_filter(noise: Noise) -> Callable[[dict[str, Any]], bool]:
@@ -117,7 +134,7 @@ def explain(noise: Noise, n_mtp: int, log: Path) -> list[str]:
         out.append("llm-compressor saved no MTP weights (expected: its model has no MTP layer; inject-mtp copies "
                    "them from the base)")
     if noise.dropped or noise.mtp_load_reports or noise.mtp_prefix_warnings:
-        out.append(f"library log (GPTQ metrics, CPU-only notices, load report): {log}")
+        out.append(f"library log (GPTQ metrics, CPU-only notices, load report, torch notices): {log}")
     return out
 
 
@@ -155,6 +172,13 @@ def stage_logs(log: Path, mtp_prefixes: list[str], n_mtp: int, say: Callable[[st
     for h in root.handlers:
         if h is not file_handler:
             h.addFilter(report_filter)
+    known_loggers = {name: logging.getLogger(name) for name in KNOWN_LOGGERS}
+    saved_propagate = {name: lg.propagate for name, lg in known_loggers.items()}
+    counted = _Counted(noise)
+    for lg in known_loggers.values():
+        lg.addHandler(file_handler)
+        lg.addFilter(counted)
+        lg.propagate = False  # torch's own handler (on the "torch" logger) would print it
     logger.remove()
     sinks = [logger.add(str(log), level=0, delay=True), logger.add(sys.stderr, level=0, filter=terminal_filter(noise))]
     ok = False
@@ -167,6 +191,10 @@ def stage_logs(log: Path, mtp_prefixes: list[str], n_mtp: int, say: Callable[[st
             logger.remove(s)
         logger.add(sys.stderr, level="WARNING")
         root.removeHandler(file_handler)
+        for name, lg in known_loggers.items():
+            lg.removeHandler(file_handler)
+            lg.removeFilter(counted)
+            lg.propagate = saved_propagate[name]
         file_handler.close()
         for h in root.handlers:
             h.removeFilter(report_filter)

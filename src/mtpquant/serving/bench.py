@@ -280,7 +280,7 @@ def bench_command(target: Target, grid_ref: str, console: Any) -> int:
                   "grid": grid_ref, "profile": target.profile}
     summary = bench(grid_ref, launches, run, profile.ready_timeout_s, console.print,
                     extra={"invocation": invocation})
-    console.print(markdown(summary["table"], "bench"), highlight=False)
+    console.print(markdown(summary["table"], "bench"), highlight=False, markup=False)  # "[min-max]" is text
     console.print(f"[green]bench[/] -> {run.bench_summary}, {run.bench_table}, {run.bench_plot}")
     return 0
 

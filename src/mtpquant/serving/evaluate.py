@@ -26,7 +26,7 @@ import yaml
 
 from mtpquant.core.atomic import atomic_write_json
 from mtpquant.core.errors import MtpquantError
-from mtpquant.core.progress import progress
+from mtpquant.core.progress import loading, progress
 from mtpquant.core.run import Run
 from mtpquant.model import recipes
 from mtpquant.model.recipes import REPO_ROOT, EvalSuite, EvalTask
@@ -82,6 +82,7 @@ def resolve_task(task: EvalTask, workdir: Path) -> tuple[str, str | None]:
 
 
 def run_lm_eval(suite: EvalSuite, base_url: str, model: str, tokenizer: str, log: Any = print) -> dict[str, Any]:
+    loading("eval", "lm_eval", "lm_eval.tasks")  # 10-60 s on a busy machine, with the server already up
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -93,10 +94,11 @@ def run_lm_eval(suite: EvalSuite, base_url: str, model: str, tokenizer: str, log
     with tempfile.TemporaryDirectory() as tmp:
         for task in suite.tasks:
             name, include = resolve_task(task, Path(tmp))
-            tm = TaskManager(include_path=include) if include else TaskManager()
             log(f"lm-eval {name} ({task.metric}) against {base_url}")
             t0 = time.perf_counter()
             with progress(f"lm-eval {name}") as update:
+                update(status="indexing lm-eval's task files")  # TaskManager reads every built-in task YAML
+                tm = TaskManager(include_path=include) if include else TaskManager()
                 update(status=f"{task.limit or 'all'} problems, {suite.num_concurrent} at a time, against {base_url}")
                 out = lm_eval.simple_evaluate(
                     model=suite.model, model_args=model_args, tasks=[name], num_fewshot=task.num_fewshot,

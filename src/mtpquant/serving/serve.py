@@ -311,7 +311,11 @@ def model_for(profile: ServeProfile, artifact: Path, copy: Path, console: Any = 
 
     out = Path(copy)
     if not is_current(out, artifact):
-        dequantize_artifact(artifact, out)
+        from mtpquant.core.progress import loading, progress
+
+        loading("dequantize", "torch", "compressed_tensors")  # the decompressor: silent seconds to a minute
+        with progress(f"dequantizing {artifact.name} to BF16 (the CPU server's copy)"):
+            dequantize_artifact(artifact, out)
     if console:
         console.print(f"[bold yellow]DEQUANTIZED[/]: serving {out} (BF16, same weight values as {artifact})")
     return out
