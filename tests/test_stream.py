@@ -246,7 +246,7 @@ def test_streamed_shard_is_save_files_bytes(tmp_path):
     chunk size (chunks smaller than, equal to and larger than a tensor)."""
     from safetensors.torch import save_file
 
-    from mtpquant.calib.stream import StreamWriter, save_shard, safetensors_order
+    from mtpquant.calib.stream import StreamWriter, safetensors_order, save_shard
 
     g = torch.Generator().manual_seed(1)
     p = "model.layers.3.mlp.experts"
