@@ -73,11 +73,12 @@ GIB_MARGIN = 0.95  # refuse a plan that needs more than this share of a card
 # writer (packed shard + activations file, streamed from the GPU, hashed while written, fsynced): 0.48-0.71
 # GB/s of the bytes written, 0.61 at the median (4 layers); the pack itself runs on the compute thread (in the
 # GPU work). The activations file is the hidden states plus GLM-5's indexer top-k: 1.15x the hidden states.
-# Host RSS: the two reused read buffers (the largest layer each) over a base of 9.3 GiB (peak 14.57 GiB there).
+# Host RSS: the two reused read buffers (the largest layer each) over a base of 4.8 GiB (stream_h200_perf3.json,
+# after layer 0's inputs stopped gathering on the host: peak 10.11 GiB there; 9.3 GiB base before).
 STREAM_READ_GBPS = 1.09
 STREAM_WRITE_GBPS = 0.61
 STREAM_ACTS_FILE_RATIO = 1.15
-STREAM_HOST_BASE_GIB = 9.3
+STREAM_HOST_BASE_GIB = 4.8
 # A resume hashes the finished shards and the activations file (the journal's integrity check) and loads the
 # activations: the resumed run at layer 2 took 16.6 s more to start than a fresh one for 3.1 GB of shards and
 # a 5.55 GB activations file read twice (hash, load): 0.86 GB/s of those bytes. One point.
