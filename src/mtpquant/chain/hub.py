@@ -9,6 +9,7 @@ with its size and sha256 (the LFS sha256 the hub reports; small files hashed aft
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,22 +99,69 @@ def check_snapshot(snapshot: Path, lock: SourceLock) -> None:
 
 
 def download(repo: str, revision: str, lock: SourceLock) -> Path:
-    """The snapshot folder of `repo` at `revision` in huggingface_hub's cache (downloading what is missing, resuming
-    partial blobs; only from the cache when HF_HUB_OFFLINE=1), checked against `lock`."""
+    """The snapshot folder of `repo` at `revision` in huggingface_hub's cache (downloading what is missing; only from
+    the cache when HF_HUB_OFFLINE=1), checked against `lock`.
+
+    An interrupted download, as huggingface_hub 1.33 does it (tests/test_hub_resume.py shows it): a dropped
+    connection is resumed within the run with an HTTP Range request from the last 10 MiB chunk written (5 retries);
+    when those fail, the partial file (process-unique `<etag>.<uuid>.incomplete`) is deleted, so the next run
+    fetches that file again from byte 0 and keeps every file already finished."""
+    import httpx
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    retries: list[str] = []
     try:
-        folder = snapshot_download(repo, revision=revision, allow_patterns=PATTERNS,
-                                   local_files_only=constants.HF_HUB_OFFLINE)
+        with _hub_warnings(retries):
+            folder = snapshot_download(repo, revision=revision, allow_patterns=PATTERNS,
+                                       local_files_only=constants.HF_HUB_OFFLINE)
     except LocalEntryNotFoundError:
         raise MtpquantError(f"{repo}@{revision}: not in the hub cache {constants.HF_HUB_CACHE} and the hub is not "
                             "reachable (HF_HUB_OFFLINE or no network)") from None
     except HfHubHTTPError as e:
         raise MtpquantError(f"{repo}@{revision}: {str(e).splitlines()[0]}") from None
+    except httpx.TransportError as e:  # the connection dropped (and huggingface_hub's resumes failed)
+        raise MtpquantError(_interrupted(repo, revision, e, retries)) from None
+    except OSError as e:  # its size check after a short body ("Consistency check failed"), or the cache's disk
+        if "Consistency check failed" in str(e):
+            raise MtpquantError(_interrupted(repo, revision, e, retries)) from None
+        raise MtpquantError(f"{repo}@{revision}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]} "
+                            f"(hub cache {constants.HF_HUB_CACHE})") from None
     snapshot = Path(folder)
     check_snapshot(snapshot, lock)
     return snapshot
+
+
+@contextmanager
+def _hub_warnings(into: list[str]):
+    """huggingface_hub's log lines (its "Trying to resume download..." retries) collected in `into`, not printed:
+    a failure is reported in one line that counts them."""
+    import logging
+
+    log = logging.getLogger("huggingface_hub")
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: into.append(record.getMessage())  # type: ignore[method-assign]
+    saved = log.handlers[:], log.propagate
+    log.handlers, log.propagate = [handler], False
+    try:
+        yield
+    finally:
+        log.handlers, log.propagate = saved
+
+
+def _interrupted(repo: str, revision: str, e: Exception, retries: list[str]) -> str:
+    """One line for a download that failed mid-way: which file, why, how often huggingface_hub resumed it."""
+    import httpx
+
+    what = f"{repo}@{revision}"
+    if isinstance(e, httpx.RequestError):
+        with suppress(RuntimeError):  # an error without its request keeps the repo alone
+            what = f"{repo}@{revision}: {str(e.request.url).partition(f'/resolve/{revision}/')[2] or e.request.url}"
+    resumed = sum("Trying to resume download" in line for line in retries)
+    why = (str(e).splitlines() or [type(e).__name__])[0].rstrip(".")
+    return (f"{what}: download interrupted ({type(e).__name__}: {why}"
+            f"{f'; its {resumed} resume attempt(s) failed too' if resumed else ''}); finished files stay in the "
+            f"hub cache, `prepare` again fetches the rest")
 
 
 # ---- writing a lock (where the hub answers) -----------------------------------------------------------------
