@@ -417,10 +417,10 @@ def stream_plan(name: str, s: MoEShape, samples: int, seq_len: int, quant: Quant
                        * quant.scheme.bytes_per_weight if k >= s.dense_layers else b
                        for k, b in enumerate(layer_bytes)]
     acts_file = STREAM_ACTS_FILE_RATIO * cache  # written after every layer but the last
-    write = [(o + (acts_file if k + 1 < len(out_bytes_layer) else 0)) / (STREAM_WRITE_GBPS * 1e9)
-             for k, o in enumerate(out_bytes_layer)]
-    disk = [b / (DISK_READ_GBPS * 1e9) + w * STREAM_WRITE_GBPS / DISK_WRITE_GBPS
-            for b, w in zip(layer_bytes, write, strict=True)]
+    written = [o + (acts_file if k + 1 < len(out_bytes_layer) else 0) for k, o in enumerate(out_bytes_layer)]
+    write = [w / (STREAM_WRITE_GBPS * 1e9) for w in written]
+    disk = [b / (DISK_READ_GBPS * 1e9) + w / (DISK_WRITE_GBPS * 1e9) for b, w in zip(layer_bytes, written,
+                                                                                    strict=True)]
     handoff = 2 * cache / (P2P_GBPS * 1e9) if ranks > 1 else 0.0  # the activations sent to the next rank
     layers_s = ranked_seconds(gpu_s, read, write, ranks, disk, handoff)
     rest = BF16 * s.embed_params

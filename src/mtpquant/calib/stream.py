@@ -785,6 +785,13 @@ class StreamWriter:
                 hashed.result()
         return h.hexdigest()
 
+    def write_atomic(self, path: Path, named: list[tuple[str, Any]], metadata: dict[str, str] | None = None,
+                     before_rename: Callable[[], None] | None = None) -> str:
+        """`write` through mtpquant.core.atomic (temp, fsync, rename); the file's sha256."""
+        sha: list[str] = []
+        atomic_write(path, lambda tmp: sha.append(self.write(tmp, named, metadata)), before_rename)
+        return sha[0]
+
 
 def _write_all(fh: Any, mv: memoryview) -> None:
     while mv:
@@ -807,20 +814,14 @@ def safetensors_order(tensors: dict[str, Any]) -> list[str]:
 def save_shard(path: Path, tensors: dict[str, Any], writer: StreamWriter, layer: int | None = None) -> str:
     """A layer's output shard, streamed from where the packed tensors are (the GPU), in safetensors' own layout;
     atomic (temp, fsync, rename; the tests' kill point before the rename); returns its sha256."""
-    sha: list[str] = []
-    order = [(n, tensors[n]) for n in safetensors_order(tensors)]
-    atomic_write(path, lambda tmp: sha.append(writer.write(tmp, order, {"format": "pt"})),
-                 None if layer is None else lambda: _kill_point("write", layer))
-    return sha[0]
+    return writer.write_atomic(path, [(n, tensors[n]) for n in safetensors_order(tensors)], {"format": "pt"},
+                               None if layer is None else lambda: _kill_point("write", layer))
 
 
 def save_acts(path: Path, hidden: list[Any], tops: list[Any], writer: StreamWriter) -> str:
     """The activations after a layer, streamed from where they wait (the file does not depend on where);
     atomic (temp, fsync, rename); returns its sha256."""
-    sha: list[str] = []
-    meta = {"format": ACTS_FORMAT, "batches": str(len(hidden))}
-    atomic_write(path, lambda tmp: sha.append(writer.write(tmp, _acts_entries(hidden, tops), meta)))
-    return sha[0]
+    return writer.write_atomic(path, _acts_entries(hidden, tops), {"format": ACTS_FORMAT, "batches": str(len(hidden))})
 
 
 def load_acts(path: Path) -> tuple[list[Any], list[Any]]:
