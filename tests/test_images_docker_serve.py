@@ -2,8 +2,9 @@
 
 Built, pushed to the loopback registry, removed and pulled back by digest, it serves the tiny trained model
 (data/models/tiny-arith, with its MTP layer, speculative decoding at k=1) exactly as a venv from the same lock
-does: the same greedy tokens and log-probabilities, the same MTP draft/accept counters, and the same lm-eval
-results (accuracy and every answer) on a slice of the held-out task."""
+does: the same greedy tokens and log-probabilities, the same MTP draft/accept counters on them, and the same
+lm-eval results (accuracy and every answer) on a slice of the held-out task (its MTP counters within a bound: see
+the test)."""
 
 from __future__ import annotations
 
@@ -147,4 +148,12 @@ def test_serve_image_pulled_by_digest_serves_and_evaluates_like_the_venv(serve, 
     ev = image["eval"]
     assert ev["tasks"][0]["n"] == 40 and ev["tasks"][0]["value"] >= 0.6, ev["tasks"]  # it knows its task
     assert ev["mtp_acceptance"] and ev["mtp_acceptance"]["rate"] >= 0.5, ev["mtp_acceptance"]
-    assert image == venv  # tokens, logprobs (4 decimals), MTP counters, lm-eval accuracy and every answer
+    # The eval's MTP counters are the one timing-dependent number: lm-eval stops each answer with a stop string,
+    # which vLLM matches in the API process and then aborts in the engine, so the engine may have run one more
+    # draft step for that request first (CI saw 292 vs 293 draft tokens, same answers). Each of the n requests can
+    # overrun by a step or two, so the counters must agree within 2n and the rates within 0.02; all else exactly.
+    acc_image, acc_venv = image["eval"].pop("mtp_acceptance"), venv["eval"].pop("mtp_acceptance")
+    n = ev["tasks"][0]["n"]
+    assert abs(acc_image["draft_tokens"] - acc_venv["draft_tokens"]) <= 2 * n, (acc_image, acc_venv)
+    assert abs(acc_image["rate"] - acc_venv["rate"]) <= 0.02, (acc_image, acc_venv)
+    assert image == venv  # tokens, logprobs (4 decimals), the completions' MTP counters, accuracy, every answer
