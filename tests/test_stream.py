@@ -315,3 +315,50 @@ def test_kill_after_the_last_layer_then_resume(built, streamed, tmp_path):
     assert file_hashes(out) == file_hashes(streamed["glm4_moe"]["quantized"])
     shards = {e["shard"]: e["shard_sha256"] for e in journal}  # the recorded sha256 are the files'
     assert all(file_hashes(out)[s] == h for s, h in shards.items())
+
+
+def test_layer_inputs_frees_what_it_caught_without_the_cyclic_gc(built, family):
+    """Layer 0's inputs die with the caller's last reference, with the cyclic GC off: a catcher class that
+    closed over its list kept them (and, on the GPU, one extra set of hidden states at the peak) until a
+    collection happened to run."""
+    import gc
+    import weakref
+
+    import transformers
+
+    from mtpquant.calib.stream import layer_inputs, meta_skeleton
+
+    src = Checkpoint(built[family]["base"])
+    config = transformers.AutoConfig.from_pretrained(src.root)
+    skeleton = meta_skeleton(getattr(transformers, config.architectures[0]), config)
+    ids = torch.randint(0, src.config["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}] * 2
+    gc.collect()
+    gc.disable()
+    try:
+        hidden, kwargs = layer_inputs(skeleton, config, src, batches, put=lambda t: t.clone())
+        assert len(hidden) == 2 and hidden[0].shape[:2] == (1, 8)
+        refs = [weakref.ref(h) for h in hidden]
+        del hidden, kwargs
+        assert [r() is None for r in refs] == [True, True]
+    finally:
+        gc.enable()
+
+
+def test_an_error_before_the_first_layer_stops_the_early_read(built, monkeypatch, tmp_path):
+    """The first layer is read while the calibration batches are embedded; an error there (here a fake one:
+    embedding cannot fail on a valid fixture) reaches the user as itself, with no read thread left running and
+    nothing written to the output."""
+    import threading
+
+    import mtpquant.calib.stream as stream
+
+    def broken(*a, **k):
+        raise MtpquantError("embedding failed")
+
+    monkeypatch.setattr(stream, "layer_inputs", broken)
+    base = built["glm4_moe"]["base"]
+    with pytest.raises(MtpquantError, match="embedding failed"):
+        quantize_stream(base, "w4a16-asym-g128", "tiny-local", tmp_path / "out")
+    assert [t.name for t in threading.enumerate() if t.name.startswith("stream-")] == []
+    assert not (tmp_path / "out").exists()

@@ -26,6 +26,7 @@ hash as recorded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -511,6 +512,27 @@ class _Caught(Exception):
     pass
 
 
+@functools.cache
+def _catcher_class() -> type:
+    """A module that stands in for decoder layer 0: it keeps what reaches it in `self.caught` and stops the
+    forward. What is caught lives on the instance, never in a closure: a class sits in a reference cycle (every
+    class does), so a list its method closed over lived until the cyclic GC ran, and with it layer 0's inputs
+    (on the GPU: one extra set of hidden states at the peak, +4.5 GiB on the H200)."""
+    import torch
+
+    class Catcher(torch.nn.Module):
+        def __init__(self, put: Callable[[Any], Any]) -> None:
+            super().__init__()
+            self.put = put
+            self.caught: list[tuple[Any, dict[str, Any]]] = []
+
+        def forward(self, hidden_states: Any, **kwargs: Any) -> Any:
+            self.caught.append((self.put(hidden_states), kwargs))
+            raise _Caught
+
+    return Catcher
+
+
 def layer_inputs(skeleton: Any, config: Any, source: Checkpoint, batches: list[dict[str, Any]],
                  put: Callable[[Any], Any] = lambda t: t) -> tuple[list[Any], list[dict[str, Any]]]:
     """Per batch: (hidden states entering layer 0, the other arguments the model passes every decoder layer),
@@ -526,15 +548,9 @@ def layer_inputs(skeleton: Any, config: Any, source: Checkpoint, batches: list[d
     embed.load_state_dict({"weight": emb.to(embed.weight.dtype)})
     rotary = type(inner.rotary_emb)(config=config)
     first = inner.layers[0]
-    caught: list[tuple[Any, dict[str, Any]]] = []
-
-    class Catcher(torch.nn.Module):
-        def forward(self, hidden_states: Any, **kwargs: Any) -> Any:
-            caught.append((put(hidden_states), kwargs))
-            raise _Caught
-
+    catcher = _catcher_class()(put)
     saved = (inner.embed_tokens, inner.rotary_emb)
-    inner.embed_tokens, inner.rotary_emb, inner.layers[0] = embed, rotary, Catcher()
+    inner.embed_tokens, inner.rotary_emb, inner.layers[0] = embed, rotary, catcher
     try:
         with calibration_forward_context(skeleton):
             for b in batches:
@@ -542,6 +558,7 @@ def layer_inputs(skeleton: Any, config: Any, source: Checkpoint, batches: list[d
                     inner(**b)
     finally:
         (inner.embed_tokens, inner.rotary_emb), inner.layers[0] = saved, first
+    caught, catcher.caught = catcher.caught, []
     return [h for h, _ in caught], [kw for _, kw in caught]
 
 
@@ -948,27 +965,6 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         tensors = buffers.read(reads.record(layer_names(source, i)))
         return tensors, a - t0, time.perf_counter() - t0
 
-    # this rank's first layer is read while the calibration batches are embedded (0.65 s exposed on the H200)
-    mine = split.mine(start, n_layers)
-    reader = ThreadPoolExecutor(1, thread_name_prefix="stream-read")
-    ahead = reader.submit(timed_read, mine[0]) if mine else None
-
-    # every rank needs the other arguments of a decoder layer (masks, rotary tables); only the first layer's
-    # rank uses the hidden states, and each batch goes where activations wait as soon as it is embedded: all of
-    # them on the host at once (4.8 GB at GLM-5.2's 393K tokens) set the host's peak on the H200 (glibc keeps
-    # the freed heap)
-    keep = start == 0 and split.owns(0)
-    hidden, kwargs = layer_inputs(skeleton, config, source, batches, place.put if keep else lambda t: None)
-    reads.record(["model.embed_tokens.weight"])
-    prev: list[Any] | None = [None] * len(hidden)
-    if 0 < start < n_layers and split.owns(start):  # resume: the activations saved after the last finished layer
-        hidden, prev = place.put(load_acts(work / f"activations-after-{start - 1:05d}.safetensors"))
-    if not split.owns(start):
-        hidden = prev = None
-    if place.device != "cpu":  # masks and rotary tables: moved once, not per call
-        kwargs = _to(kwargs, place.device)
-    t_load = time.perf_counter()
-
     device = ranks.local_device() if split.world > 1 else _main_device()  # the GPU when there is one
     console = Console(stderr=True)
     progress = Progress(TextColumn("[bold]stream[/] {task.description}"), BarColumn(),
@@ -1045,8 +1041,27 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
     # (exits in reverse: the writer, which submits unlinks, is shut down before the unlink thread)
     with progress, contextlib.closing(buffers), contextlib.closing(out_writer), \
             ThreadPoolExecutor(1, thread_name_prefix="stream-unlink") as janitor, \
-            reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="stream-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="stream-write") as writer:
+        # this rank's first layer is read while the calibration batches are embedded (0.65 s exposed on the H200)
+        mine = split.mine(start, n_layers)
+        ahead = reader.submit(timed_read, mine[0]) if mine else None
+
+        # every rank needs the other arguments of a decoder layer (masks, rotary tables); only the first
+        # layer's rank uses the hidden states, and each batch goes where activations wait as soon as it is
+        # embedded: all of them on the host at once (4.8 GB at GLM-5.2's 393K tokens) set the host's peak on the
+        # H200 (glibc keeps the freed heap). Inside the with-block: an error here shuts the early read down.
+        keep = start == 0 and split.owns(0)
+        hidden, kwargs = layer_inputs(skeleton, config, source, batches, place.put if keep else lambda t: None)
+        reads.record(["model.embed_tokens.weight"])
+        prev: list[Any] | None = [None] * len(hidden)
+        if 0 < start < n_layers and split.owns(start):  # resume: the activations after the last finished layer
+            hidden, prev = place.put(load_acts(work / f"activations-after-{start - 1:05d}.safetensors"))
+        if not split.owns(start):
+            hidden = prev = None
+        if place.device != "cpu":  # masks and rotary tables: moved once, not per call
+            kwargs = _to(kwargs, place.device)
+        t_load = time.perf_counter()
         if journal is not None:
             journal.discard = lambda p: janitor.submit(p.unlink, missing_ok=True)
         pending: tuple[Future, dict[str, Any]] | None = None
