@@ -189,17 +189,47 @@ def test_engine_auto_and_stream_refusals():
 
 
 
-def test_stream_plan_on_several_gpus_spreads_io_not_gpu_work():
-    """The stream engine's layer split: 8 ranks keep one GPU's serial GPU work, spread the reads and
-    pack+writes (the one-GPU plan's bound), never beat the GPU work or the node's disk, and need every rank's
-    host buffers on the node."""
+def test_stream_plan_on_several_gpus_takes_the_faster_split():
+    """8 ranks: the layer split keeps one GPU's serial GPU work and spreads the I/O; the expert split divides
+    the experts' Hessians and solves (in whole batches: GLM-5.2's 13 down_proj batches give some rank 2 of
+    them) but repeats the rest of each layer on every rank. For GLM-5.2, GPU-bound on one H200, the expert
+    split is the faster and is the one planned; both need every rank's host buffers on the node."""
     args = ("glm-5.2", "glm5-code-instruct", "w4a16-asym-g128")
     one = make_plan(*args, GPUSpec.of("h200", 1), engine="stream")
     eight = make_plan(*args, GPUSpec.of("h200", 8), engine="stream")
     assert eight.gpus.startswith("8x") and eight.stream["ranks"] == 8
-    assert eight.stream["gpu_s"] == one.stream["gpu_s"]
-    assert eight.stream["gpu_s"] <= eight.seconds["layers"] < one.seconds["layers"]
+    splits = eight.stream["splits_s"]
+    assert splits["layers"] < one.seconds["layers"]  # I/O spread; the serial GPU work bounds it
+    assert one.stream["gpu_s"] <= splits["layers"]
+    assert eight.stream["split"] == "experts" and eight.seconds["layers"] == splits["experts"] < splits["layers"]
+    assert one.stream["gpu_s"] / 8 < eight.stream["gpu_s"] < one.stream["gpu_s"]  # the repeated part stays
+    assert "--split experts" in " ".join(eight.notes)
     assert abs(eight.host_ram_gib - 8 * one.host_ram_gib) < 1
+
+
+def test_expert_shares_go_by_whole_solve_batches():
+    from mtpquant.calib.plan import expert_shares, model_config
+
+    quant = load("quant", "w4a16-asym-g128")
+    shape = shape_from_config(model_config(load("models", "glm-5.2"), "glm-5.2"))
+    down, gate_up = expert_shares(shape, quant, 8)
+    assert down == 42 / 256  # 131072 // 6144 = 21 a batch, 13 batches: 2 on some rank
+    assert gate_up == 1 / 8  # 131072 // 2048 = 64 Linears (32 experts) a batch: one each
+    assert expert_shares(shape, quant, 1) == (1.0, 1.0)
+
+
+def test_stream_plan_scales_io_with_the_given_disk_floor(capsys):
+    args = ("glm-5.2", "glm5-code-instruct", "w4a16-asym-g128", GPUSpec.of("h200", 8))
+    slow = make_plan(*args, engine="stream")
+    fast = make_plan(*args, engine="stream", disk_gbps=(1.442 * 10, 1.342 * 4))
+    assert abs(fast.stream["read_s"] - slow.stream["read_s"] / 10) < 0.2
+    assert abs(fast.stream["write_s"] - slow.stream["write_s"] / 4) < 0.2
+    assert fast.stream["gpu_s"] == slow.stream["gpu_s"] and fast.seconds["total"] < slow.seconds["total"]
+    assert fast.stream["rates_gbps"]["disk_floor_given"] and "extrapolated" in " ".join(fast.notes)
+    with pytest.raises(MtpquantError, match="--disk-gbps: models the stream engine"):
+        make_plan(*args, engine="memory", disk_gbps=(10, 10))
+    assert main(["plan", "--model", "glm-5.2", "--calibration", "glm5-code-instruct", "--disk-gbps", "12"]) == 2
+    assert "--disk-gbps: expected READ,WRITE in GB/s" in capsys.readouterr().err
 
 
 def test_cli_plan_stream_json(tmp_path):

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtpquant.calib.ranks import batch_owners
 from mtpquant.calib.stream import JOURNAL, layer_names, names_sha256, quantize_stream, work_dir_for
 from mtpquant.chain.inject_mtp import inject_mtp
 from mtpquant.chain.verify import verify
@@ -139,3 +140,67 @@ def test_ranks_that_do_not_share_the_work_dir_refuse_in_one_line(one, tmp_path):
         assert lines, err[-3000:]
         assert "rank 0 sees 0: every rank must see one work dir" in lines[0]
     assert not (tmp_path / "node0" / "q").exists() and not (tmp_path / "node1" / "q").exists()
+
+
+def test_batch_owners_give_each_rank_whole_batches():
+    owners = batch_owners(256, 21, 8)  # GLM-5.2's down_proj: 256 experts, 21 a batch (131072 rows // 6144)
+    per_rank = [owners.count(r) for r in range(8)]
+    assert sum(per_rank) == 256 and max(per_rank) == 42 and min(per_rank) > 0  # 13 batches: at most 2 a rank
+    assert owners == sorted(owners)  # contiguous runs
+    assert all(len({owners[k] for k in range(b, min(b + 21, 256))}) == 1 for b in range(0, 256, 21))
+    assert batch_owners(5, 8, 4) == [0] * 5  # one batch: one owner, the other ranks idle
+    assert batch_owners(16, 4, 2) == [0] * 8 + [1] * 8
+
+
+def test_expert_split_on_two_gloo_ranks_gives_the_one_process_artifact(tmp_path):
+    """`--split experts`: both ranks run every layer on every token; each forms the Hessians of and solves only
+    its half of the experts (solve_rows 512: down_proj in batches of 2 experts, gate/up in batches of 4 Linears,
+    4 batches each) and the owners broadcast the results. No sum crosses ranks, so the files are the one-process
+    files, byte for byte."""
+    base = write_fixture(FAMILY, FixtureSpec(), tmp_path / "base")
+    recipe = tmp_path / "split.yaml"
+    text = (REPO / "recipes" / "quant" / "w4a16-asym-g128.yaml").read_text()
+    assert "solve_rows: 131072" in text
+    recipe.write_text(text.replace("solve_rows: 131072", "solve_rows: 512"))
+    one = quantize_stream(base, str(recipe), "tiny-local", tmp_path / "one")
+    run, out = tmp_path / "run", tmp_path / "q"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           *_quantize_args(run, base, out), "--recipe", str(recipe), "--split", "experts"],
+                          env=_env(), capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert file_hashes(out) == file_hashes(tmp_path / "one")
+    rep = json.loads((run / "quantize.json").read_text())
+    assert rep["split"] == "experts" and rep["ranks"] == 2
+    assert rep["quantized_linears"] == rep["expected_linears"] == 48
+    assert [part["solved_linears"] for part in rep["per_rank"]] == [24, 24]  # each rank half of the experts
+    n = Checkpoint(base).config["num_hidden_layers"]
+    assert all(part["reads"]["layers"] == list(range(n)) for part in rep["per_rank"])
+    losses = lambda rows: {r["module"]: r["loss"] for r in rows}  # noqa: E731
+    assert losses(rep["per_linear"]) == losses(one["per_linear"]) and len(losses(one["per_linear"])) == 48
+
+
+def test_expert_split_needs_the_fast_experts_section(tmp_path):
+    base = write_fixture(FAMILY, FixtureSpec(), tmp_path / "base")
+    recipe = tmp_path / "plain.yaml"
+    text = (REPO / "recipes" / "quant" / "w4a16-asym-g128.yaml").read_text()
+    recipe.write_text(text.split("\nfast_experts:")[0] + "\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           *_quantize_args(tmp_path / "run", base, tmp_path / "q"), "--recipe", str(recipe),
+                           "--split", "experts"], env=_env(), capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if "--split experts needs a fast_experts section" in ln]
+    assert len(lines) == 2 and all(ln.startswith(f"error: {recipe}: ") for ln in lines), proc.stderr[-3000:]
+    assert f'File "{REPO / "src"}' not in proc.stderr  # one line per rank (torchrun's launcher adds its own trace)
+
+
+def test_timed_share_does_one_ranks_solves_in_one_process(tmp_path, monkeypatch):
+    """MTPQUANT_STREAM_TIMED_SHARE (benchmarks: a rank's GPU work of the expert split, timed on one GPU): the
+    process solves only rank 0's half of the experts and says so in its report."""
+    base = write_fixture(FAMILY, FixtureSpec(), tmp_path / "base")
+    recipe = tmp_path / "split.yaml"
+    recipe.write_text((REPO / "recipes" / "quant" / "w4a16-asym-g128.yaml").read_text()
+                      .replace("solve_rows: 131072", "solve_rows: 512"))
+    monkeypatch.setenv("MTPQUANT_STREAM_TIMED_SHARE", "0/2")
+    rep = quantize_stream(base, str(recipe), "tiny-local", tmp_path / "q")
+    assert rep["timed_share"] == (0, 2) and rep["per_rank"][0]["solved_linears"] == 24
+    assert rep["quantized_linears"] == 24 < rep["expected_linears"] == 48

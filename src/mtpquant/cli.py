@@ -122,7 +122,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if args.engine == "stream":
             from mtpquant.calib.stream import quantize_stream
 
-            rep = quantize_stream(model, args.recipe, args.calibration, out, restart=args.restart)
+            rep = quantize_stream(model, args.recipe, args.calibration, out, restart=args.restart,
+                                  split=args.split)
         else:
             rep = quantize(model, args.recipe, args.calibration, out)
     if rep["rank"] != 0:  # torchrun: rank 0 reports
@@ -219,11 +220,24 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     return 0
 
 
+def _disk_gbps(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        read, write = (float(x) for x in text.split(","))
+    except ValueError:
+        raise MtpquantError(f"--disk-gbps: expected READ,WRITE in GB/s (e.g. 12,8), got {text!r}") from None
+    if read <= 0 or write <= 0:
+        raise MtpquantError(f"--disk-gbps: rates must be > 0, got {text!r}")
+    return read, write
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from mtpquant.calib.plan import GPUSpec, make_plan, refuse, render
 
     plan = make_plan(args.model, args.calibration, args.recipe, GPUSpec.of(args.gpu, args.gpus, args.gpu_memory_gib),
-                     host_ram_gib=args.host_ram_gib, disk_gib=args.disk_gib, engine=args.engine)
+                     host_ram_gib=args.host_ram_gib, disk_gib=args.disk_gib, engine=args.engine,
+                     disk_gbps=_disk_gbps(args.disk_gbps))
     Console().print(render(plan))
     if args.json:
         atomic_write_json(Path(args.json), plan.to_json())
@@ -352,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory: load the whole model, llm-compressor oneshot (the reference); stream: one decoder "
                    "layer at a time from the shards, resumable (OUT.work/journal.json)")
     s.add_argument("--restart", action="store_true", help="stream: discard a previous run's journal, start over")
+    s.add_argument("--split", choices=["layers", "experts"], default="layers",
+                   help="stream under torchrun: layers (layer i on rank i %% ranks: I/O spread, GPU work serial) or "
+                   "experts (every rank runs every layer and solves its share of the experts: GPU work spread); "
+                   "both give the one-process artifact bit for bit; `mtpquant plan` says which is faster")
     s = stage("inject-mtp", cmd_inject, "copy the MTP layer(s) from the base into the quantized checkpoint")
     s.add_argument("--base", help="default RUN/base")
     s.add_argument("--quantized", help="default RUN/quantized")
@@ -438,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu-memory-gib", type=float, help="usable memory per GPU (default: the type's)")
     s.add_argument("--host-ram-gib", type=float, help="host RAM; beyond it the model spills to disk")
     s.add_argument("--disk-gib", type=float, help="free disk; refuse a plan that needs more")
+    s.add_argument("--disk-gbps", metavar="READ,WRITE", help="stream engine: this node's disk floor in GB/s (page "
+                   "cache dropped, fsynced writes; default the H200 machine's where the engine was measured)")
     s.add_argument("--engine", choices=["auto", "memory", "stream"], default="auto",
                    help="quantize engine to plan for (auto: stream when the memory engine exceeds --host-ram-gib)")
     s.add_argument("--json", help="also write the plan as JSON here")

@@ -17,7 +17,12 @@ matmul in a forward hook. `ExpertGPTQModifier` (a GPTQModifier) instead:
   `solve_rows` rows at a time, and hands the down_proj Hessians to llm-compressor's batched solver;
 - under torchrun, is data parallel like llm-compressor's distributed oneshot: each rank calibrates its
   share of the samples, the shared Hessians are all-reduced, each rank solves a contiguous block of experts
-  and broadcasts the results (down_proj goes through llm-compressor's reduce-to-owner path).
+  and broadcasts the results (down_proj goes through llm-compressor's reduce-to-owner path);
+- or, with `expert_share` (the stream engine's expert split), every rank sees every token and the experts'
+  work is divided: a rank forms the down_proj Hessians only of the experts whose solve it owns, solves only
+  its own, and the owners broadcast the results. Ownership goes by whole solve batches of one process
+  (`batch_owners`), so each batch has the same members, shapes and inputs as in one process and the results
+  are the same bits: nothing is summed across ranks.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from llmcompressor.modifiers.quantization.quantization import QuantizationMixin
 from llmcompressor.utils.dist import broadcast_qparams_and_cleanup
 from pydantic import PrivateAttr
 from torch import distributed as dist
+
+from mtpquant.calib.ranks import batch_owners, down_batch
 
 _GPTQ_Q_PARAMS = ["weight", "weight_scale", "weight_zero_point"]
 _MM_OUT_DTYPE = [True]
@@ -216,6 +223,7 @@ class ExpertGPTQModifier(GPTQModifier):
     solve_rows: int = 131072
     routed_forward: str = "grouped_mm"  # grouped_mm | sorted | llm_compressor
     overlap_weights: bool = False  # prefetch the next decoder layer, write back in the background
+    expert_share: tuple[int, int] | None = None  # (rank, world) of the expert split (module docstring)
 
     _layers: list[ExpertLayer] = PrivateAttr(default_factory=list)
     _timings: dict[str, float] = PrivateAttr(default_factory=dict)
@@ -323,12 +331,30 @@ class ExpertGPTQModifier(GPTQModifier):
         with torch.no_grad():
             self._allocate(layer, x.device)
             add_gram(layer.gate_up, x, self.hessian_inputs)
+            mine = self._down_owned(layer)
             for e, expert in enumerate(layer.experts):
+                if not mine[e]:
+                    continue
                 a = expert._apply_gate(torch.cat([expert.gate_proj(x), expert.up_proj(x)], dim=-1))
                 add_gram(layer.down[e], a, self.hessian_inputs)
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
         self._timings["hessian_pass_s"] = self._timings.get("hessian_pass_s", 0.0) + time.perf_counter() - t0
+
+    def _share(self) -> tuple[int, int]:
+        return self.expert_share or _rank_world()
+
+    def _down_owners(self, layer: ExpertLayer) -> list[int]:
+        rows = layer.experts[0].down_proj.weight.shape[0]
+        _, world = self._share()
+        return batch_owners(len(layer.experts), down_batch(self.batched_quantization, self.solve_rows, rows), world)
+
+    def _down_owned(self, layer: ExpertLayer) -> list[bool]:
+        """Which experts' down_proj Hessians this rank forms: all of them unless the experts are split."""
+        if self.expert_share is None:
+            return [True] * len(layer.experts)
+        rank, _ = self.expert_share
+        return [o == rank for o in self._down_owners(layer)]
 
     def _allocate(self, layer: ExpertLayer, device: torch.device) -> None:
         if layer.gate_up is None:
@@ -351,7 +377,10 @@ class ExpertGPTQModifier(GPTQModifier):
             # down_proj: llm-compressor's own (batched, distributed-aware) solve, fed our Hessians
             calls = torch.tensor(float(layer.calls), device=layer.down.device)
             layer.down.mul_(2)  # llm-compressor accumulates (√2·x)(√2·x)ᵀ
+            mine = self._down_owned(layer)
             for e, expert in enumerate(layer.experts):
+                if not mine[e]:  # another rank's (expert split): it solves and broadcasts this one
+                    continue
                 self._hessians[expert.down_proj] = layer.down[e]
                 self._num_samples[expert.down_proj] = calls.clone()
             layer.down = None
@@ -360,15 +389,24 @@ class ExpertGPTQModifier(GPTQModifier):
             self.batched_quantization = max(1, self.solve_rows // rows)
         t0 = time.perf_counter()
         super().on_sequential_epoch_end(state, event, modules, **kwargs)  # observe weights, solve down_proj
-        for layer in here:
-            self._solve_gate_up(layer)
+        gate_up_owners = {layer.name: self._solve_gate_up(layer) for layer in here}
         self._timings["solve_s"] = self._timings.get("solve_s", 0.0) + time.perf_counter() - t0
+        if self.expert_share is not None and self.expert_share[1] > 1 and dist.is_initialized():
+            t0 = time.perf_counter()
+            for layer in here:
+                owner = dict(gate_up_owners[layer.name])
+                for expert, rank in zip(layer.experts, self._down_owners(layer), strict=True):
+                    owner[expert.down_proj] = rank
+                # skip_cpu=False: on the CPU (gloo ranks) nothing is shared between the ranks' copies
+                broadcast_qparams_and_cleanup(list(layer.linears()), owner, _GPTQ_Q_PARAMS, skip_cpu=False)
+            self._timings["broadcast_s"] = self._timings.get("broadcast_s", 0.0) + time.perf_counter() - t0
 
-    def _solve_gate_up(self, layer: ExpertLayer) -> None:
+    def _solve_gate_up(self, layer: ExpertLayer) -> dict[torch.nn.Module, int]:
+        """Solves this rank's gate/up rows against the shared Hessian; returns each module's owner."""
         import llmcompressor.modifiers.gptq.base as gptq_base  # its CompressionLogger may be patched
 
         calls = torch.tensor(float(layer.calls), device=layer.gate_up.device)
-        if is_distributed():
+        if is_distributed() and self.expert_share is None:  # data parallel: each rank saw its own samples
             dist.all_reduce(layer.gate_up)
             dist.all_reduce(calls)
         hessian = layer.gate_up.mul_(2) / calls
@@ -377,14 +415,16 @@ class ExpertGPTQModifier(GPTQModifier):
         quant_args = getattr_chain(first, "quantization_scheme.weights")
         hinv, perm, dead, g_idx, fallback = factor_shared(hessian, quant_args, self.dampening_frac)
         del hessian
-        rank, world = _rank_world()
+        rank, world = self._share()
         n_exp = len(layer.experts)
-        owner = {}
-        for e, expert in enumerate(layer.experts):
-            owner[expert.gate_proj] = owner[expert.up_proj] = e * world // n_exp
-        mine = [m for e in layer.experts for m in (e.gate_proj, e.up_proj) if owner[m] == rank]
         rows = first.weight.shape[0]
         step = max(1, self.solve_rows // rows)
+        all_mods = [m for e in layer.experts for m in (e.gate_proj, e.up_proj)]
+        if self.expert_share is not None:  # whole batches of one process: the same members, the same bits
+            owner = dict(zip(all_mods, batch_owners(len(all_mods), step, world), strict=True))
+        else:
+            owner = {m: k // 2 * world // n_exp for k, m in enumerate(all_mods)}
+        mine = [m for m in all_mods if owner[m] == rank]
         for i in range(0, len(mine), step):
             batch = mine[i:i + step]
             qparams = [m.weight_observer.get_qparams() for m in batch]
@@ -403,9 +443,9 @@ class ExpertGPTQModifier(GPTQModifier):
             if fallback:
                 self._rtn_fallback_module_names += [self._module_names[m] for m in batch]
             self._num_compressed_modules += len(batch)
-        if is_distributed():
-            all_mods = [m for e in layer.experts for m in (e.gate_proj, e.up_proj)]
+        if is_distributed() and self.expert_share is None:
             broadcast_qparams_and_cleanup(all_mods, owner, _GPTQ_Q_PARAMS)
+        return owner
 
     @property
     def timings(self) -> dict[str, float]:

@@ -77,6 +77,7 @@ GIB_MARGIN = 0.95  # refuse a plan that needs more than this share of a card
 # after layer 0's inputs stopped gathering on the host: peak 10.11 GiB there; 9.3 GiB base before).
 STREAM_READ_GBPS = 1.09
 STREAM_WRITE_GBPS = 0.61
+STREAM_RATES_FLOOR_GBPS = (1.442, 1.342)  # the disk floor (read, write) of the call those rates come from
 STREAM_ACTS_FILE_RATIO = 1.15
 STREAM_HOST_BASE_GIB = 4.8
 # A resume hashes the finished shards and the activations file (the journal's integrity check) and loads the
@@ -120,6 +121,7 @@ class Subgraph:
     parts_gib: dict[str, float]
     calibration_s: float = 0.0
     solve_s: float = 0.0
+    experts_s: float = 0.0  # of calibration_s + solve_s: the all-experts Hessian pass and the solve (per expert)
 
 
 @dataclass
@@ -204,7 +206,8 @@ def attention_bytes(s: MoEShape, seq_len: int, heads: int) -> float:
 
 
 def make_plan(model_ref: str, calib_ref: str, quant_ref: str, gpu: GPUSpec, host_ram_gib: float | None = None,
-              disk_gib: float | None = None, engine: str = "memory") -> Plan:
+              disk_gib: float | None = None, engine: str = "memory",
+              disk_gbps: tuple[float, float] | None = None) -> Plan:
     from mtpquant.calib.calib_cost import shape_from_config
 
     mpath = recipes.resolve_path("models", model_ref)
@@ -220,7 +223,9 @@ def make_plan(model_ref: str, calib_ref: str, quant_ref: str, gpu: GPUSpec, host
         engine = "stream" if host_ram_gib is not None and mem.host_ram_gib > host_ram_gib else "memory"
     if engine not in ENGINES:
         raise MtpquantError(f"--engine: unknown engine {engine!r} (known: {', '.join(ENGINES)}, auto)")
-    return stream_plan(*args) if engine == "stream" else plan_for_shape(*args)
+    if disk_gbps is not None and engine != "stream":
+        raise MtpquantError("--disk-gbps: models the stream engine's I/O (add --engine stream)")
+    return stream_plan(*args, disk_gbps=disk_gbps) if engine == "stream" else plan_for_shape(*args)
 
 
 def activation_copy_s(s: MoEShape, tokens_per_rank: int) -> float:
@@ -254,7 +259,7 @@ def moe_layer_seconds(s: MoEShape, quant: QuantRecipe, r: GPUType, samples: int,
     sf = s.solve_flops(fast=fe is not None)
     solve = (sf["block_updates"] / (r.gemm_fp32_tflops * 1e12) + sf["factorizations"] / (r.factor_tflops * 1e12)
              + BF16 * s.experts * s.expert_params / (r.h2d_gbps * 1e9)) / world
-    return {"calibration": onload + hess + fwd, "propagation": fwd, "solve": solve}
+    return {"calibration": onload + hess + fwd, "propagation": fwd, "solve": solve, "hessians": hess}
 
 
 def plan_for_shape(name: str, s: MoEShape, samples: int, seq_len: int, quant: QuantRecipe, gpu: GPUSpec,
@@ -280,7 +285,7 @@ def plan_for_shape(name: str, s: MoEShape, samples: int, seq_len: int, quant: Qu
     t = moe_layer_seconds(s, quant, r, samples, seq_len, world, saved_copy_s=saved)
     moe = Subgraph(f"MoE decoder layer ({phase})", s.moe_layers, round(moe_peak, 2),
                    {k: round(v, 2) for k, v in mem.items()}, round(t["calibration"] + t["propagation"], 2),
-                   round(t["solve"], 2))
+                   round(t["solve"], 2), round(t["hessians"] + t["solve"], 2))
     dense_w = BF16 * s.dense_layer_params / GIB
     dense_peak = dense_w + attention_bytes(s, seq_len, heads) / GIB + RESERVED_GPU_GIB + act_gib
     if fe is not None and fe.overlap_weights:  # a dense layer prefetches the next (MoE) layer
@@ -389,13 +394,42 @@ def ranked_seconds(gpu: list[float], read: list[float], write: list[float], rank
     return read[0] + sum(steps) + write[-1] if n else 0.0
 
 
+def expert_shares(s: MoEShape, quant: QuantRecipe, ranks: int) -> tuple[float, float]:
+    """The largest share of a MoE layer's experts one rank handles under the expert split (whole solve batches
+    of one process: mtpquant.calib.ranks.batch_owners): (down_proj Hessians and solves, gate/up solves)."""
+    from mtpquant.calib.ranks import batch_owners, down_batch
+
+    fe = quant.fast_experts
+    down = batch_owners(s.experts, down_batch("auto", fe.solve_rows, s.hidden), ranks)
+    gate_up = batch_owners(2 * s.experts, max(1, fe.solve_rows // s.moe_inter), ranks)
+    return (max(down.count(r) for r in range(ranks)) / s.experts,
+            max(gate_up.count(r) for r in range(ranks)) / (2 * s.experts))
+
+
+def expert_split_gpu_s(dense: Subgraph, moe: Subgraph, s: MoEShape, quant: QuantRecipe, ranks: int) -> list[float]:
+    """Per decoder layer, the GPU seconds of the expert split: every rank repeats what is not per expert (the
+    layer's onload, attention, router and routed forward in both passes, the shared gate/up Hessian); the
+    all-experts Hessian pass and the solves divide by whole batches; the owners broadcast the solved expert
+    weights (bf16, GPU to GPU at P2P_GBPS)."""
+    down, gate_up = expert_shares(s, quant, ranks)
+    whole = moe.calibration_s + moe.solve_s
+    solve = moe.solve_s
+    hess = moe.experts_s - solve
+    broadcast = BF16 * s.experts * s.expert_params * (1 - 1 / ranks) / (P2P_GBPS * 1e9)
+    moe_s = whole - moe.experts_s + hess * down + solve * max(down, gate_up) + broadcast
+    return [dense.calibration_s] * s.dense_layers + [moe_s] * s.moe_layers
+
+
 def stream_plan(name: str, s: MoEShape, samples: int, seq_len: int, quant: QuantRecipe, gpu: GPUSpec,
-                host_ram_gib: float | None = None, disk_gib: float | None = None, heads: int = 64) -> Plan:
+                host_ram_gib: float | None = None, disk_gib: float | None = None, heads: int = 64,
+                disk_gbps: tuple[float, float] | None = None) -> Plan:
     """`quantize --engine stream`: the GPU work of the memory engine's model layer by layer on one GPU, the
     reads and pack+writes at the stream engine's measured rates, overlapped as the engine does; host RAM for
     a few layers' buffers and the activations (not the model); disk for the source, the output and two
-    activation files at a layer boundary; what a resume costs. Several GPUs (torchrun): the engine's layer
-    split (ranked_seconds), host RAM for each rank's buffers on one node."""
+    activation files at a layer boundary; what a resume costs. Several GPUs (torchrun): the faster of the
+    engine's layer split (ranked_seconds) and expert split (expert_split_gpu_s), host RAM for each rank's
+    buffers on one node. `disk_gbps`: the node's disk floor (read, write); the engine's rates scale with it
+    (an extrapolation from one disk)."""
     from mtpquant.calib.quantize import activation_cache_bytes, activation_device
 
     ranks, gpu = gpu.count, GPUSpec(gpu.type, 1, gpu.memory_gib)  # per-layer work runs on one GPU
@@ -412,21 +446,35 @@ def stream_plan(name: str, s: MoEShape, samples: int, seq_len: int, quant: Quant
             sg.parts_gib["activations"] = round(2 * cache / GIB, 2)
     layer_bytes = [BF16 * s.dense_layer_params] * s.dense_layers + [BF16 * s.moe_layer_params] * s.moe_layers
     gpu_s = [dense.calibration_s] * s.dense_layers + [moe.calibration_s + moe.solve_s] * s.moe_layers
-    read = [b / (STREAM_READ_GBPS * 1e9) for b in layer_bytes]
+    floor = disk_gbps or (DISK_READ_GBPS, DISK_WRITE_GBPS)
+    read_gbps, write_gbps = STREAM_READ_GBPS, STREAM_WRITE_GBPS
+    if disk_gbps is not None:
+        read_gbps *= floor[0] / STREAM_RATES_FLOOR_GBPS[0]
+        write_gbps *= floor[1] / STREAM_RATES_FLOOR_GBPS[1]
+    read = [b / (read_gbps * 1e9) for b in layer_bytes]
     out_bytes_layer = [b - BF16 * s.experts * s.expert_params + s.experts * s.expert_params
                        * quant.scheme.bytes_per_weight if k >= s.dense_layers else b
                        for k, b in enumerate(layer_bytes)]
     acts_file = STREAM_ACTS_FILE_RATIO * cache  # written after every layer but the last
     written = [o + (acts_file if k + 1 < len(out_bytes_layer) else 0) for k, o in enumerate(out_bytes_layer)]
-    write = [w / (STREAM_WRITE_GBPS * 1e9) for w in written]
-    disk = [b / (DISK_READ_GBPS * 1e9) + w / (DISK_WRITE_GBPS * 1e9) for b, w in zip(layer_bytes, written,
+    write = [w / (write_gbps * 1e9) for w in written]
+    disk = [b / (floor[0] * 1e9) + w / (floor[1] * 1e9) for b, w in zip(layer_bytes, written,
                                                                                     strict=True)]
     handoff = 2 * cache / (P2P_GBPS * 1e9) if ranks > 1 else 0.0  # the activations sent to the next rank
     layers_s = ranked_seconds(gpu_s, read, write, ranks, disk, handoff)
+    split, splits_s = "layers", {"layers": round(layers_s, 1)}
+    if ranks > 1 and quant.fast_experts is not None:
+        # every rank reads every layer (one disk read per node: the ranks read the same pages at the same time,
+        # the page cache serves the others; assumed, not measured); rank 0 writes; the node's disk bounds a step
+        split_gpu = expert_split_gpu_s(dense, moe, s, quant, ranks)
+        experts_s = overlapped_seconds([max(g, d) for g, d in zip(split_gpu, disk, strict=True)], read, write)
+        splits_s["experts"] = round(experts_s, 1)
+        if experts_s < layers_s:
+            split, layers_s, gpu_s = "experts", experts_s, split_gpu
     rest = BF16 * s.embed_params
-    seconds = {"load": rest / (STREAM_READ_GBPS * 1e9),  # the embedding (and the rest, read again at the end)
+    seconds = {"load": rest / (read_gbps * 1e9),  # the embedding (and the rest, read again at the end)
                "layers": layers_s,
-               "save": rest / (STREAM_READ_GBPS * 1e9) + rest / (STREAM_WRITE_GBPS * 1e9)}
+               "save": rest / (read_gbps * 1e9) + rest / (write_gbps * 1e9)}
     seconds["total"] = sum(seconds.values())
     big = max(layer_bytes)
     # the two reused read buffers (layer i in buffer i % 2, each the largest layer's size); the packed layer is
@@ -451,19 +499,27 @@ def stream_plan(name: str, s: MoEShape, samples: int, seq_len: int, quant: Quant
         "gpu_s": round(sum(gpu_s), 1), "read_s": round(sum(read), 1), "write_s": round(sum(write), 1),
         "io_hidden_s": round(max(0.0, io - exposed), 1), "io_exposed_s": round(max(0.0, exposed), 1),
         "bound_by": max(("gpu", sum(gpu_s)), ("read", sum(read)), ("write", sum(write)), key=lambda x: x[1])[0],
-        "rates_gbps": {"read": STREAM_READ_GBPS, "write": STREAM_WRITE_GBPS, "resume": STREAM_RESUME_GBPS},
-        "ranks": ranks, "split": "layer i on rank i % ranks (GPU work serial, I/O spread over the ranks)",
+        "rates_gbps": {"read": round(read_gbps, 3), "write": round(write_gbps, 3), "resume": STREAM_RESUME_GBPS,
+                       "disk_floor": list(floor), "disk_floor_given": disk_gbps is not None},
+        "ranks": ranks, "split": split, "splits_s": splits_s,
         # killed at the last layer: re-hash every finished shard and the activations file, load the activations,
         # redo the layer that was running (at most one step and its write)
         "resume_worst_s": round((out_bytes + 2 * cache) / (STREAM_RESUME_GBPS * 1e9) + worst_step
                                 + max(write), 1),
     }
     plan.notes.append("engine stream: one decoder layer at a time from the shards (host RAM does not grow with "
-                      "the model); read and write rates from one H200 run of the overlapped engine (32 experts)")
+                      "the model); read and write rates from one H200 run of the overlapped engine (32 experts)"
+                      + (f", scaled to the given disk floor {floor[0]:g}/{floor[1]:g} GB/s read/write (extrapolated)"
+                         if disk_gbps else ""))
     if ranks > 1:
-        plan.notes.append(f"{ranks} ranks, layer i on rank i % {ranks}: the GPU work stays serial (one GPU's), "
-                          "reads and pack+writes spread over the ranks, bounded by one node's disk floor; host RAM "
-                          "is every rank's on one node; not measured on several GPUs")
+        why = {"layers": f"layer i on rank i % {ranks}: the GPU work stays serial (one GPU's), reads and pack+writes "
+                         "spread over the ranks",
+               "experts": "every rank runs every layer, the experts' Hessians and solves divided among them, rank 0 "
+                          "writes"}
+        other = ", ".join(f"--split {k}: {v / 3600:.2f} h" for k, v in splits_s.items() if k != split)
+        plan.notes.append(f"{ranks} ranks, `quantize --split {split}` ({why[split]}); bounded by one node's disk "
+                          f"floor; host RAM is every rank's on one node; not measured on several GPUs"
+                          + (f" ({other} of layers)" if other else ""))
     _refuse_stream(plan, gpu, host_ram_gib, disk_gib)
     return plan
 

@@ -1,11 +1,12 @@
 """torchrun support for the quantize stage: one process per GPU. The memory engine is data parallel
 (llm-compressor's distributed oneshot splits the calibration samples across ranks; rank 0 writes every output);
-the stream engine splits by decoder layer (`init_stream`, `send_tensors` / `recv_tensors`: mtpquant.calib.stream
-says why)."""
+the stream engine splits by decoder layer or by routed expert (`init_stream`, `Split`; `send_tensors` /
+`recv_tensors`: mtpquant.calib.stream says why)."""
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -119,25 +120,56 @@ def barrier() -> None:
         dist.barrier()
 
 
+def batch_owners(n: int, batch: int, world: int) -> list[int]:
+    """The rank that owns each of `n` items solved `batch` at a time in one process: whole batches, in
+    contiguous runs, the batches spread as evenly as they divide (13 batches on 8 ranks: 1 or 2 each)."""
+    batches = math.ceil(n / batch)
+    return [(k // batch) * world // batches for k in range(n)]
+
+
+def down_batch(batched_quantization: str | int | None, solve_rows: int, rows: int) -> int:
+    """How many down_proj modules llm-compressor solves at once here: `on_sequential_epoch_end` resolves
+    "auto" to solve_rows // rows before the solve; None solves one at a time."""
+    if batched_quantization is None:
+        return 1
+    if batched_quantization == "auto":
+        return max(1, solve_rows // rows)
+    return int(batched_quantization)
+
+
+SPLITS = ("layers", "experts")
+
+
 @dataclass(frozen=True)
 class Split:
-    """The stream engine's division of work: decoder layer i belongs to rank i % world (mtpquant.calib.stream
-    says why)."""
+    """The stream engine's division of work (mtpquant.calib.stream says why each exists). "layers": decoder
+    layer i belongs to rank i % world, which computes and writes it. "experts": every rank runs every layer
+    on every token and solves its share of the routed experts (mtpquant.calib.expert_gptq.batch_owners);
+    rank 0 writes."""
 
     rank: int = 0
     world: int = 1
+    by: str = "layers"
 
     def owner(self, i: int) -> int:
-        return i % self.world
+        """The rank that computes layer i and holds its outputs."""
+        return i % self.world if self.by == "layers" else self.rank
 
     def owns(self, i: int) -> bool:
         return self.owner(i) == self.rank
 
+    def writes(self, i: int) -> bool:
+        """Whether this rank writes layer i's shard and activations."""
+        return self.owns(i) if self.by == "layers" else self.rank == 0
+
     def mine(self, start: int, stop: int) -> list[int]:
         return [i for i in range(start, stop) if self.owns(i)]
 
+    def expert_share(self) -> tuple[int, int] | None:
+        return (self.rank, self.world) if self.by == "experts" and self.world > 1 else None
 
-def init_stream() -> Split:
+
+def init_stream(by: str = "layers") -> Split:
     """Joins torchrun's process group through its env:// rendezvous (RANK, WORLD_SIZE, MASTER_ADDR/PORT: the
     same on one node or several), NCCL with one GPU per LOCAL_RANK when there are GPUs, else gloo; plus a gloo
     group for small messages. MTPQUANT_DIST_TIMEOUT_S (default 3600): how long a rank waits for another (a rank
@@ -146,8 +178,12 @@ def init_stream() -> Split:
     import torch
     import torch.distributed as dist
 
+    if by not in SPLITS:
+        from mtpquant.core.errors import MtpquantError
+
+        raise MtpquantError(f"--split: unknown split {by!r} (known: {', '.join(SPLITS)})")
     if world() == 1:
-        return Split()
+        return Split(by=by)
     timeout = datetime.timedelta(seconds=float(os.environ.get("MTPQUANT_DIST_TIMEOUT_S", "3600")))
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
@@ -157,7 +193,7 @@ def init_stream() -> Split:
     if _CONTROL is None:
         _CONTROL = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo",
                                                                                         timeout=timeout)
-    return Split(dist.get_rank(), dist.get_world_size())
+    return Split(dist.get_rank(), dist.get_world_size(), by)
 
 
 def control() -> Any:

@@ -597,11 +597,11 @@ def _call(layer: Any, hidden: Any, kwargs: dict[str, Any], prev: Any, device: An
 
 def calibrate_layer(skeleton: Any, i: int, layer: Any, recipe: QuantRecipe, targets: list[str],
                     hidden: list[Any], prev: list[Any], kwargs: list[dict[str, Any]], fam: Any,
-                    config_dict: dict[str, Any], device: Any, place: Placement = Placement()) -> tuple[
-                        list[Any], list[Any], list[Any], Any, dict]:
+                    config_dict: dict[str, Any], device: Any, place: Placement = Placement(),
+                    share: tuple[int, int] | None = None) -> tuple[list[Any], list[Any], list[Any], Any, dict]:
     """One subgraph of llm-compressor's SequentialPipeline for decoder layer i: calibration pass, solve,
-    propagation pass through the quantized layer. Returns (hidden out, topk out, GPTQ rows, routing counts,
-    modifier fields the solve resolved)."""
+    propagation pass through the quantized layer. `share`: (rank, world) of the expert split. Returns (hidden
+    out, topk out, the GPTQ rows this process solved, routing counts, modifier fields the solve resolved)."""
     from llmcompressor.core import LifecycleCallbacks, active_session
     from llmcompressor.modeling.moe.context import moe_calibration_context
     from llmcompressor.modeling.offset_norm import norm_calibration_context
@@ -617,6 +617,8 @@ def calibrate_layer(skeleton: Any, i: int, layer: Any, recipe: QuantRecipe, targ
         return [h for h, _ in pairs], [t for _, t in pairs], [], None, {}
     opts = oneshot_options(recipe)
     modifier = modifier_for(recipe, targets)
+    if share is not None:
+        modifier.expert_share = share
     session = active_session()
     session.reset()
     outs: list[Any] = []
@@ -643,6 +645,19 @@ def calibrate_layer(skeleton: Any, i: int, layer: Any, recipe: QuantRecipe, targ
     session.finalize()
     layer_state = {"batched_quantization": getattr(modifier, "batched_quantization", None)}
     return outs, tops, rec.rows, counts.get(i), layer_state
+
+
+def merged_rows(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every rank's GPTQ rows of one layer (the expert split), in rank order; a Linear that several ranks
+    solved (anything but a routed expert: the same inputs, the same result on each) once."""
+    seen: set[str] = set()
+    out = []
+    for part in parts:
+        for row in part:
+            if row["module"] not in seen:
+                seen.add(row["module"])
+                out.append(row)
+    return out
 
 
 def pack_layer(skeleton: Any, layer: Any, i: int) -> dict[str, Any]:
@@ -857,13 +872,13 @@ def load_acts(path: Path) -> tuple[list[Any], list[Any]]:
 
 
 def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path,
-                    restart: bool = False) -> dict[str, Any]:
+                    restart: bool = False, split: str = "layers") -> dict[str, Any]:
     import torch
 
     # MTPQUANT_STREAM_DETERMINISTIC=0: off on a GPU too (to measure what it costs or changes)
     on = torch.cuda.is_available() and os.environ.get("MTPQUANT_STREAM_DETERMINISTIC", "1") != "0"
     with deterministic(on) as settings:
-        report = _quantize_stream(model_dir, quant_ref, calib_ref, out_dir, restart)
+        report = _quantize_stream(model_dir, quant_ref, calib_ref, out_dir, restart, split)
     report["deterministic"] = settings
     return report
 
@@ -902,7 +917,7 @@ def names_sha256(names: list[str]) -> str:
 
 
 def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path,
-                     restart: bool) -> dict[str, Any]:
+                     restart: bool, split_by: str) -> dict[str, Any]:
     import torch
     import transformers
     from compressed_tensors.offload.utils import as_single_threaded
@@ -926,13 +941,23 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
     # buffers; the GPU work itself stays serial (a data- or expert-parallel solve inside a layer is the next
     # step). Rank 0 writes the journal (only once the owner has said a layer's files are durable), the index,
     # config and the shard of everything outside the layers.
-    split = ranks.init_stream()
+    # `--split experts` is that next step: every rank reads and runs every layer on every token (the attention,
+    # router and routed forwards are repeated on each), forms the down_proj Hessians and solves only its share
+    # of the experts, in whole solve batches of one process, and the owners broadcast the solved weights
+    # (mtpquant.calib.expert_gptq): nothing is summed across ranks, so it too gives the one-process bits. What
+    # it divides is the all-experts Hessian pass and the solves, the bulk of a MoE layer's GPU work; rank 0
+    # writes (`Split.writes`). `mtpquant plan` models both.
+    split = ranks.init_stream(split_by)
+    timed_share = _timed_share() if split.world == 1 else None
     solo = as_single_threaded if split.world > 1 else contextlib.nullcontext  # a rank's solve and packing are
     # its own: llm-compressor's GPTQ would all-reduce Hessians with ranks that are not calibrating this layer
     reads = ReadLog()
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     source, config_dict, fam, qpath, cpath, recipe, calib, targets = checked_inputs(model_dir, quant_ref, calib_ref)
+    if split.expert_share() is not None and recipe.fast_experts is None:
+        raise MtpquantError(f"{qpath}: --split experts needs a fast_experts section (mtpquant.calib.expert_gptq "
+                            "divides the experts; llm-compressor's GPTQModifier does not)")
     if recipe.pipeline != "sequential" or recipe.sequential_targets:
         raise MtpquantError(f"{qpath}: the stream engine runs whole decoder layers with the sequential pipeline "
                             "(pipeline: sequential, sequential_targets: null)")
@@ -948,6 +973,8 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
     place = placement(recipe, 2 * activation_bytes(config_dict, len(dataset), calib.max_seq_length))
     fp = fingerprint(source, qpath, cpath, data_summary["token_ids_sha256"])
     fp["deterministic_algorithms"] = str(torch.are_deterministic_algorithms_enabled())  # GPU outputs depend on it
+    if timed_share is not None:
+        fp["timed_share"] = str(timed_share)
     work = work_dir_for(out_dir)
     journal, start = open_journal(work, fp, restart, split)
 
@@ -972,6 +999,7 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
                         disable=split.rank != 0)
     task = progress.add_task(fam.architecture, total=n_layers, completed=start)
     per_layer_s: list[dict[str, float]] = []  # this process's layers (their timestamps share t0)
+    solved = 0  # the Linears this process solved
     recorded: list[Future] = []  # the writer thread's entry + journal steps: their errors are raised below
     recorded_s: list[dict[str, float]] = []
 
@@ -1083,12 +1111,19 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
                 layer = build_layer(skeleton, i, source, device, tensors)
                 del tensors
                 hidden, prev, rows, counts, mod_state = calibrate_layer(
-                    skeleton, i, layer, recipe, targets, hidden, prev, kwargs, fam, config_dict, device, place)
-                packed = pack_layer(skeleton, layer, i)
-            restored = restore_source_dtypes(packed, source)
-            reads.record(restored)
+                    skeleton, i, layer, recipe, targets, hidden, prev, kwargs, fam, config_dict, device, place,
+                    share=split.expert_share() or timed_share)
+                packed = pack_layer(skeleton, layer, i) if split.writes(i) else None
+            solved += len(rows)
+            if split.expert_share() is not None:  # each rank logged the Linears it solved
+                rows = merged_rows(ranks.gather(rows, ranks.control()))
             skeleton.model.layers[i] = meta_layer  # the real layer is dropped: its weights are freed
             del layer
+            if packed is None:  # the expert split: rank 0 writes
+                writer.submit(journal_progress)
+                continue
+            restored = restore_source_dtypes(packed, source)
+            reads.record(restored)
             tc = time.perf_counter()
             if pending is not None:
                 finish(pending)
@@ -1102,7 +1137,7 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
                 ranks.send_tensors((hidden, prev), split.owner(nxt))
             pending = (writer.submit(timed_write, i, [packed], hidden, prev), entry)
             del packed
-            if split.world > 1:  # the next layer's inputs come from another rank
+            if not split.owns(nxt if nxt is not None else i):  # the next layer's inputs come from another rank
                 hidden = prev = None
         if pending is not None:
             finish(pending)
@@ -1111,8 +1146,8 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
     if journal is not None:
         journal.discard = Journal.unlink
     # every rank's layers are durable once all have come here (the gather is the barrier)
-    per_rank = ranks.gather({"rank": split.rank, "reads": reads.summary(source), "io": _io(per_layer_s)},
-                            ranks.control())
+    per_rank = ranks.gather({"rank": split.rank, "reads": reads.summary(source), "io": _io(per_layer_s),
+                             "solved_linears": solved}, ranks.control())
     if split.rank != 0:
         return {"stage": "quantize", "engine": "stream", "rank": split.rank, "ranks": split.world,
                 "reads": per_rank[split.rank]["reads"]}
@@ -1161,7 +1196,7 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         "read_buffers": {"bytes": buffers.peak_bytes, "pinned": buffers.was_pinned,
                          "bytes_read": buffers.bytes_read},
         "quantized_linears": len(rows), "expected_linears": len(expected), "ranks": split.world,
-        "split": "layer i on rank i % ranks",
+        "split": split.by, "timed_share": timed_share,
         "per_rank": per_rank,
         "gptq_loss_median": statistics.median(losses) if losses else None,
         "gptq_loss_max": max(losses) if losses else None,
@@ -1177,7 +1212,7 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         "per_linear": rows,
         "rank": 0,
     }
-    if len(rows) != len(expected):
+    if len(rows) != len(expected) and timed_share is None:
         raise MtpquantError(f"GPTQ compressed {len(rows)} Linears, expected {len(expected)}")
     return report
 
@@ -1187,6 +1222,22 @@ def _io(per_layer_s: list[dict[str, float]]) -> dict[str, float]:
     return {"io": round(sum(t["read"] + t["write"] for t in per_layer_s), 3),
             "io_hidden": round(sum(max(0.0, t["read"] - t["waited_for_read"]) +
                                    max(0.0, t["write"] - t["waited_for_write"]) for t in per_layer_s), 3)}
+
+
+def _timed_share() -> tuple[int, int] | None:
+    """Benchmarks only: MTPQUANT_STREAM_TIMED_SHARE=R/W makes one process do rank R's GPU work of the expert split
+    over W ranks (its Hessians and solves; nothing is broadcast, so the other experts stay unsolved and the
+    artifact is not a valid one), to time a rank's layer on one GPU when several are not at hand."""
+    text = os.environ.get("MTPQUANT_STREAM_TIMED_SHARE")
+    if not text:
+        return None
+    try:
+        rank, world = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise MtpquantError(f"MTPQUANT_STREAM_TIMED_SHARE: expected RANK/WORLD, got {text!r}") from None
+    if not 0 <= rank < world:
+        raise MtpquantError(f"MTPQUANT_STREAM_TIMED_SHARE: rank {rank} is not in 0..{world - 1}")
+    return rank, world
 
 
 def _main_device() -> Any:
