@@ -273,7 +273,8 @@ class GpuSampler:
 
 
 def run_engine(args: argparse.Namespace, engine: str, ckpt: Path, calib: Path, dest: Path, tag: str,
-               restart: bool = True, kill_at_layer: int | None = None) -> dict[str, Any]:
+               restart: bool = True, kill_at_layer: int | None = None,
+               env: dict[str, str] | None = None) -> dict[str, Any]:
     work = Path(args.work)
     js = work / f"child-{tag}.json"
     js.unlink(missing_ok=True)
@@ -289,7 +290,8 @@ def run_engine(args: argparse.Namespace, engine: str, ckpt: Path, calib: Path, d
     gpu = GpuSampler()
     t = time.perf_counter()
     with open(err, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
         if kill_at_layer is not None:
             res["kill"] = wait_and_kill(proc, dest, kill_at_layer, args.kill_delay)
         rc = proc.wait()
@@ -545,9 +547,12 @@ def main() -> None:
         log(f"read floor {res['read_floor']}; write floor {res['write_floor']}")
         save()
 
-    est: dict[str, float] = {"memory": 240.0, "stream": 240.0} if not args.small else {"memory": 120, "stream": 120}
+    est: dict[str, float] = {"memory": 240.0, "stream": 240.0, "share": 240.0} if not args.small else {
+        "memory": 120, "stream": 120, "share": 120}
     hashes: dict[str, Any] = {}
-    order = [e for _ in range(args.repeats) for e in ("memory", "stream") if e in phases]
+    # share: the stream engine doing one rank's GPU work of `--split experts` (MTPQUANT_STREAM_TIMED_SHARE=SHARE,
+    # default 0/8: rank 0 of 8, which owns the most down_proj batches at 256 experts); its output is not valid
+    order = [e for _ in range(args.repeats) for e in ("memory", "stream", "share") if e in phases]
     for n, engine in enumerate(order):
         if left() < est[engine] * 1.1:
             res["skipped"].append(f"{engine} #{n}: {left():.0f} s left, estimate {est[engine]:.0f} s")
@@ -556,7 +561,9 @@ def main() -> None:
         dest = work / f"out-{engine}-{n}"
         shutil.rmtree(dest, ignore_errors=True)
         log(f"run {engine} #{n}")
-        r = run_engine(args, engine, ckpt, calib, dest, f"{engine}-{n}")
+        share = {"MTPQUANT_STREAM_TIMED_SHARE": os.environ.get("SHARE", "0/8")} if engine == "share" else None
+        r = run_engine(args, "stream" if engine == "share" else engine, ckpt, calib, dest, f"{engine}-{n}", env=share)
+        r["engine"] = engine
         est[engine] = r["wall_s"]
         if dest.exists():
             h = hash_dir(dest)
