@@ -480,7 +480,7 @@ def main() -> None:
         return child(args)
     if 0 < args.experts < 8:
         ap.error("--experts: GLM-5.2 routes each token to 8 experts; give at least 8")
-    if args.moe_layers < args.kill_layer + 1:
+    if "kill" in args.phases.split(",") and args.moe_layers < args.kill_layer + 1:
         ap.error("--moe-layers: the kill phase needs a layer after --kill-layer")
 
     out, work = Path(args.out), Path(args.work)

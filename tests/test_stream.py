@@ -362,3 +362,15 @@ def test_an_error_before_the_first_layer_stops_the_early_read(built, monkeypatch
         quantize_stream(base, "w4a16-asym-g128", "tiny-local", tmp_path / "out")
     assert [t.name for t in threading.enumerate() if t.name.startswith("stream-")] == []
     assert not (tmp_path / "out").exists()
+
+
+def test_each_layer_says_where_its_compute_went(streamed, family):
+    """compute_* spans per layer: build, the passes, the solve (MoE layers only), pack; they add up to at most
+    the layer's compute seconds."""
+    rep = streamed[family]["report"]
+    for e in rep["seconds"]["per_layer"]:
+        phases = {k: v for k, v in e.items() if k.startswith("compute_") and k not in ("compute_start", "compute_end")}
+        assert {"compute_build", "compute_propagation_pass", "compute_pack"} <= set(phases)
+        assert sum(phases.values()) <= e["compute"] + 1e-2
+    moe = [e for e in rep["seconds"]["per_layer"] if "compute_solve" in e]
+    assert moe and all(e["compute_calibration_pass"] > 0 for e in moe)

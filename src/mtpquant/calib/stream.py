@@ -474,6 +474,7 @@ def build_layer(skeleton: Any, i: int, source: Checkpoint, device: Any, tensors:
     given."""
     import copy
 
+    import torch
     from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
     from llmcompressor.modeling.moe.linearize import get_non_linearized_moes
 
@@ -492,7 +493,10 @@ def build_layer(skeleton: Any, i: int, source: Checkpoint, device: Any, tensors:
     layer.load_state_dict(state, assign=True, strict=True)
     for name, mod in get_non_linearized_moes(layer):
         cls = LinearExperts2D.get_linear_experts_cls(mod.__class__)
-        layer.set_submodule(name, cls.from_experts_module(mod, getattr(mod, "config", skeleton.config)))
+        # the new Linears are created on `device`: by default they are host tensors, so the experts went to the
+        # host and back (two pageable copies of the layer: 14-16 s of a 43-52 s GLM-5.2 MoE layer on the H200)
+        with torch.device(device):
+            layer.set_submodule(name, cls.from_experts_module(mod, getattr(mod, "config", skeleton.config)))
     left = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers()) if t.is_meta]
     if left:
         raise MtpquantError(f"layer {i}: tensors still on the meta device after loading: {left[:3]}")
@@ -598,10 +602,13 @@ def _call(layer: Any, hidden: Any, kwargs: dict[str, Any], prev: Any, device: An
 def calibrate_layer(skeleton: Any, i: int, layer: Any, recipe: QuantRecipe, targets: list[str],
                     hidden: list[Any], prev: list[Any], kwargs: list[dict[str, Any]], fam: Any,
                     config_dict: dict[str, Any], device: Any, place: Placement = Placement(),
-                    share: tuple[int, int] | None = None) -> tuple[list[Any], list[Any], list[Any], Any, dict]:
+                    share: tuple[int, int] | None = None, spans: dict[str, float] | None = None) -> tuple[
+                        list[Any], list[Any], list[Any], Any, dict]:
     """One subgraph of llm-compressor's SequentialPipeline for decoder layer i: calibration pass, solve,
-    propagation pass through the quantized layer. `share`: (rank, world) of the expert split. Returns (hidden
-    out, topk out, the GPTQ rows this process solved, routing counts, modifier fields the solve resolved)."""
+    propagation pass through the quantized layer. `share`: (rank, world) of the expert split; `spans` gets
+    each phase's seconds (the GPU synchronized at its end). Returns (hidden out, topk out, the GPTQ rows this
+    process solved, routing counts, modifier fields the solve resolved)."""
+    span = _Spans(spans, device)
     from llmcompressor.core import LifecycleCallbacks, active_session
     from llmcompressor.modeling.moe.context import moe_calibration_context
     from llmcompressor.modeling.offset_norm import norm_calibration_context
@@ -614,6 +621,7 @@ def calibrate_layer(skeleton: Any, i: int, layer: Any, recipe: QuantRecipe, targ
         with calibration_forward_context(skeleton):
             pairs = [_split_output(_call(layer, hidden[b], kwargs[b], prev[b], device, place))
                      for b in range(len(hidden))]
+        span("propagation_pass")
         return [h for h, _ in pairs], [t for _, t in pairs], [], None, {}
     opts = oneshot_options(recipe)
     modifier = modifier_for(recipe, targets)
@@ -635,16 +643,38 @@ def calibrate_layer(skeleton: Any, i: int, layer: Any, recipe: QuantRecipe, targ
             for b in range(len(hidden)):
                 session.state.current_batch_idx = b
                 _call(layer, hidden[b], kwargs[b], prev[b], device, place)
+            span("calibration_pass")  # the forward with the Hessian hooks (the all-experts pass)
             LifecycleCallbacks.sequential_epoch_end(list(layer.modules()))
+            span("solve")  # and, under the expert split, the owners' broadcast
             with HooksMixin.disable_hooks():
                 for b in range(len(hidden)):
                     h, t = _split_output(_call(layer, hidden[b], kwargs[b], prev[b], device, place))
                     outs.append(h)
                     tops.append(t)
+            span("propagation_pass")
         LifecycleCallbacks.calibration_end()
     session.finalize()
     layer_state = {"batched_quantization": getattr(modifier, "batched_quantization", None)}
     return outs, tops, rec.rows, counts.get(i), layer_state
+
+
+class _Spans:
+    """Seconds since the previous call, by name, into `out` (nothing when it is None); a GPU is synchronized
+    first, so a phase's kernels count in that phase."""
+
+    def __init__(self, out: dict[str, float] | None, device: Any = None):
+        self.out, self.device, self.t = out, device, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        if self.out is None:
+            return
+        import torch
+
+        if torch.cuda.is_available() and str(self.device).startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.out[name] = round(self.out.get(name, 0.0) + now - self.t, 3)
+        self.t = now
 
 
 def merged_rows(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -1107,16 +1137,22 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
             ahead = reader.submit(timed_read, later[0]) if later else None
             tb = time.perf_counter()
             meta_layer = skeleton.model.layers[i]
+            phases: dict[str, float] = {}
+            span = _Spans(phases, device)
             with solo():  # linearizing offloads through compressed-tensors' caches: per rank too
                 layer = build_layer(skeleton, i, source, device, tensors)
                 del tensors
+                span("build")
                 hidden, prev, rows, counts, mod_state = calibrate_layer(
                     skeleton, i, layer, recipe, targets, hidden, prev, kwargs, fam, config_dict, device, place,
-                    share=split.expert_share() or timed_share)
+                    share=split.expert_share() or timed_share, spans=phases)
+                span.t = time.perf_counter()
                 packed = pack_layer(skeleton, layer, i) if split.writes(i) else None
+                span("pack")
             solved += len(rows)
             if split.expert_share() is not None:  # each rank logged the Linears it solved
                 rows = merged_rows(ranks.gather(rows, ranks.control()))
+                span("gather")
             skeleton.model.layers[i] = meta_layer  # the real layer is dropped: its weights are freed
             del layer
             if packed is None:  # the expert split: rank 0 writes
@@ -1132,6 +1168,7 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
                      "dtype_restored": restored, "modifier": mod_state, "host_rss_gib": host_rss_gib(),
                      "seconds": {"read": round(r_end - r_start, 3), "waited_for_read": round(waited_read, 3),
                                  "compute": round(tc - tb, 3), "read_start": round(r_start, 3),
+                                 **{f"compute_{k}": v for k, v in phases.items()},
                                  "compute_start": round(tb - t0, 3), "compute_end": round(tc - t0, 3)}}
             if nxt is not None and not split.owns(nxt):
                 ranks.send_tensors((hidden, prev), split.owner(nxt))
