@@ -211,3 +211,22 @@ def test_sorted_routed_forward_equals_llm_compressor_forward(tiny):
     ref = experts(x.bfloat16(), idx, w.bfloat16()).float()
     got = grouped_routed_forward(experts, stack_experts(experts), x.bfloat16(), idx, w.bfloat16()).float()
     assert ((got - ref).norm() / ref.norm()).item() < 1e-2  # bf16 operands, different summation order
+
+
+def test_a_rank_of_the_expert_split_allocates_only_its_down_hessians():
+    """Under the expert split a rank forms the down_proj Hessians of its own experts only: the accumulator has
+    one row per owned expert (whole solve batches: 16-row down_projs, 32 rows at once -> pairs), not all E."""
+    from types import SimpleNamespace
+
+    from mtpquant.calib.expert_gptq import ExpertGPTQModifier, ExpertLayer
+
+    def expert():
+        return SimpleNamespace(gate_proj=torch.nn.Linear(16, 8, bias=False), up_proj=torch.nn.Linear(16, 8, bias=False),
+                               down_proj=torch.nn.Linear(8, 16, bias=False))
+
+    for share, owned in ((None, list(range(8))), ((0, 2), [0, 1, 2, 3]), ((1, 2), [4, 5, 6, 7]),
+                         ((2, 3), [6, 7])):
+        layer = ExpertLayer("layer", torch.nn.Module(), [expert() for _ in range(8)])
+        ExpertGPTQModifier(expert_share=share, solve_rows=32)._allocate(layer, torch.device("cpu"))
+        assert layer.owned == owned and tuple(layer.down.shape) == (len(owned), 8, 8)
+        assert tuple(layer.gate_up.shape) == (16, 16)

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,8 @@ def test_sigkill_then_resume_gives_the_same_files(built, streamed, tmp_path):
         quantize_stream(base, changed, "tiny-local", out)
     msg = str(exc.value)
     assert "\n" not in msg and "recipe changed" in msg and "--restart" in msg
+    # the embedding's read, started before the journal was opened, is not left running
+    assert [t.name for t in threading.enumerate() if t.name.startswith("stream-")] == []
     assert main(["quantize", "--run", str(run), "--model", str(base), "--out", str(out), "--engine", "stream",
                  "--recipe", str(changed)]) == 2
 
@@ -240,6 +243,27 @@ def test_write_path_stream_writer_is_safetensors_bytes(tmp_path):
         assert len(_acts_entries(hidden, tops)) == 3 + sum(x is not None for x in tops)
 
 
+def test_stream_writer_flushing_as_it_writes_keeps_the_bytes(tmp_path, monkeypatch):
+    """StreamWriter starts writeback every FLUSH_BYTES on its flush thread (fdatasync while it hashes and
+    writes on); here every 64 bytes: the file and its sha256 are still safetensors' own, and it did flush."""
+    from safetensors.torch import save
+
+    import mtpquant.calib.stream as stream
+
+    calls = []
+    real = os.fdatasync
+    monkeypatch.setattr(stream, "FLUSH_BYTES", 64)
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd)))
+    g = torch.Generator().manual_seed(2)
+    ts = {f"t{k}": torch.randn(40 + k, generator=g) for k in range(12)}
+    ref = save(ts, metadata={"format": "pt"})
+    writer = stream.StreamWriter(chunk=96)
+    sha = stream.save_shard(tmp_path / "s.safetensors", ts, writer)
+    writer.close()
+    assert (tmp_path / "s.safetensors").read_bytes() == ref and sha == hashlib.sha256(ref).hexdigest()
+    assert calls
+
+
 def test_streamed_shard_is_save_files_bytes(tmp_path):
     """save_shard (the layer shards' writer: safetensors' order asked of safetensors, streamed, hashed while
     written) gives byte for byte the file `save_file` writes for the same packed-layer tensors, whatever the
@@ -345,12 +369,47 @@ def test_layer_inputs_frees_what_it_caught_without_the_cyclic_gc(built, family):
         gc.enable()
 
 
+def test_layer_inputs_in_groups_equal_one_batch_at_a_time(built, family):
+    """Several batches per forward of the model's prefix (the H200's 1.75 s for 768 one-at-a-time forwards)
+    give every batch's hidden states and layer arguments bit for bit as its own forward does; batches of
+    another length start a group of their own."""
+    import transformers
+
+    from mtpquant.calib.stream import _same, embed_groups, layer_inputs, meta_skeleton
+
+    src = Checkpoint(built[family]["base"])
+    config = transformers.AutoConfig.from_pretrained(src.root)
+    skeleton = meta_skeleton(getattr(transformers, config.architectures[0]), config)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for n in (8,) * 5 + (6,) * 3 + (8,) * 2:
+        ids = torch.randint(0, src.config["vocab_size"], (1, n), generator=g)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    batches[2]["attention_mask"] = batches[2]["attention_mask"].clone()
+    batches[2]["attention_mask"][0, :3] = 0  # left padding: its mask differs from its group's others
+    assert [len(x) for x in embed_groups(batches, 4)] == [4, 1, 3, 2]
+    alone = layer_inputs(skeleton, config, src, batches, group=1)
+    spans = {}
+    grouped = layer_inputs(skeleton, config, src, batches, spans=spans, group=4)
+    assert spans["embedding_forwards"] == 4  # grouped, not fallen back to one batch at a time
+    assert len(grouped[0]) == 10 and _same(alone, grouped)
+    assert grouped[0][1].data_ptr() != alone[0][1].data_ptr()  # really another forward
+
+
+def test_drop_page_cache_keeps_the_file(tmp_path):
+    from mtpquant.calib.stream import drop_page_cache
+
+    f = tmp_path / "acts"
+    f.write_bytes(b"x" * 10000)
+    drop_page_cache(f)
+    drop_page_cache(tmp_path / "gone")  # a file the janitor already removed
+    assert f.read_bytes() == b"x" * 10000
+
+
 def test_an_error_before_the_first_layer_stops_the_early_read(built, monkeypatch, tmp_path):
     """The first layer is read while the calibration batches are embedded; an error there (here a fake one:
     embedding cannot fail on a valid fixture) reaches the user as itself, with no read thread left running and
     nothing written to the output."""
-    import threading
-
     import mtpquant.calib.stream as stream
 
     def broken(*a, **k):

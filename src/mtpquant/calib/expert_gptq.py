@@ -49,7 +49,7 @@ from llmcompressor.utils.dist import broadcast_qparams_and_cleanup
 from pydantic import PrivateAttr
 from torch import distributed as dist
 
-from mtpquant.calib.ranks import batch_owners, down_batch
+from mtpquant.calib.ranks import batch_owners, down_batch, rows_batch
 
 _GPTQ_Q_PARAMS = ["weight", "weight_scale", "weight_zero_point"]
 _MM_OUT_DTYPE = [True]
@@ -91,7 +91,9 @@ class ExpertLayer:
     module: torch.nn.Module
     experts: list[torch.nn.Module]
     gate_up: torch.Tensor | None = None  # Σ xᵀx over the layer's input, shared by every gate/up_proj
-    down: torch.Tensor | None = None  # [E, I, I]: Σ aᵀa per expert, a = act(gate(x)) * up(x)
+    down: torch.Tensor | None = None  # [len(owned), I, I]: Σ aᵀa per owned expert, a = act(gate(x)) * up(x)
+    down_owners: list[int] | None = None  # each expert's owner under the expert split (rank 0 otherwise)
+    owned: list[int] | None = None  # the experts whose down_proj this rank solves, in order: layer.down's rows
     calls: int = 0  # forward calls seen: llm-compressor's `num_samples` for 2-D expert inputs
     pending: list[torch.Tensor] = field(default_factory=list)
     pending_tokens: int = 0
@@ -331,12 +333,10 @@ class ExpertGPTQModifier(GPTQModifier):
         with torch.no_grad():
             self._allocate(layer, x.device)
             add_gram(layer.gate_up, x, self.hessian_inputs)
-            mine = self._down_owned(layer)
-            for e, expert in enumerate(layer.experts):
-                if not mine[e]:
-                    continue
+            for slot, e in enumerate(layer.owned):
+                expert = layer.experts[e]
                 a = expert._apply_gate(torch.cat([expert.gate_proj(x), expert.up_proj(x)], dim=-1))
-                add_gram(layer.down[e], a, self.hessian_inputs)
+                add_gram(layer.down[slot], a, self.hessian_inputs)
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
         self._timings["hessian_pass_s"] = self._timings.get("hessian_pass_s", 0.0) + time.perf_counter() - t0
@@ -344,24 +344,24 @@ class ExpertGPTQModifier(GPTQModifier):
     def _share(self) -> tuple[int, int]:
         return self.expert_share or _rank_world()
 
-    def _down_owners(self, layer: ExpertLayer) -> list[int]:
-        rows = layer.experts[0].down_proj.weight.shape[0]
-        _, world = self._share()
-        return batch_owners(len(layer.experts), down_batch(self.batched_quantization, self.solve_rows, rows), world)
-
-    def _down_owned(self, layer: ExpertLayer) -> list[bool]:
-        """Which experts' down_proj Hessians this rank forms: all of them unless the experts are split."""
-        if self.expert_share is None:
-            return [True] * len(layer.experts)
-        rank, _ = self.expert_share
-        return [o == rank for o in self._down_owners(layer)]
-
     def _allocate(self, layer: ExpertLayer, device: torch.device) -> None:
-        if layer.gate_up is None:
-            first = layer.experts[0]
-            hidden, inter = first.gate_proj.weight.shape[1], first.down_proj.weight.shape[1]
-            layer.gate_up = torch.zeros(hidden, hidden, device=device, dtype=GPTQ_PRECISION)
-            layer.down = torch.zeros(len(layer.experts), inter, inter, device=device, dtype=GPTQ_PRECISION)
+        """The layer's Hessian accumulators, once: a non-owner allocates no down_proj Hessian it will not use
+        (4.3 GB of FP32 for all 256 of GLM-5.2's experts)."""
+        if layer.gate_up is not None:
+            return
+        first = layer.experts[0]
+        hidden = first.gate_proj.weight.shape[1]
+        rows, inter = first.down_proj.weight.shape
+        if self.expert_share is None:  # every expert's Hessian is formed here
+            layer.down_owners = [0] * len(layer.experts)
+            layer.owned = list(range(len(layer.experts)))
+        else:
+            rank, world = self.expert_share
+            batch = down_batch(self.batched_quantization, self.solve_rows, rows)
+            layer.down_owners = batch_owners(len(layer.experts), batch, world)
+            layer.owned = [e for e, o in enumerate(layer.down_owners) if o == rank]
+        layer.gate_up = torch.zeros(hidden, hidden, device=device, dtype=GPTQ_PRECISION)
+        layer.down = torch.zeros(len(layer.owned), inter, inter, device=device, dtype=GPTQ_PRECISION)
 
     def on_sequential_epoch_end(self, state: State, event: Event, modules: list[torch.nn.Module],
                                 **kwargs: Any) -> None:
@@ -377,16 +377,13 @@ class ExpertGPTQModifier(GPTQModifier):
             # down_proj: llm-compressor's own (batched, distributed-aware) solve, fed our Hessians
             calls = torch.tensor(float(layer.calls), device=layer.down.device)
             layer.down.mul_(2)  # llm-compressor accumulates (√2·x)(√2·x)ᵀ
-            mine = self._down_owned(layer)
-            for e, expert in enumerate(layer.experts):
-                if not mine[e]:  # another rank's (expert split): it solves and broadcasts this one
-                    continue
-                self._hessians[expert.down_proj] = layer.down[e]
-                self._num_samples[expert.down_proj] = calls.clone()
+            for slot, e in enumerate(layer.owned):  # the others' (expert split): their owner solves them
+                self._hessians[layer.experts[e].down_proj] = layer.down[slot]
+                self._num_samples[layer.experts[e].down_proj] = calls.clone()
             layer.down = None
         if here and self.batched_quantization == "auto":
             rows = here[0].experts[0].down_proj.weight.shape[0]
-            self.batched_quantization = max(1, self.solve_rows // rows)
+            self.batched_quantization = down_batch("auto", self.solve_rows, rows)
         t0 = time.perf_counter()
         super().on_sequential_epoch_end(state, event, modules, **kwargs)  # observe weights, solve down_proj
         gate_up_owners = {layer.name: self._solve_gate_up(layer) for layer in here}
@@ -395,7 +392,7 @@ class ExpertGPTQModifier(GPTQModifier):
             t0 = time.perf_counter()
             for layer in here:
                 owner = dict(gate_up_owners[layer.name])
-                for expert, rank in zip(layer.experts, self._down_owners(layer), strict=True):
+                for expert, rank in zip(layer.experts, layer.down_owners, strict=True):
                     owner[expert.down_proj] = rank
                 # skip_cpu=False: on the CPU (gloo ranks) nothing is shared between the ranks' copies
                 broadcast_qparams_and_cleanup(list(layer.linears()), owner, _GPTQ_Q_PARAMS, skip_cpu=False)
@@ -418,7 +415,7 @@ class ExpertGPTQModifier(GPTQModifier):
         rank, world = self._share()
         n_exp = len(layer.experts)
         rows = first.weight.shape[0]
-        step = max(1, self.solve_rows // rows)
+        step = rows_batch(self.solve_rows, rows)
         all_mods = [m for e in layer.experts for m in (e.gate_proj, e.up_proj)]
         if self.expert_share is not None:  # whole batches of one process: the same members, the same bits
             owner = dict(zip(all_mods, batch_owners(len(all_mods), step, world), strict=True))

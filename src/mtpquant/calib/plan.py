@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mtpquant.calib.calib_cost import BF16, FP32, MoEShape
+from mtpquant.calib.ranks import batch_owners, down_batch, rows_batch
 from mtpquant.core.errors import MtpquantError
 from mtpquant.model import recipes
 from mtpquant.model.families import family_for
@@ -66,18 +67,19 @@ DIST_SAVE_GBPS = 0.76
 RESERVED_GPU_GIB = 2.5  # beyond the counted tensors (allocator, small buffers), fitted on runs A-C
 HOST_RESERVED_GIB = 16.0  # Python, libraries, tokenizer, per process
 GIB_MARGIN = 0.95  # refuse a plan that needs more than this share of a card
-# `quantize --engine stream` (mtpquant.calib.stream), engine stream-3 with the streamed shard writer, measured on
-# one H200 (benchmarks/results/stream_h200_perf2.json: GLM-5.2-shaped, 1 dense + 3 MoE layers x 32 experts,
-# 2.84 GB per MoE layer, 768 x 512 tokens, page cache dropped; the disk's floor in that call read 1.44, write
-# 1.34 GB/s). Reads of a MoE layer while the writer runs: 2.53-2.85 s, 1.09 GB/s at the median (3 layers). The
-# writer (packed shard + activations file, streamed from the GPU, hashed while written, fsynced): 0.48-0.71
-# GB/s of the bytes written, 0.61 at the median (4 layers); the pack itself runs on the compute thread (in the
-# GPU work). The activations file is the hidden states plus GLM-5's indexer top-k: 1.15x the hidden states.
+# `quantize --engine stream` (mtpquant.calib.stream), engine stream-4, measured on one H200
+# (benchmarks/results/stream_h200_flush.json: GLM-5.2-shaped, 1 dense + 3 MoE layers x 32 experts, 2.84 GB per
+# MoE layer, 768 x 512 tokens, page cache dropped, three runs; the disk's floor in that call read 1.60, write
+# 1.30 GB/s). Reads of a MoE layer while the writer runs: 0.56-1.18 GB/s, 0.93 at the median (9 layers). The
+# writer (packed shard + activations file, streamed from the GPU, hashed while written, writeback started every
+# 256 MiB): 0.75-1.10 GB/s of the bytes written, 0.92 at the median (12 layers; 0.61 before the writeback
+# overlapped the hashing, stream_h200_perf2.json); the pack itself runs on the compute thread (in the GPU work).
+# The activations file is the hidden states plus GLM-5's indexer top-k: 1.15x the hidden states.
 # Host RSS: the two reused read buffers (the largest layer each) over a base of 4.8 GiB (stream_h200_perf3.json,
 # after layer 0's inputs stopped gathering on the host: peak 10.11 GiB there; 9.3 GiB base before).
-STREAM_READ_GBPS = 1.09
-STREAM_WRITE_GBPS = 0.61
-STREAM_RATES_FLOOR_GBPS = (1.442, 1.342)  # the disk floor (read, write) of the call those rates come from
+STREAM_READ_GBPS = 0.93
+STREAM_WRITE_GBPS = 0.92
+STREAM_RATES_FLOOR_GBPS = (1.597, 1.295)  # the disk floor (read, write) of the call those rates come from
 # The stream engine builds a layer on the GPU from its pinned read buffer: a GLM-5.2 MoE layer (256 experts,
 # 19.75 GB) in 0.70-0.75 s once the linearized experts are created on the GPU (stream_h200_share_build.json),
 # where the memory engine onloads from pageable memory (GPUType.h2d_gbps)
@@ -191,8 +193,8 @@ def moe_layer_memory(s: MoEShape, quant: QuantRecipe, seq_len: int, heads: int) 
     calib = BF16 * n * h * 2 + BF16 * n * i * 6 + FP32 * (h * h + i * i) + forward
     if fe.routed_forward == "grouped_mm":
         calib += BF16 * e * s.expert_params  # stacked expert weights for the grouped GEMMs
-    down = max(1, fe.solve_rows // h) * FP32 * (2 * i * i + 3 * h * i + 4 * h * 128)
-    rows = max(1, fe.solve_rows // i) * i
+    down = down_batch("auto", fe.solve_rows, h) * FP32 * (2 * i * i + 3 * h * i + 4 * h * 128)
+    rows = rows_batch(fe.solve_rows, i) * i
     gate_up = 3 * FP32 * rows * h + 2 * FP32 * h * h  # stacked, permuted, unpermuted rows; H and its factor
     phases = {"calibration": (hessians, calib), "down solve": (hessians, down),
               "gate/up solve": (FP32 * h * h, gate_up)}
@@ -403,11 +405,9 @@ def ranked_seconds(gpu: list[float], read: list[float], write: list[float], rank
 def expert_shares(s: MoEShape, quant: QuantRecipe, ranks: int) -> tuple[float, float]:
     """The largest share of a MoE layer's experts one rank handles under the expert split (whole solve batches
     of one process: mtpquant.calib.ranks.batch_owners): (down_proj Hessians and solves, gate/up solves)."""
-    from mtpquant.calib.ranks import batch_owners, down_batch
-
     fe = quant.fast_experts
     down = batch_owners(s.experts, down_batch("auto", fe.solve_rows, s.hidden), ranks)
-    gate_up = batch_owners(2 * s.experts, max(1, fe.solve_rows // s.moe_inter), ranks)
+    gate_up = batch_owners(2 * s.experts, rows_batch(fe.solve_rows, s.moe_inter), ranks)
     return (max(down.count(r) for r in range(ranks)) / s.experts,
             max(gate_up.count(r) for r in range(ranks)) / (2 * s.experts))
 

@@ -133,8 +133,14 @@ def down_batch(batched_quantization: str | int | None, solve_rows: int, rows: in
     if batched_quantization is None:
         return 1
     if batched_quantization == "auto":
-        return max(1, solve_rows // rows)
+        return rows_batch(solve_rows, rows)
     return int(batched_quantization)
+
+
+def rows_batch(solve_rows: int, rows: int) -> int:
+    """How many modules of `rows` weight rows are solved at once within `solve_rows` rows (the gate/up solve,
+    and down_proj's "auto"): at least one."""
+    return max(1, solve_rows // rows)
 
 
 SPLITS = ("layers", "experts")

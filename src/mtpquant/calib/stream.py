@@ -57,9 +57,12 @@ from mtpquant.model import recipes
 from mtpquant.model.families.base import LAYERS, layer_prefix
 from mtpquant.model.recipes import QuantRecipe
 
-ENGINE_VERSION = "stream-3"  # 2: deterministic algorithms on the GPU (outputs there changed); 3: activations
-# files in safetensors layout (streamed, not torch.save), none after the last layer (the artifact is unchanged)
+ENGINE_VERSION = "stream-4"  # 2: deterministic algorithms on the GPU (outputs there changed); 3: activations
+# files in safetensors layout (streamed, not torch.save), none after the last layer (the artifact is unchanged);
+# 4: layer 0's inputs come from a forward on the GPU (rotary tables computed there: outputs there may change;
+# on the H200 benchmark checkpoint every file's sha256 stayed that of stream-3)
 JOURNAL = "journal.json"
+EMBED_NAME = "model.embed_tokens.weight"  # read first, while the calibration data is tokenized
 PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors", "safetensors")
 
 
@@ -537,33 +540,128 @@ def _catcher_class() -> type:
     return Catcher
 
 
+EMBED_GROUP = 32  # calibration batches embedded in one forward of the model's prefix (layer_inputs)
+
+
+def embed_groups(batches: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
+    """Runs of at most `size` consecutive batches that one forward can take at once: the same keys, tensor
+    shapes and other values."""
+    import torch
+
+    def key(b: dict[str, Any]) -> tuple:
+        return tuple((n, ("t", tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else ("v", repr(v)))
+                     for n, v in sorted(b.items()))
+
+    groups: list[list[dict[str, Any]]] = []
+    for b in batches:
+        if groups and len(groups[-1]) < size and key(groups[-1][-1]) == key(b):
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    return groups
+
+
+def _split_caught(hidden: Any, kwargs: dict[str, Any], sizes: list[int]) -> list[tuple[Any, dict[str, Any]]]:
+    """One group's forward, as the forwards of its batches: every tensor whose first dimension is the group's
+    rows is split by batch (views), the others (built once for all rows: rotary tables) are shared."""
+    rows, n = sum(sizes), len(sizes)
+    # each tensor split once (a view per batch), or the tensor itself for every batch
+    parts = _map_tensors(kwargs, lambda t: _PerBatch(t.split(sizes) if t.dim() and t.shape[0] == rows else (t,) * n))
+    return [(h, _pick(parts, j)) for j, h in enumerate(hidden.split(sizes))]
+
+
+class _PerBatch:
+    """One tensor of a group's forward as each batch gets it (_split_caught)."""
+
+    def __init__(self, views: tuple[Any, ...]):
+        self.views = views
+
+
+def _pick(obj: Any, j: int) -> Any:
+    """Batch j's value of `obj`, where _split_caught put a _PerBatch in place of every tensor."""
+    if isinstance(obj, _PerBatch):
+        return obj.views[j]
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_pick(x, j) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _pick(v, j) for k, v in obj.items()}
+    return obj
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Nested tuples, lists, dicts of tensors and values: equal, tensors bit for bit (shape, dtype, values)."""
+    import torch
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
 def layer_inputs(skeleton: Any, config: Any, source: Checkpoint, batches: list[dict[str, Any]],
-                 put: Callable[[Any], Any] = lambda t: t) -> tuple[list[Any], list[dict[str, Any]]]:
+                 put: Callable[[Any], Any] = lambda t: t, spans: dict[str, float] | None = None,
+                 embedding: Future | None = None, device: Any = "cpu",
+                 group: int = EMBED_GROUP) -> tuple[list[Any], list[dict[str, Any]]]:
     """Per batch: (hidden states entering layer 0, the other arguments the model passes every decoder layer),
-    from the model's own forward (on the CPU) with a real embedding and rotary table and a catcher at layer 0.
-    `put(hidden)` is what is kept of each batch's hidden states, as it is caught."""
+    from the model's own forward on `device` with a real embedding and rotary table and a catcher at layer 0.
+    `put(hidden)` is what is kept of each batch's hidden states, as it is caught. `spans`: the read's (or the
+    wait for `embedding`, a read_tensors already running) and the forward's seconds, and how many forwards.
+    Why the GPU when there is one, and `group` batches per forward: on the H200 the CPU forward of one batch
+    at a time took 2.2-2.3 s for 768 batches (the bf16 gather, the masks, a pageable copy each), on the GPU
+    still 1.75 s (the model's Python per call), all of it before layer 0 can start. A group's forward is
+    checked once against its first batch's own forward, bit for bit, and if it differs (a model whose prefix
+    mixes the rows) every batch runs alone."""
     import torch
     from llmcompressor.utils.helpers import calibration_forward_context
 
+    span = _Spans(spans)
     inner = skeleton.model
-    emb = read_tensors(source, ["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+    read = embedding.result() if embedding is not None else read_tensors(source, [EMBED_NAME])
+    emb = read[EMBED_NAME]
+    del read
+    span("embedding_read")
     embed = torch.nn.Embedding(emb.shape[0], emb.shape[1], padding_idx=inner.embed_tokens.padding_idx,
-                               dtype=inner.embed_tokens.weight.dtype, device="cpu")
+                               dtype=inner.embed_tokens.weight.dtype, device=device)
     embed.load_state_dict({"weight": emb.to(embed.weight.dtype)})
-    rotary = type(inner.rotary_emb)(config=config)
+    del emb
+    rotary = type(inner.rotary_emb)(config=config).to(device)
     first = inner.layers[0]
-    catcher = _catcher_class()(put)
+    catcher = _catcher_class()(lambda t: t)
     saved = (inner.embed_tokens, inner.rotary_emb)
     inner.embed_tokens, inner.rotary_emb, inner.layers[0] = embed, rotary, catcher
+
+    def forward(g: list[dict[str, Any]]) -> list[tuple[Any, dict[str, Any]]]:
+        import torch
+
+        b = g[0] if len(g) == 1 else {k: torch.cat([x[k] for x in g]) if isinstance(v, torch.Tensor) else v
+                                      for k, v in g[0].items()}
+        with contextlib.suppress(_Caught):
+            inner(**_to(b, device))
+        (hidden, kwargs), = catcher.caught
+        catcher.caught = []
+        if len(g) == 1:
+            return [(hidden, kwargs)]
+        return _split_caught(hidden, kwargs, [next(v for v in x.values() if isinstance(v, torch.Tensor)).shape[0]
+                                              for x in g])
+
+    out: list[tuple[Any, dict[str, Any]]] = []
     try:
         with calibration_forward_context(skeleton):
-            for b in batches:
-                with contextlib.suppress(_Caught):
-                    inner(**b)
+            groups = embed_groups(batches, group)
+            if groups and len(groups[0]) > 1 and not _same(forward(groups[0][:1])[0], forward(groups[0])[0]):
+                groups = [[b] for b in batches]
+            for g in groups:
+                out += [(put(h), kw) for h, kw in forward(g)]
     finally:
         (inner.embed_tokens, inner.rotary_emb), inner.layers[0] = saved, first
-    caught, catcher.caught = catcher.caught, []
-    return [h for h, _ in caught], [kw for _, kw in caught]
+    span("embedding_forward")
+    if spans is not None:
+        spans["embedding_forwards"] = len(groups)  # a count, not seconds: len(batches) when grouping fell back
+    return [h for h, _ in out], [kw for _, kw in out]
 
 
 def _split_output(out: Any) -> tuple[Any, Any]:
@@ -766,18 +864,19 @@ def _acts_entries(hidden: list[Any], tops: list[Any]) -> list[tuple[str, Any]]:
 
 
 WRITE_CHUNK = 64 << 20  # bytes per staging buffer of StreamWriter (two of them)
+FLUSH_BYTES = 256 << 20  # StreamWriter starts writeback (fdatasync on its flush thread) every this many bytes
 
 
 class StreamWriter:
     """Writes tensors, wherever they are, as one safetensors file, hashing the bytes as they go: no host copy of
     the whole set (the activations are ~6 GB at GLM-5.2's 393K tokens, a packed layer ~1-4 GB), no second read to
-    hash. Host tensors are written from their own memory; device tensors go through two reused staging buffers
-    (page-locked when CUDA is there), copied on a side stream that first waits for what the compute stream
-    queued so far. The three steps overlap: while chunk k is hashed (the hash thread) and written (this thread)
-    at once, chunk k+1 is copied from the device. Why: on the H200 the first version (one 16 MiB buffer, copy,
-    hash and write taking turns in one thread) wrote 0.53 GB/s to a disk that takes 1.72 GB/s; each turn also
-    waited for the GIL, which the thread driving the GPU holds most of the time. The caller keeps the tensors
-    alive until write returns."""
+    hash. Host tensors of a chunk or more are written from their own memory; device tensors, and smaller host
+    ones, are packed into two reused staging buffers (page-locked when CUDA is there), device copies on a side
+    stream that first waits for what the compute stream queued so far. The three steps overlap: while chunk k
+    is hashed (the hash thread) and written (this thread) at once, chunk k+1 is copied from the device. Why:
+    on the H200 the first version (one 16 MiB buffer, copy, hash and write taking turns in one thread) wrote
+    0.53 GB/s to a disk that takes 1.72 GB/s; each turn also waited for the GIL, which the thread driving the
+    GPU holds most of the time. The caller keeps the tensors alive until write returns."""
 
     def __init__(self, chunk: int = WRITE_CHUNK, pin: bool = False):
         self.chunk = chunk
@@ -785,9 +884,11 @@ class StreamWriter:
         self.stages: list[Any] = []
         self.stream = None
         self.hasher = ThreadPoolExecutor(1, thread_name_prefix="stream-hash")
+        self.flusher = ThreadPoolExecutor(1, thread_name_prefix="stream-flush")
 
     def close(self) -> None:
         self.hasher.shutdown()
+        self.flusher.shutdown()
         self.stages = []
 
     def _stage(self, k: int) -> Any:
@@ -798,39 +899,83 @@ class StreamWriter:
         return self.stages[k]
 
     def _chunks(self, named: list[tuple[str, Any]]) -> Iterator[memoryview]:
-        """The tensors' bytes in order, at most `chunk` at a time; a device chunk is yielded once its copy is
-        done, with the next one's copy already queued (its buffer is the one the caller finished with)."""
+        """The tensors' bytes in order, in chunks of at most `chunk`. Device tensors, and host tensors smaller
+        than a chunk, are packed back to back into the staging buffers; a full buffer is yielded once its copies
+        are done, with the next one's copies already queued (its buffer is the one the caller finished with).
+        Why pack: a packed layer is hundreds of small tensors (scales, zero points, shapes), and one copy, sync,
+        hash hand-off and write per tensor made the H200's shard writes 0.3-0.4 GB/s on a ~1.1 GB/s disk.
+        Host tensors of a chunk or more are written from their own memory."""
         import torch
 
-        pending: tuple[Any, memoryview] | None = None
-        k = 0
+        pending: tuple[Any, memoryview] | None = None  # a filled buffer: (its copies' event or None, bytes)
+        stage: Any = None
+        fill = 0
+        queued = False  # device copies into `stage` on the side stream
+        k = 0  # buffers filled so far
+        waited = False
+
+        def seal() -> tuple[Any, memoryview]:
+            nonlocal stage, fill, queued
+            done = None
+            if queued:
+                done = torch.cuda.Event()
+                done.record(self.stream)
+            out = (done, memoryview(stage[:fill].numpy()))
+            stage, fill, queued = None, 0, False
+            return out
+
         for _, t in named:
             flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
-            for a in range(0, flat.numel(), self.chunk):
-                n = min(self.chunk, flat.numel() - a)
-                if flat.device.type == "cpu":
+            size = flat.numel()
+            if flat.device.type == "cpu" and size >= self.chunk:
+                if stage is not None:
+                    sealed = seal()
                     if pending is not None:
-                        pending[0].synchronize()
+                        _wait(pending[0])
                         yield pending[1]
-                        pending = None
-                    yield memoryview(flat[a:a + n].numpy())
-                    continue
+                    pending = sealed
+                if pending is not None:
+                    _wait(pending[0])
+                    yield pending[1]
+                    pending = None
+                for a in range(0, size, self.chunk):
+                    yield memoryview(flat[a:a + self.chunk].numpy())
+                continue
+            if flat.device.type != "cpu":
                 if self.stream is None:
                     self.stream = torch.cuda.Stream(device=flat.device)
-                if k == 0:
+                if not waited:  # the side stream starts after what the compute stream queued so far
                     self.stream.wait_stream(torch.cuda.current_stream(flat.device))
-                stage = self._stage(k % 2)
-                k += 1
-                with torch.cuda.stream(self.stream):
-                    stage[:n].copy_(flat[a:a + n], non_blocking=True)
-                    done = torch.cuda.Event()
-                    done.record(self.stream)
-                if pending is not None:
-                    pending[0].synchronize()
-                    yield pending[1]
-                pending = (done, memoryview(stage[:n].numpy()))
+                    waited = True
+                flat.record_stream(self.stream)  # a temporary (.contiguous()) is not reused while copied
+            a = 0
+            while a < size:
+                if stage is None:
+                    stage = self._stage(k % 2)
+                    k += 1
+                n = min(self.chunk - fill, size - a)
+                if flat.device.type == "cpu":
+                    stage[fill:fill + n].copy_(flat[a:a + n])
+                else:
+                    with torch.cuda.stream(self.stream):
+                        stage[fill:fill + n].copy_(flat[a:a + n], non_blocking=True)
+                    queued = True
+                fill += n
+                a += n
+                if fill == self.chunk:
+                    sealed = seal()
+                    if pending is not None:
+                        _wait(pending[0])
+                        yield pending[1]
+                    pending = sealed
+        if stage is not None and fill:
+            sealed = seal()
+            if pending is not None:
+                _wait(pending[0])
+                yield pending[1]
+            pending = sealed
         if pending is not None:
-            pending[0].synchronize()
+            _wait(pending[0])
             yield pending[1]
 
     def write(self, path: Path, named: list[tuple[str, Any]], metadata: dict[str, str] | None = None) -> str:
@@ -838,13 +983,28 @@ class StreamWriter:
         h = hashlib.sha256()
         header = safetensors_header_bytes(
             [(n, _st_dtype(t), tuple(t.shape), t.numel() * t.element_size()) for n, t in named], metadata)
+        flushed: Future | None = None
+        unflushed = 0
         with open(path, "wb", buffering=0) as fh:
-            h.update(header)
-            _write_all(fh, memoryview(header))
-            for mv in self._chunks(named):
-                hashed = self.hasher.submit(h.update, mv)  # hashlib and the write both release the GIL
-                _write_all(fh, mv)
-                hashed.result()
+            try:
+                h.update(header)
+                _write_all(fh, memoryview(header))
+                for mv in self._chunks(named):
+                    hashed = self.hasher.submit(h.update, mv)  # hashlib and the write both release the GIL
+                    _write_all(fh, mv)
+                    unflushed += len(mv)
+                    if unflushed >= FLUSH_BYTES and (flushed is None or flushed.done()):
+                        # what is written so far goes to the disk while the rest is hashed and written: the
+                        # caller's fsync at the end finds little left. On the H200 hashing (1.43 GB/s) and
+                        # then fsync (1.4 GB/s) ran one after the other: 0.5 GB/s for a 1 GB shard alone.
+                        if flushed is not None:
+                            flushed.result()
+                        flushed = self.flusher.submit(os.fdatasync, fh.fileno())
+                        unflushed = 0
+                    hashed.result()
+            finally:
+                if flushed is not None:
+                    flushed.result()  # not while the file closes under it
         return h.hexdigest()
 
     def write_atomic(self, path: Path, named: list[tuple[str, Any]], metadata: dict[str, str] | None = None,
@@ -853,6 +1013,11 @@ class StreamWriter:
         sha: list[str] = []
         atomic_write(path, lambda tmp: sha.append(self.write(tmp, named, metadata)), before_rename)
         return sha[0]
+
+
+def _wait(event: Any) -> None:
+    if event is not None:
+        event.synchronize()
 
 
 def _write_all(fh: Any, mv: memoryview) -> None:
@@ -886,6 +1051,23 @@ def save_acts(path: Path, hidden: list[Any], tops: list[Any], writer: StreamWrit
     return writer.write_atomic(path, _acts_entries(hidden, tops), {"format": ACTS_FORMAT, "batches": str(len(hidden))})
 
 
+def drop_page_cache(path: Path) -> None:
+    """The (durable) file's pages out of the page cache: an activations file is read again only by a resume.
+    Why: freeing a 5.5 GB file's cached pages took the unlink 1.3-1.9 s on the H200, and the unlink of the
+    boundary before the last layer is the run's last step; dropped here, on the janitor's thread while the next
+    layer computes, the unlink is cheap."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def load_acts(path: Path) -> tuple[list[Any], list[Any]]:
     """(hidden, topk) per batch, as save_acts wrote them, on the CPU."""
     from safetensors import safe_open
@@ -907,10 +1089,42 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
 
     # MTPQUANT_STREAM_DETERMINISTIC=0: off on a GPU too (to measure what it costs or changes)
     on = torch.cuda.is_available() and os.environ.get("MTPQUANT_STREAM_DETERMINISTIC", "1") != "0"
-    with deterministic(on) as settings:
-        report = _quantize_stream(model_dir, quant_ref, calib_ref, out_dir, restart, split)
+    # the read thread outlives any error before the layers (the embedding is read from the start), the release
+    # of the read buffers runs during the final save: both are shut down here, whatever happened
+    with deterministic(on) as settings, ThreadPoolExecutor(1, thread_name_prefix="stream-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="stream-release") as background:
+        report = _quantize_stream(model_dir, quant_ref, calib_ref, out_dir, restart, split, reader, background)
     report["deterministic"] = settings
     return report
+
+
+class _TimedExit:
+    """`cm`, with the seconds its exit took into spans[name] (where the end of a run goes)."""
+
+    def __init__(self, cm: Any, spans: dict[str, float], name: str):
+        self.cm, self.spans, self.name = cm, spans, name
+
+    def __enter__(self) -> Any:
+        return self.cm.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        a = time.perf_counter()
+        try:
+            return self.cm.__exit__(*exc)
+        finally:
+            self.spans[self.name] = round(time.perf_counter() - a, 3)
+
+
+@contextlib.contextmanager
+def _released(buffers: ReadBuffers, background: ThreadPoolExecutor, out: list[Future]) -> Iterator[None]:
+    """The read buffers, released at the end: on an error at once, after the last layer on `background` (their
+    future into `out`: unpinning tens of GB takes seconds, which the final save can run beside)."""
+    try:
+        yield
+    except BaseException:
+        buffers.close()
+        raise
+    out.append(background.submit(buffers.close))
 
 
 def _per_layer(journal: Journal, start: int) -> list[dict[str, Any]]:
@@ -947,7 +1161,8 @@ def names_sha256(names: list[str]) -> str:
 
 
 def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path,
-                     restart: bool, split_by: str) -> dict[str, Any]:
+                     restart: bool, split_by: str, reader: ThreadPoolExecutor,
+                     background: ThreadPoolExecutor) -> dict[str, Any]:
     import torch
     import transformers
     from compressed_tensors.offload.utils import as_single_threaded
@@ -960,45 +1175,51 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
     from mtpquant.calib import ranks
     from mtpquant.calib.calibration import build_dataset
 
-    # Several processes (torchrun): decoder layer i belongs to rank i % world, which reads only its layers'
+    # Several processes (torchrun), two splits. Neither sums anything across ranks (a Hessian all-reduce sums in
+    # another order, and GPTQ's rounding turns that into different packed weights and then different
+    # activations for every later layer), so both give the one-process bits: a run can resume with another
+    # number of ranks, and the tests compare hashes.
+    # `--split layers` (default): decoder layer i belongs to rank i % world, which reads only its layers'
     # tensors, calibrates and solves them on every sample, writes their shards and hands its layer's output
-    # activations to the next layer's rank (point to point). Why this split and not data parallel over samples:
-    # the result is bit-identical to one process (same ops on the same inputs in the same order; a Hessian
-    # all-reduce sums in another order, and GPTQ's rounding turns that into different packed weights and then
-    # different activations for every later layer), so a run can resume with another number of ranks and the
-    # tests compare hashes; what it parallelizes is what dominates the measured runs (read + pack + write, about
-    # 2.3x the GPU work on the H200: benchmarks/STREAM_H200.md), each rank's host memory is its own layers'
-    # buffers; the GPU work itself stays serial (a data- or expert-parallel solve inside a layer is the next
-    # step). Rank 0 writes the journal (only once the owner has said a layer's files are durable), the index,
-    # config and the shard of everything outside the layers.
-    # `--split experts` is that next step: every rank reads and runs every layer on every token (the attention,
+    # activations to the next layer's rank (point to point). It parallelizes the read + pack + write (2.3x the
+    # GPU work in the first H200 runs: benchmarks/STREAM_H200.md) and each rank's host memory is its own
+    # layers' buffers; the GPU work stays serial, one layer after the other. Rank 0 writes the journal (only
+    # once the owner has said a layer's files are durable), the index, config and the shard of everything
+    # outside the layers.
+    # `--split experts` divides the GPU work: every rank reads and runs every layer on every token (the attention,
     # router and routed forwards are repeated on each), forms the down_proj Hessians and solves only its share
     # of the experts, in whole solve batches of one process, and the owners broadcast the solved weights
-    # (mtpquant.calib.expert_gptq): nothing is summed across ranks, so it too gives the one-process bits. What
-    # it divides is the all-experts Hessian pass and the solves, the bulk of a MoE layer's GPU work; rank 0
-    # writes (`Split.writes`). `mtpquant plan` models both.
+    # (mtpquant.calib.expert_gptq). What it divides is the all-experts Hessian pass and the solves, the bulk of
+    # a MoE layer's GPU work; rank 0 writes (`Split.writes`). `mtpquant plan` models both.
     split = ranks.init_stream(split_by)
     timed_share = _timed_share() if split.world == 1 else None
     solo = as_single_threaded if split.world > 1 else contextlib.nullcontext  # a rank's solve and packing are
     # its own: llm-compressor's GPTQ would all-reduce Hessians with ranks that are not calibrating this layer
     reads = ReadLog()
     t0 = time.perf_counter()
+    load_phases: dict[str, float] = {}  # where the time before the first layer's compute goes
+    load_span = _Spans(load_phases)
     out_dir = Path(out_dir)
     source, config_dict, fam, qpath, cpath, recipe, calib, targets = checked_inputs(model_dir, quant_ref, calib_ref)
+    load_span("inputs")
     if split.expert_share() is not None and recipe.fast_experts is None:
         raise MtpquantError(f"{qpath}: --split experts needs a fast_experts section (mtpquant.calib.expert_gptq "
                             "divides the experts; llm-compressor's GPTQModifier does not)")
     if recipe.pipeline != "sequential" or recipe.sequential_targets:
         raise MtpquantError(f"{qpath}: the stream engine runs whole decoder layers with the sequential pipeline "
                             "(pipeline: sequential, sequential_targets: null)")
+    # the embedding (1.9 GB at GLM-5.2) is read while the tokenizer loads and the calibration data is tokenized
+    embedding = reader.submit(read_tensors, source, [EMBED_NAME])
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.root)
+    load_span("tokenizer")
     dataset, data_summary = build_dataset(calib, tokenizer, str(cpath))
     with solo():  # every rank runs every sample (llm-compressor would partition them across ranks)
         loader = format_calibration_data(
             DatasetArguments(num_calibration_samples=len(dataset), max_seq_length=calib.max_seq_length,
                              shuffle_calibration_samples=False), dataset, tokenizer)
         batches = list(loader)
+    load_span("calibration_data")
     # a layer's inputs and outputs are held at once
     place = placement(recipe, 2 * activation_bytes(config_dict, len(dataset), calib.max_seq_length))
     fp = fingerprint(source, qpath, cpath, data_summary["token_ids_sha256"])
@@ -1007,6 +1228,7 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         fp["timed_share"] = str(timed_share)
     work = work_dir_for(out_dir)
     journal, start = open_journal(work, fp, restart, split)
+    load_span("journal")
 
     config = transformers.AutoConfig.from_pretrained(source.root)
     cls = getattr(transformers, fam.architecture)
@@ -1016,6 +1238,7 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
     expected = fam.routed_expert_linears(config_dict)
 
     buffers = ReadBuffers(source, pin=torch.cuda.is_available())
+    load_span("skeleton")
 
     def timed_read(i: int) -> tuple[dict[str, Any], float, float]:
         a = time.perf_counter()
@@ -1053,6 +1276,7 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
             acts_name = f"activations-after-{i:05d}.safetensors"
             acts_sha = save_acts(work / acts_name, hidden, prev, out_writer)
             acts_bytes = (work / acts_name).stat().st_size
+            janitor.submit(drop_page_cache, work / acts_name)
         c = time.perf_counter()
         return {"shard": name, "shard_sha256": shard_sha, "activations": acts_name, "activations_sha256": acts_sha,
                 "write_start": a - t0, "write_end": c - t0, "write_shard": round(b - a, 3),
@@ -1097,10 +1321,13 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
     # with several ranks also while the other ranks compute theirs); a layer is journaled only once its files
     # are durable, so resume is as before
     # (exits in reverse: the writer, which submits unlinks, is shut down before the unlink thread)
-    with progress, contextlib.closing(buffers), contextlib.closing(out_writer), \
-            ThreadPoolExecutor(1, thread_name_prefix="stream-unlink") as janitor, \
-            ThreadPoolExecutor(1, thread_name_prefix="stream-read") as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="stream-write") as writer:
+    tail: dict[str, float] = {}  # the seconds after the last layer's compute, by step
+    released: list[Future] = []
+    with progress, _released(buffers, background, released), _TimedExit(contextlib.closing(out_writer), tail,
+                                                                         "close_writer"), \
+            _TimedExit(ThreadPoolExecutor(1, thread_name_prefix="stream-unlink"), tail, "unlinks") as janitor, \
+            reader, \
+            _TimedExit(ThreadPoolExecutor(1, thread_name_prefix="stream-write"), tail, "writer_thread") as writer:
         # this rank's first layer is read while the calibration batches are embedded (0.65 s exposed on the H200)
         mine = split.mine(start, n_layers)
         ahead = reader.submit(timed_read, mine[0]) if mine else None
@@ -1110,15 +1337,18 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         # embedded: all of them on the host at once (4.8 GB at GLM-5.2's 393K tokens) set the host's peak on the
         # H200 (glibc keeps the freed heap). Inside the with-block: an error here shuts the early read down.
         keep = start == 0 and split.owns(0)
-        hidden, kwargs = layer_inputs(skeleton, config, source, batches, place.put if keep else lambda t: None)
-        reads.record(["model.embed_tokens.weight"])
+        load_span("start_threads")
+        hidden, kwargs = layer_inputs(skeleton, config, source, batches, place.put if keep else lambda t: None,
+                                      load_phases, embedding, device)
+        load_span.t = time.perf_counter()
+        reads.record([EMBED_NAME])
         prev: list[Any] | None = [None] * len(hidden)
         if 0 < start < n_layers and split.owns(start):  # resume: the activations after the last finished layer
             hidden, prev = place.put(load_acts(work / f"activations-after-{start - 1:05d}.safetensors"))
         if not split.owns(start):
             hidden = prev = None
-        if place.device != "cpu":  # masks and rotary tables: moved once, not per call
-            kwargs = _to(kwargs, place.device)
+        kwargs = _to(kwargs, place.device)  # masks and rotary tables wait with the activations (moved once)
+        load_span("inputs_in_place")  # resumed activations, masks and rotary tables moved to the GPU
         t_load = time.perf_counter()
         if journal is not None:
             journal.discard = lambda p: janitor.submit(p.unlink, missing_ok=True)
@@ -1178,8 +1408,10 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
                 hidden = prev = None
         if pending is not None:
             finish(pending)
+    a = time.perf_counter()
     for f in recorded:
         f.result()
+    tail["entries"] = round(time.perf_counter() - a, 3)
     if journal is not None:
         journal.discard = Journal.unlink
     # every rank's layers are durable once all have come here (the gather is the barrier)
@@ -1219,6 +1451,10 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         final_config(cls, config, modifier, tmp, source.root)
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(work, ignore_errors=True)
+    a = time.perf_counter()
+    for f in released:  # the read buffers, released (unpinned) while the rest was saved
+        f.result()
+    tail["waited_for_release"] = round(time.perf_counter() - a, 3)
     t_save = time.perf_counter()
 
     rows = [r for e in journal.layers for r in e["per_linear"]]
@@ -1240,7 +1476,8 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         "few_token_experts": few_token_experts(counts, fam.experts_per_token(config_dict, default=1)),
         "routing_counts": {str(k): v.tolist() for k, v in counts.items()},
         "dtype_restored": sorted(n for e in journal.layers for n in e["dtype_restored"]),
-        "seconds": {"load": round(t_load - t0, 2), "calibrate_and_solve": round(t_calib - t_load, 2),
+        "seconds": {"load": round(t_load - t0, 2), "load_phases": load_phases, "tail_phases": tail,
+                    "calibrate_and_solve": round(t_calib - t_load, 2),
                     "save": round(t_save - t_calib, 2), "total": round(t_save - t0, 2),
                     "per_layer": _per_layer(journal, start), "record": recorded_s,
                     "io": round(sum(r["io"]["io"] for r in per_rank), 3),
