@@ -350,6 +350,8 @@ def summarize_run(r: dict[str, Any]) -> dict[str, Any]:
         pl = s.get("per_layer", [])
         row["per_layer"] = pl
         row["deterministic"] = rep.get("deterministic")
+        row["load_phases"] = s.get("load_phases")  # where the time before layer 0's compute went
+        row["tail_phases"] = s.get("tail_phases")  # and the time after the last layer's compute
         # engine stream-1 before the overlap: calibrate_and_solve / pack_and_write; since: compute / write
         here = [x for x in pl if not x.get("resumed")]
         row["gpu_work_s"] = round(sum(x.get("compute", x.get("calibrate_and_solve", 0.0)) for x in here), 2)
