@@ -240,3 +240,20 @@ def test_cli_plan_stream_json(tmp_path):
                  "--host-ram-gib", "128", "--json", str(out)]) == 0
     plan = json.loads(out.read_text())
     assert plan["engine"] == "stream" and plan["stream"]["resume_worst_s"] > 0
+
+
+def test_expert_split_rank_holds_only_its_down_hessians():
+    """Under the expert split a rank forms only its share's down_proj Hessians (ExpertLayer.owned): GLM-5.2's
+    rank with 42 of 256 experts holds 42/256 of them beside the shared gate/up Hessian, and its GPU peak is
+    lower by the rest."""
+    from mtpquant.calib.plan import FP32, GIB, model_config
+
+    shape = shape_from_config(model_config(load("models", "glm-5.2"), "glm-5.2"))
+    args = ("glm-5.2", "glm5-code-instruct", "w4a16-asym-g128")
+    one = make_plan(*args, GPUSpec.of("h200", 1), engine="stream").subgraphs[1]
+    eight = make_plan(*args, GPUSpec.of("h200", 8), engine="stream").subgraphs[1]
+    h, i, e = shape.hidden, shape.moe_inter, shape.experts
+    assert one.parts_gib["hessians"] == pytest.approx(FP32 * (h * h + e * i * i) / GIB, abs=0.01)
+    assert eight.parts_gib["hessians"] == pytest.approx(FP32 * (h * h + 42 * i * i) / GIB, abs=0.01)
+    assert one.gpu_peak_gib - eight.gpu_peak_gib == pytest.approx(FP32 * (e - 42) * i * i / GIB, abs=0.02)
+    assert "one rank of 8" in eight.name

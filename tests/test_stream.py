@@ -396,16 +396,6 @@ def test_layer_inputs_in_groups_equal_one_batch_at_a_time(built, family):
     assert grouped[0][1].data_ptr() != alone[0][1].data_ptr()  # really another forward
 
 
-def test_drop_page_cache_keeps_the_file(tmp_path):
-    from mtpquant.calib.stream import drop_page_cache
-
-    f = tmp_path / "acts"
-    f.write_bytes(b"x" * 10000)
-    drop_page_cache(f)
-    drop_page_cache(tmp_path / "gone")  # a file the janitor already removed
-    assert f.read_bytes() == b"x" * 10000
-
-
 def test_an_error_before_the_first_layer_stops_the_early_read(built, monkeypatch, tmp_path):
     """The first layer is read while the calibration batches are embedded; an error there (here a fake one:
     embedding cannot fail on a valid fixture) reaches the user as itself, with no read thread left running and
@@ -433,3 +423,33 @@ def test_each_layer_says_where_its_compute_went(streamed, family):
         assert sum(phases.values()) <= e["compute"] + 1e-2
     moe = [e for e in rep["seconds"]["per_layer"] if "compute_solve" in e]
     assert moe and all(e["compute_calibration_pass"] > 0 for e in moe)
+
+
+def test_propagation_drops_each_input_as_its_output_is_made():
+    """The propagation pass frees batch b's inputs once batch b's output exists (llm-compressor's pipeline
+    deletes what a subgraph consumed): a layer's inputs and outputs are never both held whole (on the H200 one
+    set of activations is 4.5 GiB at GLM-5.2's 393K tokens). The caller's own copy of the list (the writer's)
+    keeps what it holds."""
+    import gc
+    import weakref
+
+    from mtpquant.calib.stream import _propagate
+
+    hidden = [torch.randn(2, 4) for _ in range(4)]
+    prev = [torch.randint(0, 9, (2, 3)) for _ in range(4)]
+    writers = list(hidden[:1])  # the writer's list holds batch 0
+    refs = [weakref.ref(h) for h in hidden]
+    expected = [h * 2 for h in hidden]
+    alive_at_call: list[list[bool]] = []
+
+    def layer(h, prev_topk_indices=None, **kwargs):
+        gc.collect()
+        alive_at_call.append([r() is not None for r in refs])
+        return h * 2, prev_topk_indices + 1
+
+    outs, tops = _propagate(layer, hidden, [{"prev_topk_indices": None}] * 4, prev, "cpu", Placement())
+    assert alive_at_call == [[True] * 4, [True, True, True, True], [True, False, True, True],
+                             [True, False, False, True]]  # batch 0 stays: the writer's list holds it
+    assert hidden == [None] * 4 and prev == [None] * 4
+    assert all(torch.equal(o, e) for o, e in zip(outs, expected, strict=True))
+    assert all(t.shape == (2, 3) for t in tops) and writers[0] is not None

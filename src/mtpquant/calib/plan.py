@@ -179,8 +179,11 @@ def tokens_of(calib: CalibrationRecipe) -> int:
 # ---- memory -------------------------------------------------------------------------------------------
 
 
-def moe_layer_memory(s: MoEShape, quant: QuantRecipe, seq_len: int, heads: int) -> dict[str, float]:
-    """GiB on one GPU while one MoE decoder layer calibrates and solves, by part (the peak phase's)."""
+def moe_layer_memory(s: MoEShape, quant: QuantRecipe, seq_len: int, heads: int,
+                     down_share: float = 1.0) -> dict[str, float]:
+    """GiB on one GPU while one MoE decoder layer calibrates and solves, by part (the peak phase's).
+    `down_share`: the part of the experts whose down_proj Hessians this rank forms (the expert split's
+    owners: mtpquant.calib.ranks.batch_owners; a rank allocates only its own)."""
     h, i, e = s.hidden, s.moe_inter, s.experts
     fe = quant.fast_experts
     weights = BF16 * s.moe_layer_params
@@ -188,7 +191,7 @@ def moe_layer_memory(s: MoEShape, quant: QuantRecipe, seq_len: int, heads: int) 
     if fe is None:  # llm-compressor: every Linear's Hessian; its solve batches to 75% of what is free
         hessians = FP32 * e * (2 * h * h + i * i)
         return {"weights": weights / GIB, "hessians": hessians / GIB, "working": forward / GIB}
-    hessians = FP32 * (h * h + e * i * i)
+    hessians = FP32 * (h * h + down_share * e * i * i)
     n = fe.token_chunk + seq_len  # the buffer fills past token_chunk by up to one sample
     calib = BF16 * n * h * 2 + BF16 * n * i * 6 + FP32 * (h * h + i * i) + forward
     if fe.routed_forward == "grouped_mm":
@@ -426,6 +429,18 @@ def expert_split_gpu_s(dense: Subgraph, moe: Subgraph, s: MoEShape, quant: Quant
     return [dense.calibration_s] * s.dense_layers + [moe_s] * s.moe_layers
 
 
+def _expert_split_memory(moe: Subgraph, s: MoEShape, quant: QuantRecipe, seq_len: int, heads: int,
+                         ranks: int) -> None:
+    """A MoE layer's GPU peak on one rank of the expert split: its own down_proj Hessians, not all of them."""
+    down, _ = expert_shares(s, quant, ranks)
+    whole = moe_layer_memory(s, quant, seq_len, heads)
+    mine = moe_layer_memory(s, quant, seq_len, heads, down_share=down)
+    whole.pop("phase", None)
+    moe.name = f"MoE decoder layer ({mine.pop('phase', 'calibration')}, one rank of {ranks})"
+    moe.gpu_peak_gib = round(moe.gpu_peak_gib - sum(whole.values()) + sum(mine.values()), 2)
+    moe.parts_gib.update({k: round(v, 2) for k, v in mine.items()})
+
+
 def stream_plan(name: str, s: MoEShape, samples: int, seq_len: int, quant: QuantRecipe, gpu: GPUSpec,
                 host_ram_gib: float | None = None, disk_gib: float | None = None, heads: int = 64,
                 disk_gbps: tuple[float, float] | None = None) -> Plan:
@@ -440,16 +455,14 @@ def stream_plan(name: str, s: MoEShape, samples: int, seq_len: int, quant: Quant
 
     ranks, gpu = gpu.count, GPUSpec(gpu.type, 1, gpu.memory_gib)  # per-layer work runs on one GPU
     cache = activation_cache_bytes(s.hidden, samples, seq_len)
-    # the engine holds a layer's inputs and outputs at once (mtpquant.calib.stream.placement): twice the cache
+    # placed on the GPU only if a layer's inputs and outputs fit at once (mtpquant.calib.stream.placement: the
+    # writer may still hold the boundary before); the propagation pass drops each batch's inputs as its output
+    # is made (stream._propagate), so the layer itself holds one set, as the memory engine does
     on_gpu = quant.fast_experts is not None and activation_device(
         quant, 2 * cache, ("cuda", gpu.memory_gib * GIB)) != "cpu"
     base = plan_for_shape(name, s, samples, seq_len, _with_activations(quant, "gpu" if on_gpu else "cpu"), gpu,
                           None, None, heads)
     dense, moe = base.subgraphs
-    if on_gpu:  # the outputs beside the inputs
-        for sg in (dense, moe):
-            sg.gpu_peak_gib = round(sg.gpu_peak_gib + cache / GIB, 2)
-            sg.parts_gib["activations"] = round(2 * cache / GIB, 2)
     layer_bytes = [BF16 * s.dense_layer_params] * s.dense_layers + [BF16 * s.moe_layer_params] * s.moe_layers
     moe.calibration_s = round(moe.calibration_s - moe.onload_s + BF16 * s.moe_layer_params / (STREAM_H2D_GBPS * 1e9), 2)
     moe.onload_s = 0.0
@@ -479,6 +492,7 @@ def stream_plan(name: str, s: MoEShape, samples: int, seq_len: int, quant: Quant
         splits_s["experts"] = round(experts_s, 1)
         if experts_s < layers_s:
             split, layers_s, gpu_s = "experts", experts_s, split_gpu
+            _expert_split_memory(moe, s, quant, seq_len, heads, ranks)
     rest = BF16 * s.embed_params
     seconds = {"load": rest / (read_gbps * 1e9),  # the embedding (and the rest, read again at the end)
                "layers": layers_s,

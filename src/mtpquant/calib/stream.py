@@ -579,13 +579,7 @@ class _PerBatch:
 
 def _pick(obj: Any, j: int) -> Any:
     """Batch j's value of `obj`, where _split_caught put a _PerBatch in place of every tensor."""
-    if isinstance(obj, _PerBatch):
-        return obj.views[j]
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_pick(x, j) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _pick(v, j) for k, v in obj.items()}
-    return obj
+    return _map_tensors(obj, lambda p: p.views[j], leaf=_PerBatch)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -652,9 +646,13 @@ def layer_inputs(skeleton: Any, config: Any, source: Checkpoint, batches: list[d
     try:
         with calibration_forward_context(skeleton):
             groups = embed_groups(batches, group)
-            if groups and len(groups[0]) > 1 and not _same(forward(groups[0][:1])[0], forward(groups[0])[0]):
+            done = forward(groups[0]) if groups else []  # group 0, checked against its first batch alone
+            if len(done) > 1 and not _same(forward(groups[0][:1])[0], done[0]):
                 groups = [[b] for b in batches]
-            for g in groups:
+                done = forward(groups[0])
+            out += [(put(h), kw) for h, kw in done]
+            del done
+            for g in groups[1:]:
                 out += [(put(h), kw) for h, kw in forward(g)]
     finally:
         (inner.embed_tokens, inner.rotary_emb), inner.layers[0] = saved, first
@@ -671,16 +669,18 @@ def _split_output(out: Any) -> tuple[Any, Any]:
     return out, None
 
 
-def _map_tensors(obj: Any, fn: Callable[[Any], Any]) -> Any:
-    """`fn` applied to every tensor in (nested tuples, lists, dicts of) `obj`."""
-    import torch
+def _map_tensors(obj: Any, fn: Callable[[Any], Any], leaf: type | None = None) -> Any:
+    """`fn` applied to every tensor (or every instance of `leaf`) in (nested tuples, lists, dicts of) `obj`."""
+    if leaf is None:
+        import torch
 
-    if isinstance(obj, torch.Tensor):
+        leaf = torch.Tensor
+    if isinstance(obj, leaf):
         return fn(obj)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_map_tensors(x, fn) for x in obj)
+        return type(obj)(_map_tensors(x, fn, leaf) for x in obj)
     if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+        return {k: _map_tensors(v, fn, leaf) for k, v in obj.items()}
     return obj
 
 
@@ -697,16 +697,33 @@ def _call(layer: Any, hidden: Any, kwargs: dict[str, Any], prev: Any, device: An
     return place.put(layer(_to(hidden, device), **_to(kwargs, device)))
 
 
+def _propagate(layer: Any, hidden: list[Any], kwargs: list[dict[str, Any]], prev: list[Any], device: Any,
+               place: Placement) -> tuple[list[Any], list[Any]]:
+    """The propagation pass: each batch's (hidden out, topk out). Each batch's inputs are dropped from `hidden`
+    and `prev` as its output is made, as llm-compressor's pipeline deletes what a subgraph consumed: on the GPU
+    the layer's inputs and outputs are never both held whole (+1 set of activations, 4.5 GiB at GLM-5.2's
+    393K tokens). Whoever still needs the inputs (the writer of the boundary before) holds its own list."""
+    outs: list[Any] = []
+    tops: list[Any] = []
+    for b in range(len(hidden)):
+        h, t = _split_output(_call(layer, hidden[b], kwargs[b], prev[b], device, place))
+        hidden[b] = prev[b] = None
+        outs.append(h)
+        tops.append(t)
+    return outs, tops
+
+
 def calibrate_layer(skeleton: Any, i: int, layer: Any, recipe: QuantRecipe, targets: list[str],
                     hidden: list[Any], prev: list[Any], kwargs: list[dict[str, Any]], fam: Any,
                     config_dict: dict[str, Any], device: Any, place: Placement = Placement(),
-                    share: tuple[int, int] | None = None, spans: dict[str, float] | None = None) -> tuple[
-                        list[Any], list[Any], list[Any], Any, dict]:
+                    share: tuple[int, int] | None = None, spans: dict[str, float] | None = None,
+                    gpu: dict[str, float] | None = None) -> tuple[list[Any], list[Any], list[Any], Any, dict]:
     """One subgraph of llm-compressor's SequentialPipeline for decoder layer i: calibration pass, solve,
     propagation pass through the quantized layer. `share`: (rank, world) of the expert split; `spans` gets
-    each phase's seconds (the GPU synchronized at its end). Returns (hidden out, topk out, the GPTQ rows this
-    process solved, routing counts, modifier fields the solve resolved)."""
-    span = _Spans(spans, device)
+    each phase's seconds (the GPU synchronized at its end), `gpu` the GPU's peak GiB so far at its end.
+    Returns (hidden out, topk out, the GPTQ rows this process solved, routing counts, modifier fields the solve
+    resolved)."""
+    span = _Spans(spans, device, gpu)
     from llmcompressor.core import LifecycleCallbacks, active_session
     from llmcompressor.modeling.moe.context import moe_calibration_context
     from llmcompressor.modeling.offset_norm import norm_calibration_context
@@ -717,18 +734,15 @@ def calibrate_layer(skeleton: Any, i: int, layer: Any, recipe: QuantRecipe, targ
     if not any(n.startswith(layer_prefix(i)) for n in fam.routed_expert_linears(config_dict)):
         # nothing to quantize here (a dense layer): the pipeline's two passes give the same outputs
         with calibration_forward_context(skeleton):
-            pairs = [_split_output(_call(layer, hidden[b], kwargs[b], prev[b], device, place))
-                     for b in range(len(hidden))]
+            outs, tops = _propagate(layer, hidden, kwargs, prev, device, place)
         span("propagation_pass")
-        return [h for h, _ in pairs], [t for _, t in pairs], [], None, {}
+        return outs, tops, [], None, {}
     opts = oneshot_options(recipe)
     modifier = modifier_for(recipe, targets)
     if share is not None:
         modifier.expert_share = share
     session = active_session()
     session.reset()
-    outs: list[Any] = []
-    tops: list[Any] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(norm_calibration_context(skeleton))
         if opts["moe_calibrate_all_experts"]:
@@ -745,10 +759,7 @@ def calibrate_layer(skeleton: Any, i: int, layer: Any, recipe: QuantRecipe, targ
             LifecycleCallbacks.sequential_epoch_end(list(layer.modules()))
             span("solve")  # and, under the expert split, the owners' broadcast
             with HooksMixin.disable_hooks():
-                for b in range(len(hidden)):
-                    h, t = _split_output(_call(layer, hidden[b], kwargs[b], prev[b], device, place))
-                    outs.append(h)
-                    tops.append(t)
+                outs, tops = _propagate(layer, hidden, kwargs, prev, device, place)
             span("propagation_pass")
         LifecycleCallbacks.calibration_end()
     session.finalize()
@@ -760,8 +771,8 @@ class _Spans:
     """Seconds since the previous call, by name, into `out` (nothing when it is None); a GPU is synchronized
     first, so a phase's kernels count in that phase."""
 
-    def __init__(self, out: dict[str, float] | None, device: Any = None):
-        self.out, self.device, self.t = out, device, time.perf_counter()
+    def __init__(self, out: dict[str, float] | None, device: Any = None, gpu: dict[str, float] | None = None):
+        self.out, self.device, self.gpu, self.t = out, device, gpu, time.perf_counter()
 
     def __call__(self, name: str) -> None:
         if self.out is None:
@@ -770,6 +781,8 @@ class _Spans:
 
         if torch.cuda.is_available() and str(self.device).startswith("cuda"):
             torch.cuda.synchronize(self.device)
+            if self.gpu is not None:  # the process's peak so far: the phase where it first reaches its last value
+                self.gpu[name] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         now = time.perf_counter()
         self.out[name] = round(self.out.get(name, 0.0) + now - self.t, 3)
         self.t = now
@@ -1051,23 +1064,6 @@ def save_acts(path: Path, hidden: list[Any], tops: list[Any], writer: StreamWrit
     return writer.write_atomic(path, _acts_entries(hidden, tops), {"format": ACTS_FORMAT, "batches": str(len(hidden))})
 
 
-def drop_page_cache(path: Path) -> None:
-    """The (durable) file's pages out of the page cache: an activations file is read again only by a resume.
-    Why: freeing a 5.5 GB file's cached pages took the unlink 1.3-1.9 s on the H200, and the unlink of the
-    boundary before the last layer is the run's last step; dropped here, on the janitor's thread while the next
-    layer computes, the unlink is cheap."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def load_acts(path: Path) -> tuple[list[Any], list[Any]]:
     """(hidden, topk) per batch, as save_acts wrote them, on the CPU."""
     from safetensors import safe_open
@@ -1276,7 +1272,6 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
             acts_name = f"activations-after-{i:05d}.safetensors"
             acts_sha = save_acts(work / acts_name, hidden, prev, out_writer)
             acts_bytes = (work / acts_name).stat().st_size
-            janitor.submit(drop_page_cache, work / acts_name)
         c = time.perf_counter()
         return {"shard": name, "shard_sha256": shard_sha, "activations": acts_name, "activations_sha256": acts_sha,
                 "write_start": a - t0, "write_end": c - t0, "write_shard": round(b - a, 3),
@@ -1368,14 +1363,15 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
             tb = time.perf_counter()
             meta_layer = skeleton.model.layers[i]
             phases: dict[str, float] = {}
-            span = _Spans(phases, device)
+            gpu_gib: dict[str, float] = {}
+            span = _Spans(phases, device, gpu_gib)
             with solo():  # linearizing offloads through compressed-tensors' caches: per rank too
                 layer = build_layer(skeleton, i, source, device, tensors)
                 del tensors
                 span("build")
                 hidden, prev, rows, counts, mod_state = calibrate_layer(
                     skeleton, i, layer, recipe, targets, hidden, prev, kwargs, fam, config_dict, device, place,
-                    share=split.expert_share() or timed_share, spans=phases)
+                    share=split.expert_share() or timed_share, spans=phases, gpu=gpu_gib)
                 span.t = time.perf_counter()
                 packed = pack_layer(skeleton, layer, i) if split.writes(i) else None
                 span("pack")
@@ -1399,10 +1395,12 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
                      "seconds": {"read": round(r_end - r_start, 3), "waited_for_read": round(waited_read, 3),
                                  "compute": round(tc - tb, 3), "read_start": round(r_start, 3),
                                  **{f"compute_{k}": v for k, v in phases.items()},
+                                 **{f"gpu_peak_gib_after_{k}": v for k, v in gpu_gib.items()},
                                  "compute_start": round(tb - t0, 3), "compute_end": round(tc - t0, 3)}}
             if nxt is not None and not split.owns(nxt):
                 ranks.send_tensors((hidden, prev), split.owner(nxt))
-            pending = (writer.submit(timed_write, i, [packed], hidden, prev), entry)
+            # the writer's own lists: the next layer's propagation pass empties these as it goes
+            pending = (writer.submit(timed_write, i, [packed], list(hidden), list(prev)), entry)
             del packed
             if not split.owns(nxt if nxt is not None else i):  # the next layer's inputs come from another rank
                 hidden = prev = None
