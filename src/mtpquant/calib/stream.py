@@ -1315,12 +1315,11 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
     # layer ahead), one writes its layer's shard while its next layer computes (at most one write in flight;
     # with several ranks also while the other ranks compute theirs); a layer is journaled only once its files
     # are durable, so resume is as before
-    # (exits in reverse: the writer, which submits unlinks, is shut down before the unlink thread)
+    # (exits in reverse: the writer, which submits the unlinks to `background`, is shut down first)
     tail: dict[str, float] = {}  # the seconds after the last layer's compute, by step
     released: list[Future] = []
     with progress, _released(buffers, background, released), _TimedExit(contextlib.closing(out_writer), tail,
                                                                          "close_writer"), \
-            _TimedExit(ThreadPoolExecutor(1, thread_name_prefix="stream-unlink"), tail, "unlinks") as janitor, \
             reader, \
             _TimedExit(ThreadPoolExecutor(1, thread_name_prefix="stream-write"), tail, "writer_thread") as writer:
         # this rank's first layer is read while the calibration batches are embedded (0.65 s exposed on the H200)
@@ -1346,7 +1345,9 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         load_span("inputs_in_place")  # resumed activations, masks and rotary tables moved to the GPU
         t_load = time.perf_counter()
         if journal is not None:
-            journal.discard = lambda p: janitor.submit(p.unlink, missing_ok=True)
+            # the old boundary's unlink (~6 GB) off the writer's path; the last one (1.2-1.6 s on the H200, the
+            # run's last step when it ran before the final save) beside the final save, like the read buffers
+            journal.discard = lambda p: released.append(background.submit(p.unlink, missing_ok=True))
         pending: tuple[Future, dict[str, Any]] | None = None
         for i in range(start, n_layers):
             nxt = i + 1 if i + 1 < n_layers else None
@@ -1448,11 +1449,11 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
                                              "weight_map": dict(sorted(weight_map.items()))})
         final_config(cls, config, modifier, tmp, source.root)
         tokenizer.save_pretrained(tmp)
-    shutil.rmtree(work, ignore_errors=True)
     a = time.perf_counter()
-    for f in released:  # the read buffers, released (unpinned) while the rest was saved
+    for f in released:  # the old boundaries unlinked and the read buffers released while the rest was saved
         f.result()
     tail["waited_for_release"] = round(time.perf_counter() - a, 3)
+    shutil.rmtree(work, ignore_errors=True)
     t_save = time.perf_counter()
 
     rows = [r for e in journal.layers for r in e["per_linear"]]
