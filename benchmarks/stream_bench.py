@@ -335,6 +335,18 @@ def wait_and_kill(proc: subprocess.Popen, dest: Path, layer: int, delay: float) 
             "delay_after_layer_done_s": delay, "work_dir_files": files}
 
 
+def gpu_peak_at(per_layer: list[dict[str, Any]]) -> str | None:
+    """'layer L, after PHASE (X GiB)': the first compute phase whose peak-so-far is the run's peak (engine
+    stream-4's gpu_peak_gib_after_* per layer, in phase order); None without them (a CPU run, older engines)."""
+    prefix = "gpu_peak_gib_after_"
+    seen = [(x["layer"], k[len(prefix):], v) for x in per_layer for k, v in x.items() if k.startswith(prefix)]
+    if not seen:
+        return None
+    top = max(v for _, _, v in seen)
+    layer, phase, v = next(t for t in seen if t[2] == top)
+    return f"layer {layer}, after {phase} ({v:g} GiB)"
+
+
 def summarize_run(r: dict[str, Any]) -> dict[str, Any]:
     rep = r.get("report") or {}
     s = rep.get("seconds", {})
@@ -352,6 +364,7 @@ def summarize_run(r: dict[str, Any]) -> dict[str, Any]:
         row["deterministic"] = rep.get("deterministic")
         row["load_phases"] = s.get("load_phases")  # where the time before layer 0's compute went
         row["tail_phases"] = s.get("tail_phases")  # and the time after the last layer's compute
+        row["gpu_peak_at"] = gpu_peak_at(pl)  # the layer and compute phase where the GPU's peak was reached
         # engine stream-1 before the overlap: calibrate_and_solve / pack_and_write; since: compute / write
         here = [x for x in pl if not x.get("resumed")]
         row["gpu_work_s"] = round(sum(x.get("compute", x.get("calibrate_and_solve", 0.0)) for x in here), 2)
@@ -684,6 +697,9 @@ def print_table(res: dict[str, Any]) -> None:
     for eng, *cols in rows:
         print(eng.ljust(8) + "| " + " | ".join("-" if c is None else f"{c['median']} [{c['min']}-{c['max']}] n={c['n']}"
                                                for c in cols))
+    for r in res["runs"]:
+        if r["engine"] == "stream" and r["rc"] == 0 and r["summary"].get("gpu_peak_at"):
+            print(f"stream GPU peak at {r['summary']['gpu_peak_at']}")
     for key in ("read_floor", "write_floor", "memory_vs_stream_tensors", "loss_ratio_stream_over_memory", "targets",
                 "determinism"):
         if key in res:
