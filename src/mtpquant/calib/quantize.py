@@ -163,6 +163,10 @@ def recording_gptq(model: Any, on_module: Any = None) -> Iterator[GPTQRecorder]:
         yield rec
     finally:
         gptq_base.CompressionLogger = original
+        # the logger class closes over `rec`, and a class sits in a reference cycle (every class does): `names`
+        # (every module of the model) lived until the cyclic GC ran. In the stream engine that kept each
+        # finished layer's packed weights on the GPU (+0.98 GiB per 32-expert layer on the H200)
+        rec.names, rec.on_module = {}, None
 
 
 @contextlib.contextmanager
