@@ -364,6 +364,7 @@ def summarize_run(r: dict[str, Any]) -> dict[str, Any]:
         row["deterministic"] = rep.get("deterministic")
         row["load_phases"] = s.get("load_phases")  # where the time before layer 0's compute went
         row["tail_phases"] = s.get("tail_phases")  # and the time after the last layer's compute
+        row["release_phases"] = s.get("release_phases")  # the release threads' steps (unpin, unlinks)
         row["gpu_peak_at"] = gpu_peak_at(pl)  # the layer and compute phase where the GPU's peak was reached
         # engine stream-1 before the overlap: calibrate_and_solve / pack_and_write; since: compute / write
         here = [x for x in pl if not x.get("resumed")]

@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -155,9 +156,15 @@ class Journal:
         return added
 
     def drop_stale_entries(self) -> None:
-        """Entry files past the journal (left by a killed run) are not taken: those layers run again."""
+        """Entry files past the journal (left by a killed run) are not taken: those layers run again. Boundaries
+        other than the one resume reads are deleted: the old ones' unlinks run on a release thread, so a
+        process killed right after a journal entry can leave one behind (GBs each)."""
         for path in self.work.glob("layer-*.json"):
             if int(path.stem.removeprefix("layer-")) >= len(self.layers):
+                path.unlink()
+        keep = self.layers[-1]["activations"] if self.layers else None
+        for path in self.work.glob("activations-after-*.safetensors"):
+            if path.name != keep:
                 path.unlink()
 
 
@@ -331,6 +338,7 @@ class ReadBuffers:
         self.bytes_read = 0
         self.peak_bytes = 0  # for the report, which is written after close()
         self.was_pinned = False
+        self.lock = threading.Lock()  # close() runs on the release thread, and at once on an error
 
     def _buffer(self, k: int, nbytes: int) -> Any:
         import torch
@@ -359,8 +367,9 @@ class ReadBuffers:
         self.bufs[k], self.registered[k] = None, False
 
     def close(self) -> None:
-        for k in range(2):
-            self._release(k)
+        with self.lock:
+            for k in range(2):
+                self._release(k)
 
     @property
     def pinned(self) -> bool:
@@ -1085,10 +1094,11 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
 
     # MTPQUANT_STREAM_DETERMINISTIC=0: off on a GPU too (to measure what it costs or changes)
     on = torch.cuda.is_available() and os.environ.get("MTPQUANT_STREAM_DETERMINISTIC", "1") != "0"
-    # the read thread outlives any error before the layers (the embedding is read from the start), the release
-    # of the read buffers runs during the final save: both are shut down here, whatever happened
+    # the read thread outlives any error before the layers (the embedding is read from the start); the release
+    # threads (the read buffers' unpinning, the old boundaries' unlinks: two, so neither waits for the other)
+    # run beside the last layer and the final save: all are shut down here, whatever happened
     with deterministic(on) as settings, ThreadPoolExecutor(1, thread_name_prefix="stream-read") as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="stream-release") as background:
+            ThreadPoolExecutor(2, thread_name_prefix="stream-release") as background:
         report = _quantize_stream(model_dir, quant_ref, calib_ref, out_dir, restart, split, reader, background)
     report["deterministic"] = settings
     return report
@@ -1111,16 +1121,26 @@ class _TimedExit:
             self.spans[self.name] = round(time.perf_counter() - a, 3)
 
 
+def _timed(fn: Callable[[], Any], log: list[tuple[str, float]], name: str) -> Callable[[], None]:
+    """fn, logging (name, its seconds): a release thread's step, for the report (list.append is atomic)."""
+    def run() -> None:
+        a = time.perf_counter()
+        fn()
+        log.append((name, time.perf_counter() - a))
+    return run
+
+
 @contextlib.contextmanager
-def _released(buffers: ReadBuffers, background: ThreadPoolExecutor, out: list[Future]) -> Iterator[None]:
-    """The read buffers, released at the end: on an error at once, after the last layer on `background` (their
-    future into `out`: unpinning tens of GB takes seconds, which the final save can run beside)."""
+def _released(buffers: ReadBuffers, background: ThreadPoolExecutor, out: list[Future],
+              log: list[tuple[str, float]]) -> Iterator[None]:
+    """The read buffers, released at the end if the last layer's build has not had them released: on an error
+    at once, else on `background` (their future into `out`: unpinning GBs takes seconds)."""
     try:
         yield
     except BaseException:
         buffers.close()
         raise
-    out.append(background.submit(buffers.close))
+    out.append(background.submit(_timed(buffers.close, log, "release_read_buffers")))
 
 
 def _per_layer(journal: Journal, start: int) -> list[dict[str, Any]]:
@@ -1318,8 +1338,9 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
     # (exits in reverse: the writer, which submits the unlinks to `background`, is shut down first)
     tail: dict[str, float] = {}  # the seconds after the last layer's compute, by step
     released: list[Future] = []
-    with progress, _released(buffers, background, released), _TimedExit(contextlib.closing(out_writer), tail,
-                                                                         "close_writer"), \
+    release_log: list[tuple[str, float]] = []  # the release threads' steps
+    with progress, _released(buffers, background, released, release_log), \
+            _TimedExit(contextlib.closing(out_writer), tail, "close_writer"), \
             reader, \
             _TimedExit(ThreadPoolExecutor(1, thread_name_prefix="stream-write"), tail, "writer_thread") as writer:
         # this rank's first layer is read while the calibration batches are embedded (0.65 s exposed on the H200)
@@ -1347,7 +1368,8 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         if journal is not None:
             # the old boundary's unlink (~6 GB) off the writer's path; the last one (1.2-1.6 s on the H200, the
             # run's last step when it ran before the final save) beside the final save, like the read buffers
-            journal.discard = lambda p: released.append(background.submit(p.unlink, missing_ok=True))
+            journal.discard = lambda p: released.append(background.submit(
+                _timed(functools.partial(p.unlink, missing_ok=True), release_log, "unlink_boundaries")))
         pending: tuple[Future, dict[str, Any]] | None = None
         for i in range(start, n_layers):
             nxt = i + 1 if i + 1 < n_layers else None
@@ -1369,7 +1391,10 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
             with solo():  # linearizing offloads through compressed-tensors' caches: per rank too
                 layer = build_layer(skeleton, i, source, device, tensors)
                 del tensors
-                span("build")
+                span("build")  # the GPU synchronized: the layer's copies out of the read buffer are done
+                if ahead is None:  # this rank's last layer: the read buffers are unpinned beside its compute
+                    # (at the end, 2.7 s of the H200's tail, after the last boundary's unlink on one thread)
+                    released.append(background.submit(_timed(buffers.close, release_log, "release_read_buffers")))
                 hidden, prev, rows, counts, mod_state = calibrate_layer(
                     skeleton, i, layer, recipe, targets, hidden, prev, kwargs, fam, config_dict, device, place,
                     share=split.expert_share() or timed_share, spans=phases, gpu=gpu_gib)
@@ -1476,6 +1501,8 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         "routing_counts": {str(k): v.tolist() for k, v in counts.items()},
         "dtype_restored": sorted(n for e in journal.layers for n in e["dtype_restored"]),
         "seconds": {"load": round(t_load - t0, 2), "load_phases": load_phases, "tail_phases": tail,
+                    "release_phases": {k: round(sum(t for n, t in release_log if n == k), 3)
+                                       for k in sorted({n for n, _ in release_log})},
                     "calibrate_and_solve": round(t_calib - t_load, 2),
                     "save": round(t_save - t_calib, 2), "total": round(t_save - t0, 2),
                     "per_layer": _per_layer(journal, start), "record": recorded_s,
