@@ -148,6 +148,31 @@ def test_sigkill_then_resume_gives_the_same_files(built, streamed, tmp_path):
     assert file_hashes(out) == file_hashes(streamed["glm4_moe"]["quantized"])
 
 
+@pytest.mark.parametrize(("phase", "fam"), [("read", "glm_moe_dsa"), ("calibrate", "glm4_moe"),
+                                          ("write", "glm_moe_dsa")])
+def test_sigkill_in_each_phase_of_a_drawn_layer_then_resume_gives_the_same_files(built, streamed, tmp_path,
+                                                                                   phase, fam):
+    """A real SIGKILL in the middle of a phase (half of the layer's bytes read; half of the calibration batches
+    through it with the Hessian hooks on; its shard written to a temp file) of a layer drawn with the phase's
+    name as the seed (the draws are fixed, so CI is deterministic: read 0, during the embedding; calibrate 2,
+    the last MoE layer; write 0), then the same command: the uninterrupted run's files, byte for byte."""
+    import random
+
+    base = built[fam]["base"]
+    n = Checkpoint(base).config["num_hidden_layers"]
+    layer = random.Random(phase).randrange(n)
+    out, run = tmp_path / "out", tmp_path / "run"
+    proc = _cli(run, base, out, env={"MTPQUANT_STREAM_KILL": f"{phase}:{layer}"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    finished = [e["layer"] for e in json.loads((work_dir_for(out) / JOURNAL).read_text())["layers"]]
+    assert finished == list(range(len(finished))) and len(finished) <= layer, (phase, layer, finished)
+    assert not out.exists()
+    proc = _cli(run, base, out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((run / "quantize.json").read_text())["resumed_after_layers"] == len(finished)
+    assert file_hashes(out) == file_hashes(streamed[fam]["quantized"])
+
+
 def _fake_layer(work: Path, i: int) -> dict:
     (work / f"s{i}").write_bytes(b"shard %d" % i)
     (work / f"a{i}").write_bytes(b"acts %d" % i)
@@ -317,6 +342,40 @@ def test_read_buffers_and_layer_state_equal_the_old_read(built, family):
                    for v in state.values())  # nothing of the state points into a read buffer
     assert buffers.reads == n + 1 and buffers.pinned is False
     buffers.close()
+
+
+def test_read_threads_split_a_layer_and_give_the_same_bytes(built, monkeypatch, tmp_path):
+    """ReadBuffers with several threads: each reads a contiguous run of the layer's bytes (cut inside tensors
+    here: 4 KiB pieces), the values are one thread's; `midway` fires once; a shard cut short is a one-line error
+    naming the tensor."""
+    import shutil
+
+    from mtpquant.calib import stream
+    from mtpquant.calib.stream import ReadBuffers, _contiguous_parts, layer_names
+
+    monkeypatch.setattr(stream, "CHUNK", 4096)
+    src = Checkpoint(built["glm_moe_dsa"]["base"])
+    names = layer_names(src, 1)
+    one, three = ReadBuffers(src, threads=1), ReadBuffers(src, threads=3)
+    fired: list[int] = []
+    a, b = one.read(names), three.read(names, midway=lambda: fired.append(1))
+    assert fired == [1] and list(a) == list(b) == names
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in names)
+    one.close()
+    three.close()
+    pieces = [(None, 0, 0, n) for n in (5, 1, 1, 1, 7, 2)]
+    parts = _contiguous_parts(pieces, 3)
+    assert [p for part in parts for p in part] == pieces and len(parts) == 3
+    assert _contiguous_parts(pieces, 1) == [pieces] and _contiguous_parts([], 4) == []
+
+    shutil.copytree(src.root, tmp_path / "cut")
+    cut = Checkpoint(tmp_path / "cut")  # headers checked here; the shard is cut after
+    last = cut.tensors[names[-1]]
+    with open(last.shard, "r+b") as fh:
+        fh.truncate(last.start + last.nbytes - 1)
+    with pytest.raises(MtpquantError) as exc:
+        ReadBuffers(cut, threads=2).read(names)
+    assert "\n" not in str(exc.value) and "truncated at byte" in str(exc.value) and str(last.shard) in str(exc.value)
 
 
 def test_kill_after_the_last_layer_then_resume(built, streamed, tmp_path):
