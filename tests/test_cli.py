@@ -28,7 +28,8 @@ def test_chain_through_cli(tmp_path, family, layers, dense, mtp):
     run = tmp_path / "run"
     mtpquant("fixture", "--family", family, "--out", run / "base", "--layers", layers, "--dense-layers", dense,
              "--mtp-layers", mtp, "--experts", 4)
-    mtpquant("quantize", "--run", run)
+    said = mtpquant("quantize", "--run", run).stderr  # --engine auto: a tiny model fits any host
+    assert "--engine auto: memory (the memory engine needs ~" in said, said
     mtpquant("inject-mtp", "--run", run)
     out = mtpquant("verify", "--run", run).stdout
     assert "FAIL" not in out and out.count("PASS") == 9
@@ -69,6 +70,9 @@ def test_verify_failure_exit_code_names_tensor(built, tmp_path):
     (["prepare", "--run", "{tmp}", "--model", "glm-5.2"], "source.revision is UNPINNED"),
     (["preflight", "--model", "glm-5.2", "--calibration", "glm5-code-instruct"], "no CUDA GPU visible"),
     (["fixture", "--family", "glm4_moe", "--out", "{tmp}/f", "--dense-layers", "3"], "first_k_dense_replace"),
+    (["quantize", "--run", "{tmp}", "--model", "{base}", "--engine", "memory", "--split", "experts"],
+     "--split: only the stream engine takes it"),
+    (["quantize", "--run", "{tmp}", "--model", "{base}", "--read-threads", "0"], "--read-threads: expected at least 1"),
 ])
 def test_user_mistakes_are_one_line_errors(built, tmp_path, args, expected):
     args = [a.format(tmp=tmp_path, base=built["glm4_moe"]["base"]) for a in args]

@@ -18,6 +18,7 @@ from mtpquant.calib.plan import (
     stream_plan,
 )
 from mtpquant.cli import main
+from mtpquant.core.checkpoint import Checkpoint
 from mtpquant.core.errors import MtpquantError
 from mtpquant.model.recipes import RECIPES_DIR, load
 
@@ -183,10 +184,37 @@ def test_engine_auto_and_stream_refusals():
     args = ("glm-5.2", "glm5-code-instruct", "w4a16-asym-g128", GPUSpec.of("h200", 1))
     assert make_plan(*args, engine="auto").engine == "memory"  # no host RAM given: the reference engine
     assert make_plan(*args, host_ram_gib=128, engine="auto").engine == "stream"
-    assert make_plan(*args, host_ram_gib=2048, engine="auto").engine == "memory"
+    assert make_plan(*args, host_ram_gib=4096, engine="auto").engine == "memory"
     with pytest.raises(MtpquantError, match="host RAM"):
         refuse(make_plan(*args, host_ram_gib=32, engine="stream"))
 
+
+
+def test_quantize_engine_auto_streams_what_the_node_cannot_hold(tmp_path):
+    """`quantize --engine auto`: the memory engine's host need (MEMORY_HOST_X x the BF16 model, the activation
+    cache where it waits on the host, each process's own) against the node's RAM. GLM-5.2 streams on any node
+    short of ~3 TB; a tiny checkpoint takes the memory engine on this machine and streams on a node given less
+    than its need; the activation cache counts only where it waits on the host."""
+    from mtpquant.calib.plan import MEMORY_HOST_X, model_config, quantize_engine, quantize_engine_here
+    from mtpquant.core.measure import host_ram_gib
+    from mtpquant.model.recipes import FixtureSpec
+    from mtpquant.tiny.fixture import write_fixture
+
+    quant, calib = load("quant", "w4a16-asym-g128"), load("calibration", "glm5-code-instruct")
+    glm = model_config(load("models", "glm-5.2"), "glm-5.2")
+    engine, why = quantize_engine(glm, calib, quant, 2048, 141, 8)
+    assert engine == "stream" and "does not fit this node's 2,048 GiB" in why
+    need = float(why.split("~")[1].split(" GiB")[0].replace(",", ""))
+    model_gib = shape_from_config(glm).bf16_bytes(with_mtp=False) / 2**30
+    assert MEMORY_HOST_X * model_gib < need < MEMORY_HOST_X * model_gib + 8 * 16 + 1  # cache on the GPU
+    assert quantize_engine(glm, calib, quant, need + 1, 141, 8)[0] == "memory"
+    on_host = float(quantize_engine(glm, calib, quant, 2048, None, 8)[1].split("~")[1].split(" GiB")[0]
+                    .replace(",", ""))
+    assert on_host > need  # no GPU: the activation cache waits on the host
+    base = write_fixture("glm4_moe", FixtureSpec(), tmp_path / "base")
+    engine, why = quantize_engine_here(base, "w4a16-asym-g128", "tiny-local")
+    assert engine == "memory" and f"{host_ram_gib():,.0f} GiB" in why
+    assert quantize_engine(Checkpoint(base).config, load("calibration", "tiny-local"), quant, 8, None, 1)[0] == "stream"
 
 
 def test_stream_plan_on_several_gpus_takes_the_faster_split():

@@ -103,6 +103,29 @@ def _mtp_tensors(model: Path) -> tuple[list[str], int]:
         return [], 0
 
 
+STREAM_ONLY = ("restart", "read_threads", "split")  # quantize options that only the stream engine takes
+
+
+def _quantize_engine(args: argparse.Namespace, model: Path) -> str:
+    """The engine `quantize` runs: as asked, or for `auto` the stream engine where an option only it takes was
+    given, else the one quantize_engine_here picks for this checkpoint on this node (said in one line)."""
+    if args.read_threads is not None and args.read_threads < 1:
+        raise MtpquantError(f"quantize: --read-threads: expected at least 1, got {args.read_threads}")
+    given = [f"--{o.replace('_', '-')}" for o in STREAM_ONLY if getattr(args, o) not in (None, False)]
+    if args.engine == "memory" and given:
+        raise MtpquantError(f"quantize: {', '.join(given)}: only the stream engine takes it (--engine stream)")
+    if args.engine != "auto":
+        return args.engine
+    if given:
+        _say(f"--engine auto: stream ({', '.join(given)} given)")
+        return "stream"
+    from mtpquant.calib.plan import quantize_engine_here
+
+    engine, why = quantize_engine_here(model, args.recipe, args.calibration)
+    _say(f"--engine auto: {engine} ({why})")
+    return engine
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from mtpquant.calib.quantize import quantize
     from mtpquant.chain.manifest import consumed
@@ -119,11 +142,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return 0
     _loading("quantize", "torch", "transformers")
     with stage_logs(run.stage_log("quantize"), *_mtp_tensors(model), _say):
-        if args.engine == "stream":
+        if _quantize_engine(args, model) == "stream":
             from mtpquant.calib.stream import quantize_stream
 
             rep = quantize_stream(model, args.recipe, args.calibration, out, restart=args.restart,
-                                  split=args.split)
+                                  split=args.split or "layers", read_threads=args.read_threads)
         else:
             rep = quantize(model, args.recipe, args.calibration, out)
     if rep["rank"] != 0:  # torchrun: rank 0 reports
@@ -362,11 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipe", default="w4a16-asym-g128", help="quant recipe name or YAML path")
     s.add_argument("--calibration", default="tiny-local", help="calibration recipe name or YAML path")
     s.add_argument("--out", help="default RUN/quantized")
-    s.add_argument("--engine", choices=["memory", "stream"], default="memory",
+    s.add_argument("--engine", choices=["auto", "memory", "stream"], default="auto",
                    help="memory: load the whole model, llm-compressor oneshot (the reference); stream: one decoder "
-                   "layer at a time from the shards, resumable (OUT.work/journal.json)")
+                   "layer at a time from the shards, resumable (OUT.work/journal.json); auto (default): memory "
+                   "where its host RAM fits this node (`mtpquant plan` models it), else stream")
     s.add_argument("--restart", action="store_true", help="stream: discard a previous run's journal, start over")
-    s.add_argument("--split", choices=["layers", "experts"], default="layers",
+    s.add_argument("--read-threads", type=int, default=None, metavar="N",
+                   help="stream: threads that read a layer from the shards (default 4)")
+    s.add_argument("--split", choices=["layers", "experts"], default=None,
                    help="stream under torchrun: layers (layer i on rank i %% ranks: I/O spread, GPU work serial) or "
                    "experts (every rank runs every layer and solves its share of the experts: GPU work spread); "
                    "both give the one-process artifact bit for bit; `mtpquant plan` says which is faster")

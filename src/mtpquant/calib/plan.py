@@ -66,6 +66,11 @@ DIST_LOAD_GBPS = 0.29
 DIST_SAVE_GBPS = 0.76
 RESERVED_GPU_GIB = 2.5  # beyond the counted tensors (allocator, small buffers), fitted on runs A-C
 HOST_RESERVED_GIB = 16.0  # Python, libraries, tokenizer, per process
+# The memory engine's peak host RSS beyond that, per byte of the BF16 model (transformers' load, llm-compressor's
+# linearized experts, the compressed save), measured on the H200: 77.7 GiB for the 31.5 GB 96-expert checkpoint
+# (stream_h200_e96_final.json, activations on the GPU: 2.10x) and 89.3 GiB for the 41.2 GB 128-expert one
+# (2026-12-01, FACTS: 1.91x). The larger is used: `--engine auto` must not pick an engine that runs out of RAM.
+MEMORY_HOST_X = 2.1
 GIB_MARGIN = 0.95  # refuse a plan that needs more than this share of a card
 # `quantize --engine stream` (mtpquant.calib.stream), engine stream-4, measured on one H200
 # (benchmarks/results/stream_h200_flush.json: GLM-5.2-shaped, 1 dense + 3 MoE layers x 32 experts, 2.84 GB per
@@ -229,8 +234,7 @@ def make_plan(model_ref: str, calib_ref: str, quant_ref: str, gpu: GPUSpec, host
     heads = family_for(config).attention_heads(config, default=64)
     args = (model.name, shape, calib.num_samples, calib.max_seq_length, quant, gpu, host_ram_gib, disk_gib, heads)
     if engine == "auto":  # the stream engine when the memory engine's host RAM does not fit what was given
-        mem = plan_for_shape(*args)
-        engine = "stream" if host_ram_gib is not None and mem.host_ram_gib > host_ram_gib else "memory"
+        engine = "memory" if host_ram_gib is None else auto_engine(plan_for_shape(*args).host_ram_gib, host_ram_gib)
     if engine not in ENGINES:
         raise MtpquantError(f"--engine: unknown engine {engine!r} (known: {', '.join(ENGINES)}, auto)")
     if disk_gbps is not None and engine != "stream":
@@ -273,6 +277,51 @@ def moe_layer_seconds(s: MoEShape, quant: QuantRecipe, r: GPUType, samples: int,
             "onload": onload}
 
 
+def memory_engine_host_gib(s: MoEShape, samples: int, seq_len: int, cache_on_host: bool, processes: int) -> float:
+    """The memory engine's peak host RAM on a node: the model as it loads, linearizes and saves (MEMORY_HOST_X),
+    the activation cache where it waits on the host, and each process's own."""
+    cache_gib = samples * seq_len * s.hidden * BF16 * 2 / GIB if cache_on_host else 0.0
+    return MEMORY_HOST_X * s.bf16_bytes(with_mtp=False) / GIB + cache_gib + HOST_RESERVED_GIB * processes
+
+
+def auto_engine(memory_need_gib: float, host_ram_gib: float) -> str:
+    """`--engine auto` (quantize's default, and plan's): the memory engine, the reference, where its host RAM fits,
+    else the stream engine (a few layers' buffers, whatever the model's size)."""
+    return "memory" if memory_need_gib <= host_ram_gib else "stream"
+
+
+def quantize_engine_here(model_dir: Path, quant_ref: str, calib_ref: str) -> tuple[str, str]:
+    """`quantize --engine auto`: (the engine for this checkpoint on this node, why in words). The inputs are
+    checked first, as quantize checks them (a bad file is a one-line error, not a traceback from here)."""
+    import os
+
+    import torch
+
+    from mtpquant.calib.quantize import checked_inputs
+    from mtpquant.core.measure import host_ram_gib
+
+    _, config, _, _, _, quant, calib, _ = checked_inputs(model_dir, quant_ref, calib_ref)
+    gpu = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None
+    return quantize_engine(config, calib, quant, host_ram_gib(), gpu, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def quantize_engine(config: dict[str, Any], calib: CalibrationRecipe, quant: QuantRecipe, host_ram_gib: float,
+                    gpu_memory_gib: float | None, processes: int) -> tuple[str, str]:
+    """`quantize --engine auto` on a node: (the engine, why in words). `processes`: the ranks on the node."""
+    from mtpquant.calib.calib_cost import shape_from_config
+    from mtpquant.calib.quantize import activation_cache_bytes, activation_device
+
+    s = shape_from_config(config)
+    samples = math.ceil(calib.num_samples / processes)
+    cache = activation_cache_bytes(s.hidden, samples, calib.max_seq_length)
+    on_host = gpu_memory_gib is None or activation_device(quant, cache, ("cuda", gpu_memory_gib * GIB)) == "cpu"
+    need = memory_engine_host_gib(s, calib.num_samples, calib.max_seq_length, on_host, processes)
+    engine = auto_engine(need, host_ram_gib)
+    verb = "fits" if engine == "memory" else "does not fit"
+    return engine, (f"the memory engine needs ~{need:,.0f} GiB of host RAM, which {verb} this node's "
+                    f"{host_ram_gib:,.0f} GiB")
+
+
 def plan_for_shape(name: str, s: MoEShape, samples: int, seq_len: int, quant: QuantRecipe, gpu: GPUSpec,
                    host_ram_gib: float | None = None, disk_gib: float | None = None, heads: int = 64) -> Plan:
     r, world = gpu.rates, gpu.count
@@ -306,10 +355,8 @@ def plan_for_shape(name: str, s: MoEShape, samples: int, seq_len: int, quant: Qu
                      {"weights": round(dense_w, 2)}, round(t_dense, 2), 0.0)
 
     src_gib = s.bf16_bytes() / GIB
-    model_gib = s.bf16_bytes(with_mtp=False) / GIB
     out_gib = s.quantized_bytes(quant.scheme) / GIB
-    cache_gib = samples * seq_len * s.hidden * BF16 * 2 / GIB
-    host = model_gib + cache_gib + HOST_RESERVED_GIB * world
+    host = memory_engine_host_gib(s, samples, seq_len, act_gib == 0, world)
     offload = max(0.0, host - host_ram_gib) if host_ram_gib else 0.0
     load_gbps, save_gbps = (LOAD_GBPS, SAVE_GBPS) if world == 1 else (DIST_LOAD_GBPS, DIST_SAVE_GBPS)
     seconds = {

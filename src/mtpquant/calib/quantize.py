@@ -302,7 +302,7 @@ def quantize(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path) -> 
 
     losses = [r["loss"] for r in rows if r["loss"] is not None]
     report = {
-        "stage": "quantize",
+        "stage": "quantize", "engine": "memory",
         "model": str(source.root), "family": fam.model_type, "output": str(out_dir),
         "recipe": {"path": str(qpath), "sha256": recipes.recipe_sha256("quant", qpath), "targets": targets},
         "calibration": {"path": str(cpath), "sha256": recipes.recipe_sha256("calibration", cpath), **data_summary},

@@ -338,8 +338,6 @@ class ReadBuffers:
     H200 (0.93 vs 1.77 GB/s), with the GPU thread and the writer beside it."""
 
     def __init__(self, source: Checkpoint, pin: bool = False, threads: int = READ_THREADS):
-        if threads < 1:
-            raise MtpquantError(f"read threads: expected at least 1, got {threads}")
         self.source = source
         self.pin = pin
         self.threads = threads
@@ -1162,7 +1160,7 @@ def load_acts(path: Path) -> tuple[list[Any], list[Any]]:
 
 
 def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path,
-                    restart: bool = False, split: str = "layers") -> dict[str, Any]:
+                    restart: bool = False, split: str = "layers", read_threads: int | None = None) -> dict[str, Any]:
     import torch
 
     # MTPQUANT_STREAM_DETERMINISTIC=0: off on a GPU too (to measure what it costs or changes)
@@ -1172,7 +1170,8 @@ def quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Pa
     # run beside the last layer and the final save: all are shut down here, whatever happened
     with deterministic(on) as settings, ThreadPoolExecutor(1, thread_name_prefix="stream-read") as reader, \
             ThreadPoolExecutor(2, thread_name_prefix="stream-release") as background:
-        report = _quantize_stream(model_dir, quant_ref, calib_ref, out_dir, restart, split, reader, background)
+        report = _quantize_stream(model_dir, quant_ref, calib_ref, out_dir, restart, split, reader, background,
+                                  READ_THREADS if read_threads is None else read_threads)
     report["deterministic"] = settings
     return report
 
@@ -1251,7 +1250,7 @@ def names_sha256(names: list[str]) -> str:
 
 def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: Path,
                      restart: bool, split_by: str, reader: ThreadPoolExecutor,
-                     background: ThreadPoolExecutor) -> dict[str, Any]:
+                     background: ThreadPoolExecutor, read_threads: int) -> dict[str, Any]:
     import torch
     import transformers
     from compressed_tensors.offload.utils import as_single_threaded
@@ -1326,7 +1325,7 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
     n_shards = n_layers + 1
     expected = fam.routed_expert_linears(config_dict)
 
-    buffers = ReadBuffers(source, pin=torch.cuda.is_available())
+    buffers = ReadBuffers(source, pin=torch.cuda.is_available(), threads=read_threads)
     load_span("skeleton")
 
     def timed_read(i: int) -> tuple[dict[str, Any], float, float]:
@@ -1565,7 +1564,7 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         "calibration": {"path": str(cpath), "sha256": recipes.recipe_sha256("calibration", cpath), **data_summary},
         "activations_on": place.device, "activations_pinned": place.pin, "resumed_after_layers": start,
         "read_buffers": {"bytes": buffers.peak_bytes, "pinned": buffers.was_pinned,
-                         "bytes_read": buffers.bytes_read},
+                         "bytes_read": buffers.bytes_read, "threads": buffers.threads},
         "quantized_linears": len(rows), "expected_linears": len(expected), "ranks": split.world,
         "split": split.by, "timed_share": timed_share,
         "per_rank": per_rank,

@@ -25,3 +25,19 @@ def host_rss_gib() -> dict[str, float]:
         return {}
     return {"now": round(int(fields["VmRSS"].split()[0]) / 2**20, 3),
             "peak": round(int(fields["VmHWM"].split()[0]) / 2**20, 3)}
+
+
+def host_ram_gib() -> float:
+    """This node's memory for a process, GiB: the physical memory, or the cgroup's limit where it is lower (a
+    container started with --memory)."""
+    import os
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total / 2**30
