@@ -7,9 +7,13 @@ CUDA context included) beside the report's own `memory` field (torch's peak allo
   gen     write the checkpoint (mtpquant.tiny.shaped_fixture, GPU when there is one) and the calibration set
   floor   page cache dropped (where allowed), every source shard read once sequentially (16 MiB reads):
           the read floor; 4 GiB written and fsynced: the write floor
+  reads   the engine's own reader (ReadBuffers) alone: every decoder layer read into the two reused buffers with
+          --read-sweep threads each (default 1,2,4,8), interleaved A B C D D C B A, page cache dropped each time
   memory  `mtpquant.calib.quantize.quantize` (the in-memory engine), per-subgraph spans through calib_speed's
           PipelineTimer (llm-compressor's own pipeline functions)
-  stream  `mtpquant.calib.stream.quantize_stream` (--restart), the report's seconds.per_layer
+  stream  `mtpquant.calib.stream.quantize_stream` (--restart), the report's seconds.per_layer; once per
+          --stream-read-threads value (default: the engine's), interleaved; with --nproc N under torchrun
+          (--split layers|experts), every rank's reads, I/O and host RSS from the report's per_rank
   kill    the stream engine SIGKILLed while layer 2 runs (its journal lists layers 0 and 1, then
           --kill-delay seconds), then the same call again (resume); every output file's sha256 compared
           with the uninterrupted stream run's (this run's, or --ref-json's)
@@ -168,6 +172,40 @@ def write_floor(work: Path, nbytes: int) -> dict[str, Any]:
     return {"bytes": nbytes, "seconds": round(s, 2), "gb_per_s": round(nbytes / s / 1e9, 3), "fsync": True}
 
 
+def read_sweep(ckpt: Path, threads: list[int], rounds: int) -> dict[str, Any]:
+    """ReadBuffers alone (the engine's reader, pinned where CUDA is): every decoder layer in order into its two
+    reused buffers (allocated and pinned before the clock starts), per thread count, interleaved A B C D D C B A,
+    page cache dropped before each pass."""
+    import torch
+
+    from mtpquant.calib.stream import ReadBuffers, layer_names
+    from mtpquant.core.checkpoint import Checkpoint
+
+    source = Checkpoint(ckpt)
+    layers = [layer_names(source, i) for i in range(int(source.config["num_hidden_layers"]))]
+    sizes = [sum(source.tensors[n].nbytes for n in names) for names in layers]
+    readers = {t: ReadBuffers(source, pin=torch.cuda.is_available(), threads=t) for t in threads}
+    for r in readers.values():  # both buffers at the largest layer's size (+ alignment), before any timing
+        for k in range(2):
+            r._buffer(k, max(sizes) + 64 * max(len(n) for n in layers))
+    passes = []
+    for k in range(rounds):
+        for t in (threads if k % 2 == 0 else threads[::-1]):
+            dropped = drop_caches()
+            a = time.perf_counter()
+            for names in layers:
+                readers[t].read(names)
+            s = time.perf_counter() - a
+            passes.append({"threads": t, "seconds": round(s, 3), "gb_per_s": round(sum(sizes) / s / 1e9, 3),
+                           "page_cache_dropped": dropped})
+            log(f"reads: {t} thread(s) {passes[-1]['gb_per_s']} GB/s")
+    for r in readers.values():
+        r.close()
+    summary = {str(t): spread([p["gb_per_s"] for p in passes if p["threads"] == t]) for t in threads}
+    return {"bytes": sum(sizes), "layers": len(layers), "pinned": torch.cuda.is_available(), "passes": passes,
+            "summary": summary}
+
+
 # ---- hashes -------------------------------------------------------------------------------------------
 
 
@@ -238,7 +276,10 @@ def child(args: argparse.Namespace) -> None:
         else:
             from mtpquant.calib.stream import quantize_stream
 
-            rep = quantize_stream(Path(args.ckpt), RECIPE, args.calib, Path(args.dest), restart=args.restart)
+            rep = quantize_stream(Path(args.ckpt), RECIPE, args.calib, Path(args.dest), restart=args.restart,
+                                  split=args.split, read_threads=args.read_threads)
+    if rep.get("rank", 0) != 0:  # torchrun: rank 0 reports every rank
+        return
     rep["process_s_after_imports"] = round(time.perf_counter() - t, 2)
     rep["pipeline_spans"] = [(label, round(a - t, 3), round(b - a, 3)) for label, a, b in timer.spans]
     rep["torch_gpu_peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else 0.0
@@ -274,7 +315,7 @@ class GpuSampler:
 
 def run_engine(args: argparse.Namespace, engine: str, ckpt: Path, calib: Path, dest: Path, tag: str,
                restart: bool = True, kill_at_layer: int | None = None,
-               env: dict[str, str] | None = None) -> dict[str, Any]:
+               env: dict[str, str] | None = None, read_threads: int | None = None) -> dict[str, Any]:
     work = Path(args.work)
     js = work / f"child-{tag}.json"
     js.unlink(missing_ok=True)
@@ -284,9 +325,15 @@ def run_engine(args: argparse.Namespace, engine: str, ckpt: Path, calib: Path, d
            str(calib), "--dest", str(dest), "--json", str(js), "--work", str(work)]
     if restart:
         cmd.append("--restart")
+    if read_threads is not None:
+        cmd += ["--read-threads", str(read_threads)]
+    if engine == "stream" and args.nproc > 1:  # --standalone: a free rendezvous port
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               *cmd[1:], "--split", args.split]
     if Path("/usr/bin/time").exists() and kill_at_layer is None:
         cmd = ["/usr/bin/time", "-v", "-o", str(timef), *cmd]
-    res: dict[str, Any] = {"engine": engine, "tag": tag, "page_cache_dropped": drop_caches()}
+    res: dict[str, Any] = {"engine": engine, "tag": tag, "page_cache_dropped": drop_caches(),
+                           "read_threads": read_threads, "nproc": args.nproc if engine == "stream" else 1}
     gpu = GpuSampler()
     t = time.perf_counter()
     with open(err, "w") as fh:
@@ -383,6 +430,9 @@ def summarize_run(r: dict[str, Any]) -> dict[str, Any]:
         row["exposed_write_last_layer_s"] = here[-1].get("waited_for_write") if here else None
         row["read_buffers"] = rep.get("read_buffers")
         row["io_hidden_s"] = s.get("io_hidden")
+        row["ranks"], row["split"] = rep.get("ranks"), rep.get("split")
+        row["per_rank"] = [{k: x.get(k) for k in ("rank", "io", "solved_linears", "host_rss_gib", "memory")}
+                           for x in rep.get("per_rank", [])]
     else:
         row["per_layer"] = memory_per_layer(rep.get("pipeline_spans", []))
         row["gpu_work_s"] = s.get("calibrate_and_solve")
@@ -485,6 +535,13 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=540.0, help="skip a phase that would not end inside this")
     ap.add_argument("--disk-margin-gb", type=float, default=3.0)
     ap.add_argument("--ref-json", help="an earlier result JSON: the stream hashes the kill phase compares with")
+    ap.add_argument("--read-sweep", default="1,2,4,8", help="reads phase: the thread counts, comma-separated")
+    ap.add_argument("--read-rounds", type=int, default=2, help="reads phase: rounds of the sweep (A B .. B A ..)")
+    ap.add_argument("--stream-read-threads", default="",
+                    help="stream phase: one run per value per repeat, interleaved (default: the engine's default)")
+    ap.add_argument("--nproc", type=int, default=1, help="stream runs under torchrun with this many ranks")
+    ap.add_argument("--split", default="layers", choices=["layers", "experts"], help="with --nproc: the split")
+    ap.add_argument("--read-threads", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--calib", help=argparse.SUPPRESS)
@@ -498,6 +555,8 @@ def main() -> None:
         ap.error("--experts: GLM-5.2 routes each token to 8 experts; give at least 8")
     if "kill" in args.phases.split(",") and args.moe_layers < args.kill_layer + 1:
         ap.error("--moe-layers: the kill phase needs a layer after --kill-layer")
+    if args.nproc > 1 and ("share" in args.phases.split(",") or "memory" in args.phases.split(",")):
+        ap.error("--nproc: runs the stream engine's phases (stream, kill) under torchrun; drop memory and share")
 
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -505,7 +564,8 @@ def main() -> None:
     phases = args.phases.split(",")
     resf = out / f"stream_{args.tag}.json"
     res: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k not in ("child", "ckpt", "calib", "dest",
-                                                                                     "json", "restart")},
+                                                                                     "json", "restart",
+                                                                                     "read_threads")},
                            "recipe": RECIPE, "skipped": [], "runs": []}
 
     def save() -> None:
@@ -563,13 +623,20 @@ def main() -> None:
         log(f"read floor {res['read_floor']}; write floor {res['write_floor']}")
         save()
 
+    if "reads" in phases:
+        res["reads"] = read_sweep(ckpt, [int(x) for x in args.read_sweep.split(",")], args.read_rounds)
+        log(f"reads: {json.dumps(res['reads']['summary'])}")
+        save()
+
     est: dict[str, float] = {"memory": 240.0, "stream": 240.0, "share": 240.0} if not args.small else {
         "memory": 120, "stream": 120, "share": 120}
     hashes: dict[str, Any] = {}
     # share: the stream engine doing one rank's GPU work of `--split experts` (MTPQUANT_STREAM_TIMED_SHARE=SHARE,
     # default 0/8: rank 0 of 8, which owns the most down_proj batches at 256 experts); its output is not valid
-    order = [e for _ in range(args.repeats) for e in ("memory", "stream", "share") if e in phases]
-    for n, engine in enumerate(order):
+    variants = [int(x) for x in args.stream_read_threads.split(",") if x] or [None]
+    order = [(e, t) for _ in range(args.repeats) for e in ("memory", "stream", "share") if e in phases
+             for t in (variants if e == "stream" else [None])]
+    for n, (engine, threads) in enumerate(order):
         if left() < est[engine] * 1.1:
             res["skipped"].append(f"{engine} #{n}: {left():.0f} s left, estimate {est[engine]:.0f} s")
             log(res["skipped"][-1])
@@ -578,7 +645,8 @@ def main() -> None:
         shutil.rmtree(dest, ignore_errors=True)
         log(f"run {engine} #{n}")
         share = {"MTPQUANT_STREAM_TIMED_SHARE": os.environ.get("SHARE", "0/8")} if engine == "share" else None
-        r = run_engine(args, "stream" if engine == "share" else engine, ckpt, calib, dest, f"{engine}-{n}", env=share)
+        r = run_engine(args, "stream" if engine == "share" else engine, ckpt, calib, dest, f"{engine}-{n}", env=share,
+                       read_threads=threads)
         r["engine"] = engine
         est[engine] = r["wall_s"]
         if dest.exists():
@@ -695,9 +763,25 @@ def print_table(res: dict[str, Any]) -> None:
                      spread([s["save_s"] for s in ss]), spread([s["peak_rss_gib_time_v"] for s in ss]),
                      spread([s["gpu_peak_allocated_gib"] for s in ss]), spread([s["gpu_peak_nvidia_smi_gib"] for s in ss])))  # noqa: E501
     print("engine  | process wall s | report total s | load s | calib+solve s | save s | peak RSS GiB | GPU alloc GiB | GPU smi GiB")  # noqa: E501
+    layer_bytes = sum(int(v) for v in res.get("layer_bytes", {}).values())
+    by_threads = []
+    for t in sorted({r["read_threads"] for r in res["runs"] if r["engine"] == "stream" and r["rc"] == 0}, key=str):
+        ss = [r["summary"] for r in res["runs"] if r["engine"] == "stream" and r["rc"] == 0 and r["read_threads"] == t]
+        by_threads.append((f"stream, read threads {t or 'default'}", spread([s["total_s"] for s in ss]),
+                     spread([s["gpu_work_s"] for s in ss]), spread([s["read_s"] for s in ss]),
+                     spread([layer_bytes / s["read_s"] / 1e9 for s in ss if s["read_s"]]),
+                     spread([s["io_hidden_s"] for s in ss])))
     for eng, *cols in rows:
         print(eng.ljust(8) + "| " + " | ".join("-" if c is None else f"{c['median']} [{c['min']}-{c['max']}] n={c['n']}"
                                                for c in cols))
+    if by_threads:
+        print("stream runs by read threads | report total s | GPU work s | read s | read GB/s | I/O hidden s")
+    for name, *cols in by_threads:
+        print(name + " | " + " | ".join("-" if c is None else f"{c['median']} [{c['min']}-{c['max']}] n={c['n']}"
+                                        for c in cols))
+    if "reads" in res:
+        print("reader alone (GB/s by threads): " + ", ".join(f"{t}: {c['median']} [{c['min']}-{c['max']}] n={c['n']}"
+                                                            for t, c in res["reads"]["summary"].items()))
     for r in res["runs"]:
         if r["engine"] == "stream" and r["rc"] == 0 and r["summary"].get("gpu_peak_at"):
             print(f"stream GPU peak at {r['summary']['gpu_peak_at']}")

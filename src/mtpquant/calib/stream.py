@@ -1513,7 +1513,8 @@ def _quantize_stream(model_dir: Path, quant_ref: str, calib_ref: str, out_dir: P
         journal.discard = Journal.unlink
     # every rank's layers are durable once all have come here (the gather is the barrier)
     per_rank = ranks.gather({"rank": split.rank, "reads": reads.summary(source), "io": _io(per_layer_s),
-                             "solved_linears": solved}, ranks.control())
+                             "solved_linears": solved, "host_rss_gib": host_rss_gib(), "memory": peak_memory()},
+                            ranks.control())
     if split.rank != 0:
         return {"stage": "quantize", "engine": "stream", "rank": split.rank, "ranks": split.world,
                 "reads": per_rank[split.rank]["reads"]}
