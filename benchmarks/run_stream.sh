@@ -25,11 +25,26 @@
 # The same with MTPQUANT_STREAM_DETERMINISTIC=0 in front: the engine without torch's deterministic algorithms
 # (to show what they fix, and what they cost).
 #
+# The reader's threads (2026-12-07), one call: the disk floor, the engine's reader alone at 1, 2, 4 and 8 threads
+# (interleaved, page cache dropped each pass), then the stream engine with 1 and with 4 read threads:
+#
+#   run(command="EXPERTS=96 PHASES=gen,floor,reads,stream STREAM_READ_THREADS=1,4 TAG=h200_readers bash benchmarks/run_stream.sh", carry=[".whl"], timeout_s=600)
+#
+# Several GPUs (issue 13's run: needs a kind with several GPUs; one node, torchrun --standalone), three calls on
+# one warm machine (the checkpoint stays in WORK between them): the one-GPU point, then each split on all GPUs,
+# the expert split also SIGKILLed during layer 2 and resumed under torchrun:
+#
+#   run(command="EXPERTS=96 PHASES=gen,floor,stream TAG=x1 bash benchmarks/run_stream.sh", kind="nvidia-h200-x8", carry=[".whl"], timeout_s=600)
+#   run(command="EXPERTS=96 NPROC=8 SPLIT=experts PHASES=stream,kill TAG=x8_experts bash benchmarks/run_stream.sh", carry=[".whl"], timeout_s=600)
+#   run(command="EXPERTS=96 NPROC=8 SPLIT=layers PHASES=stream TAG=x8_layers bash benchmarks/run_stream.sh", carry=[".whl"], timeout_s=600)
+#
 # Environment: PHASES (default gen,floor,memory,stream,kill), BUDGET_S (default 540: a phase that would not end
 # inside it is skipped and recorded), EXPERTS (0: 128 experts if the disk holds the run, else 96, 64, 32), REPEATS (1; interleaved), SMALL=1 (fixture dimensions,
 # to check the script on a CPU), REF_JSON (an earlier result whose stream hashes the kill phase compares with),
 # WORK (default /tmp/stream-bench: kept between calls while the machine stays warm, so a second call reuses the
-# checkpoint). Results: $OUT/stream_${TAG:-h200}.json, $OUT/stream_bench.log, $OUT/env.txt.
+# checkpoint), READ_SWEEP (the reads phase's thread counts, default 1,2,4,8), STREAM_READ_THREADS (one stream run
+# per value, interleaved), NPROC and SPLIT (the stream phases under torchrun). Results:
+# $OUT/stream_${TAG:-h200}.json, $OUT/stream_bench.log, $OUT/env.txt.
 set -uo pipefail
 source benchmarks/device_env.sh /tmp/stream-bench-out
 export TOKENIZERS_PARALLELISM=false
@@ -45,4 +60,6 @@ grep -q "imports ok" "$OUT/env.txt" || { echo "the carried wheels do not import:
 python3 benchmarks/stream_bench.py --out "$OUT" --tag "${TAG:-h200}" --work "${WORK:-/tmp/stream-bench}" \
   --phases "${PHASES:-gen,floor,memory,stream,kill}" --budget-s "${BUDGET_S:-540}" --experts "${EXPERTS:-0}" --moe-layers "${MOE_LAYERS:-4}" \
   --repeats "${REPEATS:-1}" ${SMALL:+--small --samples 16 --seq-len 128 --write-floor-gib 0.25} \
-  ${REF_JSON:+--ref-json "$REF_JSON"} 2>&1 | tee "$OUT/stream_bench.log"
+  ${REF_JSON:+--ref-json "$REF_JSON"} ${READ_SWEEP:+--read-sweep "$READ_SWEEP"} \
+  ${STREAM_READ_THREADS:+--stream-read-threads "$STREAM_READ_THREADS"} --nproc "${NPROC:-1}" --split "${SPLIT:-layers}" \
+  2>&1 | tee "$OUT/stream_bench.log"
