@@ -178,7 +178,7 @@ def read_sweep(ckpt: Path, threads: list[int], rounds: int) -> dict[str, Any]:
     page cache dropped before each pass."""
     import torch
 
-    from mtpquant.calib.stream import ReadBuffers, layer_names
+    from mtpquant.calib.stream.reader import ReadBuffers, layer_names
     from mtpquant.core.checkpoint import Checkpoint
 
     source = Checkpoint(ckpt)
@@ -274,7 +274,7 @@ def child(args: argparse.Namespace) -> None:
 
             rep = quantize(Path(args.ckpt), RECIPE, args.calib, Path(args.dest))
         else:
-            from mtpquant.calib.stream import quantize_stream
+            from mtpquant.calib.stream.engine import quantize_stream
 
             rep = quantize_stream(Path(args.ckpt), RECIPE, args.calib, Path(args.dest), restart=args.restart,
                                   split=args.split, read_threads=args.read_threads)
@@ -361,7 +361,7 @@ def run_engine(args: argparse.Namespace, engine: str, ckpt: Path, calib: Path, d
 def wait_and_kill(proc: subprocess.Popen, dest: Path, layer: int, delay: float) -> dict[str, Any]:
     """SIGKILL the run's process group once its journal lists `layer` finished layers (0..layer-1) and
     `delay` more seconds have passed (layer `layer` is then being read or calibrated)."""
-    from mtpquant.calib.stream import JOURNAL, work_dir_for
+    from mtpquant.calib.stream.journal import JOURNAL, work_dir_for
 
     jpath = work_dir_for(dest) / JOURNAL
     while proc.poll() is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mtpquant.calib.stream import StreamWriter, save_shard
+from mtpquant.calib.stream.writer import StreamWriter, save_shard
 
 
 def main() -> int:

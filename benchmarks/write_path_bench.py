@@ -93,7 +93,7 @@ def write_child(path: str, experts: int, samples: int, seq: int, work: Path) -> 
     import torch
     from safetensors.torch import save_file
 
-    from mtpquant.calib.stream import StreamWriter, _acts_entries
+    from mtpquant.calib.stream.writer import StreamWriter, _acts_entries
     from mtpquant.core.checkpoint import file_sha256
 
     pack, shard, hidden, topk = layer_outputs(experts, samples, seq)
@@ -148,7 +148,8 @@ def write_child(path: str, experts: int, samples: int, seq: int, work: Path) -> 
 def read_child(path: str, ckpt: Path) -> dict[str, Any]:
     import torch
 
-    from mtpquant.calib.stream import ReadBuffers, fuse_experts, layer_names, layer_state, read_tensors
+    from mtpquant.calib.stream.build import fuse_experts, layer_state
+    from mtpquant.calib.stream.reader import ReadBuffers, layer_names, read_tensors
     from mtpquant.core.checkpoint import Checkpoint
     from mtpquant.model.families.base import layer_prefix
 

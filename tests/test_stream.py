@@ -19,7 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mtpquant.calib.stream import JOURNAL, Journal, Placement, deterministic, placement, quantize_stream, work_dir_for
+from mtpquant.calib.stream.device import Placement, deterministic, placement
+from mtpquant.calib.stream.engine import quantize_stream
+from mtpquant.calib.stream.journal import JOURNAL, Journal, work_dir_for
 from mtpquant.chain.inject_mtp import inject_mtp
 from mtpquant.chain.verify import verify
 from mtpquant.cli import main
@@ -199,17 +201,22 @@ def test_journal_keeps_only_intact_layers_and_restart_starts_over(tmp_path):
     assert j.layers == [] and not (work / "s0").exists()
 
 
-def test_two_mtp_layers_are_left_to_inject_mtp(tmp_path):
-    """GLM-4.5 layout with 2 MTP layers: the stream engine reads only decoder layers 0..n-1 (the MTP layers,
-    like from_pretrained's, are skipped), and inject-mtp + verify accept the result."""
+def test_two_mtp_layers_are_left_to_inject_mtp(tmp_path, family):
+    """Both layouts with 2 MTP layers: the stream engine reads only decoder layers 0..n-1 (the MTP layers, like
+    from_pretrained's, are skipped), its tensors are the memory engine's bit for bit, and inject-mtp + verify
+    accept the result."""
+    from mtpquant.calib.quantize import quantize
     from mtpquant.model.recipes import FixtureSpec
     from mtpquant.tiny.fixture import write_fixture
 
-    base = write_fixture("glm4_moe", FixtureSpec(num_nextn_predict_layers=2), tmp_path / "base")
+    base = write_fixture(family, FixtureSpec(num_nextn_predict_layers=2), tmp_path / "base")
     quantize_stream(base, "w4a16-asym-g128", "tiny-local", tmp_path / "q")
+    quantize(base, "w4a16-asym-g128", "tiny-local", tmp_path / "mem")
     n = Checkpoint(base).config["num_hidden_layers"]
     names = Checkpoint(tmp_path / "q").weight_map
     assert not any(k.startswith((f"model.layers.{n}.", f"model.layers.{n + 1}.")) for k in names)
+    a, b = all_tensors(tmp_path / "mem"), all_tensors(tmp_path / "q")
+    assert sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     inject_mtp(base, tmp_path / "q", tmp_path / "artifact")
     checks = verify(tmp_path / "artifact", base)
     assert all(c.ok for c in checks), [c.failures for c in checks if c.failures]
@@ -248,7 +255,7 @@ def test_write_path_stream_writer_is_safetensors_bytes(tmp_path):
     the same order, and the sha256 it computes while writing is the file's."""
     from safetensors.torch import save
 
-    from mtpquant.calib.stream import StreamWriter, _acts_entries, load_acts, save_acts
+    from mtpquant.calib.stream.writer import StreamWriter, _acts_entries, load_acts, save_acts
 
     g = torch.Generator().manual_seed(0)
     ts = {"b": torch.randn(3, 5, generator=g).to(torch.bfloat16), "a": torch.arange(7), "c": torch.randn(2, 2)}
@@ -273,7 +280,7 @@ def test_stream_writer_flushing_as_it_writes_keeps_the_bytes(tmp_path, monkeypat
     writes on); here every 64 bytes: the file and its sha256 are still safetensors' own, and it did flush."""
     from safetensors.torch import save
 
-    import mtpquant.calib.stream as stream
+    from mtpquant.calib.stream import writer as stream
 
     calls = []
     real = os.fdatasync
@@ -295,7 +302,7 @@ def test_streamed_shard_is_save_files_bytes(tmp_path):
     chunk size (chunks smaller than, equal to and larger than a tensor)."""
     from safetensors.torch import save_file
 
-    from mtpquant.calib.stream import StreamWriter, safetensors_order, save_shard
+    from mtpquant.calib.stream.writer import StreamWriter, safetensors_order, save_shard
 
     g = torch.Generator().manual_seed(1)
     p = "model.layers.3.mlp.experts"
@@ -324,7 +331,8 @@ def test_streamed_shard_is_save_files_bytes(tmp_path):
 def test_read_buffers_and_layer_state_equal_the_old_read(built, family):
     """ReadBuffers (reused buffers, offsets from the checked headers) gives read_tensors' values; layer_state
     gives fuse_experts + .to(dtype)'s; a buffer is reused every second read."""
-    from mtpquant.calib.stream import ReadBuffers, fuse_experts, layer_names, layer_state, read_tensors
+    from mtpquant.calib.stream.build import fuse_experts, layer_state
+    from mtpquant.calib.stream.reader import ReadBuffers, layer_names, read_tensors
     from mtpquant.model.families.base import layer_prefix
 
     src = Checkpoint(built[family]["base"])
@@ -350,10 +358,10 @@ def test_read_threads_split_a_layer_and_give_the_same_bytes(built, monkeypatch, 
     naming the tensor."""
     import shutil
 
-    from mtpquant.calib import stream
-    from mtpquant.calib.stream import ReadBuffers, _contiguous_parts, layer_names
+    from mtpquant.calib.stream import reader
+    from mtpquant.calib.stream.reader import ReadBuffers, _contiguous_parts, layer_names
 
-    monkeypatch.setattr(stream, "CHUNK", 4096)
+    monkeypatch.setattr(reader, "CHUNK", 4096)
     src = Checkpoint(built["glm_moe_dsa"]["base"])
     names = layer_names(src, 1)
     one, three = ReadBuffers(src, threads=1), ReadBuffers(src, threads=3)
@@ -410,7 +418,8 @@ def test_layer_inputs_frees_what_it_caught_without_the_cyclic_gc(built, family):
 
     import transformers
 
-    from mtpquant.calib.stream import layer_inputs, meta_skeleton
+    from mtpquant.calib.stream.build import meta_skeleton
+    from mtpquant.calib.stream.inputs import layer_inputs
 
     src = Checkpoint(built[family]["base"])
     config = transformers.AutoConfig.from_pretrained(src.root)
@@ -435,7 +444,8 @@ def test_layer_inputs_in_groups_equal_one_batch_at_a_time(built, family):
     another length start a group of their own."""
     import transformers
 
-    from mtpquant.calib.stream import _same, embed_groups, layer_inputs, meta_skeleton
+    from mtpquant.calib.stream.build import meta_skeleton
+    from mtpquant.calib.stream.inputs import _same, embed_groups, layer_inputs
 
     src = Checkpoint(built[family]["base"])
     config = transformers.AutoConfig.from_pretrained(src.root)
@@ -460,7 +470,7 @@ def test_an_error_before_the_first_layer_stops_the_early_read(built, monkeypatch
     """The first layer is read while the calibration batches are embedded; an error there (here a fake one:
     embedding cannot fail on a valid fixture) reaches the user as itself, with no read thread left running and
     nothing written to the output."""
-    import mtpquant.calib.stream as stream
+    from mtpquant.calib.stream import engine as stream
 
     def broken(*a, **k):
         raise MtpquantError("embedding failed")
@@ -493,7 +503,7 @@ def test_propagation_drops_each_input_as_its_output_is_made():
     import gc
     import weakref
 
-    from mtpquant.calib.stream import _propagate
+    from mtpquant.calib.stream.calibrate import _propagate
 
     hidden = [torch.randn(2, 4) for _ in range(4)]
     prev = [torch.randint(0, 9, (2, 3)) for _ in range(4)]
@@ -524,7 +534,7 @@ def test_each_finished_layer_is_freed_without_the_cyclic_gc(built, family, tmp_p
     import gc
     import weakref
 
-    import mtpquant.calib.stream as stream
+    from mtpquant.calib.stream import engine as stream
 
     refs: list[weakref.ref] = []
     alive_at_pack: list[int] = []  # after the solve, where the GPU's peak is

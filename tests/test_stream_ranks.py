@@ -20,7 +20,9 @@ import pytest
 import torch
 
 from mtpquant.calib.ranks import batch_owners
-from mtpquant.calib.stream import JOURNAL, layer_names, names_sha256, quantize_stream, work_dir_for
+from mtpquant.calib.stream.engine import quantize_stream
+from mtpquant.calib.stream.journal import JOURNAL, work_dir_for
+from mtpquant.calib.stream.reader import layer_names, names_sha256
 from mtpquant.chain.inject_mtp import inject_mtp
 from mtpquant.chain.verify import verify
 from mtpquant.core.checkpoint import Checkpoint
