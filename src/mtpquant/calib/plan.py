@@ -502,9 +502,9 @@ def stream_plan(name: str, s: MoEShape, samples: int, seq_len: int, quant: Quant
 
     ranks, gpu = gpu.count, GPUSpec(gpu.type, 1, gpu.memory_gib)  # per-layer work runs on one GPU
     cache = activation_cache_bytes(s.hidden, samples, seq_len)
-    # placed on the GPU only if a layer's inputs and outputs fit at once (mtpquant.calib.stream.placement: the
+    # placed on the GPU only if a layer's inputs and outputs fit at once (mtpquant.calib.stream.device.placement: the
     # writer may still hold the boundary before); the propagation pass drops each batch's inputs as its output
-    # is made (stream._propagate), so the layer itself holds one set, as the memory engine does
+    # is made (stream.calibrate._propagate), so the layer itself holds one set, as the memory engine does
     on_gpu = quant.fast_experts is not None and activation_device(
         quant, 2 * cache, ("cuda", gpu.memory_gib * GIB)) != "cpu"
     base = plan_for_shape(name, s, samples, seq_len, _with_activations(quant, "gpu" if on_gpu else "cpu"), gpu,
