@@ -91,20 +91,28 @@ class StreamWriter:
             stage, fill, queued = None, 0, False
             return out
 
+        def rotate() -> Iterator[memoryview]:
+            """Seal the buffer being filled; hand out the one before it (its copies done)."""
+            nonlocal pending
+            sealed = seal()
+            yield from drain()
+            pending = sealed
+
+        def drain() -> Iterator[memoryview]:
+            """Hand out the sealed buffer, if any, once its copies are done."""
+            nonlocal pending
+            if pending is not None:
+                _wait(pending[0])
+                yield pending[1]
+                pending = None
+
         for _, t in named:
             flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
             size = flat.numel()
             if flat.device.type == "cpu" and size >= self.chunk:
                 if stage is not None:
-                    sealed = seal()
-                    if pending is not None:
-                        _wait(pending[0])
-                        yield pending[1]
-                    pending = sealed
-                if pending is not None:
-                    _wait(pending[0])
-                    yield pending[1]
-                    pending = None
+                    yield from rotate()
+                yield from drain()
                 for a in range(0, size, self.chunk):
                     yield memoryview(flat[a:a + self.chunk].numpy())
                 continue
@@ -130,20 +138,10 @@ class StreamWriter:
                 fill += n
                 a += n
                 if fill == self.chunk:
-                    sealed = seal()
-                    if pending is not None:
-                        _wait(pending[0])
-                        yield pending[1]
-                    pending = sealed
+                    yield from rotate()
         if stage is not None and fill:
-            sealed = seal()
-            if pending is not None:
-                _wait(pending[0])
-                yield pending[1]
-            pending = sealed
-        if pending is not None:
-            _wait(pending[0])
-            yield pending[1]
+            yield from rotate()
+        yield from drain()
 
     def write(self, path: Path, named: list[tuple[str, Any]], metadata: dict[str, str] | None = None) -> str:
         """The file's sha256. `named`: (name, tensor) in file order (dtype, shape from the tensors)."""
