@@ -628,8 +628,10 @@ def main() -> None:
         log(f"reads: {json.dumps(res['reads']['summary'])}")
         save()
 
-    est: dict[str, float] = {"memory": 240.0, "stream": 240.0, "share": 240.0} if not args.small else {
-        "memory": 120, "stream": 120, "share": 120}
+    # a run's seconds before the first one is timed: 30 s + 5 s per GB of checkpoint (H200: 96 experts, 31.5 GB,
+    # stream 93-103 s, memory 149 s; 32 experts, 9.3 GB, stream 60-65 s)
+    first = 120.0 if args.small else 30.0 + 5.0 * total / 1e9
+    est: dict[str, float] = {"memory": first, "stream": first, "share": first}
     hashes: dict[str, Any] = {}
     # share: the stream engine doing one rank's GPU work of `--split experts` (MTPQUANT_STREAM_TIMED_SHARE=SHARE,
     # default 0/8: rank 0 of 8, which owns the most down_proj batches at 256 experts); its output is not valid
