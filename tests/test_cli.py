@@ -29,7 +29,8 @@ def test_chain_through_cli(tmp_path, family, layers, dense, mtp):
     mtpquant("fixture", "--family", family, "--out", run / "base", "--layers", layers, "--dense-layers", dense,
              "--mtp-layers", mtp, "--experts", 4)
     said = mtpquant("quantize", "--run", run).stderr  # --engine auto: a tiny model fits any host
-    assert "--engine auto: memory (the memory engine needs ~" in said, said
+    assert "; engine memory (--engine auto: the memory engine needs ~" in " ".join(said.split()), said
+    assert json.loads((run / "quantize.json").read_text())["engine_chosen"].startswith("--engine auto: the memory")
     mtpquant("inject-mtp", "--run", run)
     out = mtpquant("verify", "--run", run).stdout
     assert "FAIL" not in out and out.count("PASS") == 9

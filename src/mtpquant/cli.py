@@ -106,24 +106,24 @@ def _mtp_tensors(model: Path) -> tuple[list[str], int]:
 STREAM_ONLY = ("restart", "read_threads", "split")  # quantize options that only the stream engine takes
 
 
-def _quantize_engine(args: argparse.Namespace, model: Path) -> str:
-    """The engine `quantize` runs: as asked, or for `auto` the stream engine where an option only it takes was
-    given, else the one quantize_engine_here picks for this checkpoint on this node (said in one line)."""
+def _quantize_engine(args: argparse.Namespace, model: Path) -> tuple[str, str | None]:
+    """(The engine `quantize` runs, why it was chosen or None): as asked, or for `auto` the stream engine where an
+    option only it takes was given, else the one quantize_engine_here picks for this checkpoint on this node. The
+    why goes into the report and the stage's last line, not before: a bad input found later stays a one-line
+    error."""
     if args.read_threads is not None and args.read_threads < 1:
         raise MtpquantError(f"quantize: --read-threads: expected at least 1, got {args.read_threads}")
     given = [f"--{o.replace('_', '-')}" for o in STREAM_ONLY if getattr(args, o) not in (None, False)]
     if args.engine == "memory" and given:
         raise MtpquantError(f"quantize: {', '.join(given)}: only the stream engine takes it (--engine stream)")
     if args.engine != "auto":
-        return args.engine
+        return args.engine, None
     if given:
-        _say(f"--engine auto: stream ({', '.join(given)} given)")
-        return "stream"
+        return "stream", f"--engine auto: {', '.join(given)} given"
     from mtpquant.calib.plan import quantize_engine_here
 
     engine, why = quantize_engine_here(model, args.recipe, args.calibration)
-    _say(f"--engine auto: {engine} ({why})")
-    return engine
+    return engine, f"--engine auto: {why}"
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -142,7 +142,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return 0
     _loading("quantize", "torch", "transformers")
     with stage_logs(run.stage_log("quantize"), *_mtp_tensors(model), _say):
-        if _quantize_engine(args, model) == "stream":
+        engine, why = _quantize_engine(args, model)
+        if engine == "stream":
             from mtpquant.calib.stream import quantize_stream
 
             rep = quantize_stream(model, args.recipe, args.calibration, out, restart=args.restart,
@@ -154,10 +155,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     rep["consumed"] = consumed([Path(rep["recipe"]["path"]), Path(rep["calibration"]["path"]),
                                 model / "config.json", model / "model.safetensors.index.json"])
     rep["resume"] = run.resume_entry(inputs, [out])
+    rep["engine_chosen"] = why
     run.record("quantize", rep)
     console.print(f"[green]quantized[/] {rep['quantized_linears']} Linears in {rep['seconds']['total']} s "
                   f"(median GPTQ loss {rep['gptq_loss_median']:.4g}, {len(rep['few_token_experts'])} experts "
-                  f"routed few tokens) -> {out}")
+                  f"routed few tokens) -> {out}; engine {engine}" + (f" ({why})" if why else ""))
     return 0
 
 
