@@ -57,8 +57,9 @@ class ReadBuffers:
     it keeps). A buffer only grows (the first MoE layer sets its size): allocating ~3 GB per layer let the
     allocator keep the freed ones (host RSS).
     `threads` read one layer at once, each a contiguous run of the layer's bytes in file order (`os.preadv`
-    releases the GIL): one thread reading 16 MiB at a time reached about half the disk's sequential floor on the
-    H200 (0.93 vs 1.77 GB/s), with the GPU thread and the writer beside it."""
+    releases the GIL). Inside the engine, beside the GPU thread and the writer, one thread read 0.82 GB/s and four
+    0.93 GB/s on a lent H100 machine whose floor was 1.79 (alone, one thread was near the floor already); on the
+    CI machine's disk, alone, 1.48 -> 1.78 GB/s (benchmarks/STREAM_H200.md, 2026-12-07)."""
 
     def __init__(self, source: Checkpoint, pin: bool = False, threads: int = READ_THREADS):
         self.source = source
